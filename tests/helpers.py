@@ -1,0 +1,177 @@
+"""Test helpers: tiny checkpoints written by the tests themselves (HF safetensors dirs, GGUF files), CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+CORPUS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "café naïve résumé Ångström — déjà vu",
+    "日本語のテキストと中文的句子。",
+    "emoji: 🎉🚀👍🏽 and ❤️",
+    "def add(a, b):\n    return a + b  # 12345\n",
+    "a    b\n\n\n   c\t\td   ",
+    "price: $1,234.56 in 2024; x=3.14",
+    " leading space and trailing  ",
+]
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def train_bpe_tokenizer(vocab_size: int = 400):
+    """A small byte-level BPE with GPT-2's pre-tokenizer, trained on CORPUS; <|endoftext|> is id 0."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    return tok
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def write_hf_checkpoint(directory: Path, family: str, tokenizer_json: str | None = None, seed: int = 0, **overrides):
+    """save_pretrained of a tiny random GPT2LMHeadModel / LlamaForCausalLM plus tokenizer files. Returns the HF model."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if tokenizer_json is None:
+        tok = train_bpe_tokenizer()
+        tokenizer_json = tok.to_str()
+    vocab = len(json.loads(tokenizer_json)["model"]["vocab"])
+    vocab += len([t for t in json.loads(tokenizer_json).get("added_tokens", []) if t["id"] >= vocab])
+    if family == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            **overrides,
+        )
+        model = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
+            **overrides,
+        )
+        model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # random init is tiny; widen it so logits vary and argmax is not degenerate
+        for p in model.parameters():
+            if p.dim() >= 1:
+                p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if p.dim() == 1 else 0.0)
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    (directory / "tokenizer.json").write_text(tokenizer_json)
+    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return model
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's converter does to q/k rows (half-split rotary -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears: bool = False) -> None:
+    """A llama GGUF with the HF model's weights (q/k permuted like llama.cpp) and a gpt2-style tokenizer."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(cfg.vocab_size)
+    tj = json.loads(tokenizer_json)
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]]
+    special = {t["content"] for t in tj.get("added_tokens", [])}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    layer = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for key, arr in sd.items():
+        if key in names:
+            name = names[key]
+        else:
+            _, _, i, rest = key.split(".", 3)
+            name = f"blk.{i}.{layer[rest.removesuffix('.weight')]}.weight"
+        if name.endswith("attn_q.weight"):
+            arr = llama_cpp_permute(arr, cfg.num_attention_heads)
+        if name.endswith("attn_k.weight"):
+            arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
+        if quantize_linears and arr.ndim == 2 and name.startswith("blk."):
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_1)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+        else:
+            w.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
