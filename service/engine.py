@@ -1,0 +1,96 @@
+"""The onnxruntime session: providers, IO binding, and one call: forward(arrays) -> logits.
+
+The engine sees arrays and cache rows, never requests. Token ids, positions and lengths go in from the host;
+the KV cache stays where it lives (device memory on CUDA) and is updated in place; only logits come back.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnxruntime as ort
+
+from service.bundle import Bundle, BundleError
+from service.kv_cache import KVCache
+
+log = logging.getLogger(__name__)
+
+
+def choose_providers(device: str) -> tuple[list[str], str]:
+    """(providers for the session, device name for buffers). `auto` takes CUDA when onnxruntime-gpu offers it."""
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
+    if device == "cuda":
+        raise BundleError(f"--device cuda, but onnxruntime offers only {available}")
+    return ["CPUExecutionProvider"], "cpu"
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, slots: int, max_len: int, device: str = "auto", threads: int = 0) -> None:
+        self.bundle = bundle
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        providers, self.device = choose_providers(device)
+        if self.device == "cuda":
+            ort.set_default_logger_severity(4)  # a machine without CUDA libraries: our one warning below says it
+        try:
+            self.session = ort.InferenceSession(str(bundle.graph), options, providers=providers)
+        except Exception as exc:
+            if self.device != "cuda" or device == "cuda":
+                raise
+            log.warning("CUDA provider failed to start (%s); falling back to CPU", exc)
+            providers, self.device = ["CPUExecutionProvider"], "cpu"
+            self.session = ort.InferenceSession(str(bundle.graph), options, providers=providers)
+        finally:
+            ort.set_default_logger_severity(2)
+        if self.device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            if device == "cuda":
+                raise BundleError("--device cuda, but onnxruntime-gpu found no usable GPU or CUDA libraries")
+            log.warning("onnxruntime-gpu found no usable GPU or CUDA libraries; using the CPU provider")
+            self.device = "cpu"
+        self.providers = self.session.get_providers()
+        log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
+        self.cache = KVCache(bundle.n_layer, slots, bundle.n_kv_head, max_len, bundle.head_dim, bundle.cache_dtype,
+                             self.device)
+        log.info("KV cache: %d slots x %d positions, %.0f MiB on %s", slots, max_len, self.cache.bytes / 2**20,
+                 self.device)
+        self.binding = self.session.io_binding()
+
+    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, seqlens_k: np.ndarray, lo: int,
+                hi: int) -> np.ndarray:
+        """One graph call over cache rows [lo, hi).
+
+        input_ids, position_ids (B, S) int64 with B = hi - lo; seqlens_k (B,) int32 = each row's total length
+        after this step minus one. Returns logits (B, S, V) float32 on the host.
+        """
+        b = self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        b.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
+        b.bind_output("logits", "cpu")  # first output bound = get_outputs()[0]
+        self.cache.bind(b, lo, hi)
+        self.session.run_with_iobinding(b)
+        return b.get_outputs()[0].numpy()
+
+    def check_golden(self) -> float:
+        """Prefills the bundle's golden prompts in slot 0; returns the max logit difference. Raises past the bound."""
+        expected = self.bundle.golden_logits()  # (P, V)
+        worst = 0.0
+        for prompt, want in zip(self.bundle.golden_prompts, expected):
+            n = len(prompt)
+            ids = np.array([prompt], dtype=np.int64)
+            logits = self.forward(ids, np.arange(n)[None], np.array([n - 1], dtype=np.int32), 0, 1)[0, -1]
+            worst = max(worst, float(np.abs(logits - want).max()))
+        if not worst <= self.bundle.golden_atol:
+            raise BundleError(
+                f"{self.bundle.path / 'golden.npz'}: this machine's logits differ from the bundle's golden outputs by "
+                f"{worst:.3g} (allowed {self.bundle.golden_atol}); refusing to serve (--verify-golden false to skip)"
+            )
+        return worst

@@ -1,0 +1,338 @@
+"""Continuous (iteration-level) batching over the engine, on one thread of its own.
+
+Design note. Every engine step reads top to bottom:
+
+    retire cancelled -> admit -> prefill -> decode -> sample -> emit -> retire finished
+
+Each sequence owns one KV-cache slot from admission to retirement. Waiting sequences are admitted FIFO whenever a
+slot is free, without waiting for the batch to drain. Prefill runs at most `prefill_chunk` prompt tokens per step
+(one sequence at a time, batch 1, continuing where the last chunk stopped), so running streams keep getting a token
+every step while long prompts are read. Decode runs every sequence that is past its prompt in one graph call over
+the contiguous slot range that holds them; slots in that range that are not decoding (free, or mid-prefill) ride
+along with a dummy token written at their own next position, which their next real write overwrites. Nothing in
+the cache is ever copied or compacted.
+
+The scheduler sees plain frozen dataclasses and numpy arrays; it knows nothing of HTTP or pydantic. Results leave
+through each request's `sink` (called on this thread; the HTTP layer hands them to its event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine import Engine
+from service.sampler import SamplingParams, log_softmax, sample, top_logprobs
+from service.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+log = logging.getLogger(__name__)
+
+PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output token decodes in context
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    n: int = 1
+    prompt_logprobs: bool = False  # echo with logprobs: log-probabilities of the prompt tokens too
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...]  # (token id, text, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New output of one sequence (choice `index`): text safe to show, the tokens behind it, and maybe the end."""
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None
+    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
+    error: str | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first event when asked for
+    queued_s: float | None = None  # with the first event: time from submission to admission
+
+
+Sink = Callable[[TokenEvent], None]
+
+
+class SchedulerError(Exception):
+    """Raised to the submitter when a request cannot be queued."""
+
+
+@dataclass(eq=False)
+class RequestState:
+    request: GenerationRequest
+    sink: Sink
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class Sequence:
+    state: RequestState
+    index: int
+    prompt: np.ndarray  # (P,) int64
+    rng: np.random.Generator
+    detok: IncrementalDetokenizer
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    counts: dict[int, int] = field(default_factory=dict)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    admitted: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.state.request.params
+
+    @property
+    def decoding(self) -> bool:
+        return self.prefilled == len(self.prompt) and bool(self.output)
+
+    @property
+    def length(self) -> int:
+        """Positions in the cache after this sequence's last written token."""
+        return self.prefilled + max(len(self.output) - 1, 0)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, tokenizer: TextTokenizer, eos_token_id: int | None, max_model_len: int,
+                 prefill_chunk: int, max_waiting: int = 1024) -> None:
+        self.engine, self.tokenizer, self.eos = engine, tokenizer, eos_token_id
+        self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
+        self.cache = engine.cache
+        self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # slot -> sequence
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+        self.last_error: str | None = None
+
+    # ------------------------------------------------------------------ called from other threads
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> RequestState:
+        if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
+            raise SchedulerError("prompt plus max_tokens exceeds the context length")
+        if self.num_waiting + request.n > self.max_waiting:
+            raise SchedulerError("the waiting queue is full")
+        state = RequestState(request, sink)
+        prompt = np.asarray(request.prompt_ids, dtype=np.int64)
+        for i in range(request.n):
+            seed = request.params.seed
+            rng = np.random.default_rng(None if seed is None else [seed, i])
+            detok = IncrementalDetokenizer(self.tokenizer, list(request.params.stop), list(prompt[-PROMPT_TAIL:]))
+            self._incoming.put(Sequence(state, i, prompt, rng, detok))
+        self._wake.set()
+        return state
+
+    def cancel(self, state: RequestState) -> None:
+        state.cancelled = True
+        self._wake.set()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + self._incoming.qsize()
+
+    def kv_usage(self) -> float:
+        return self.cache.usage(sum(s.length for s in list(self.running.values())))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------------ the engine loop
+
+    def _loop(self) -> None:
+        log.info("engine loop started")
+        while not self._stop.is_set():
+            if not self.running and not self.waiting and self._incoming.empty():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.step()
+            except Exception as exc:  # one bad step fails the sequences in it; the loop keeps serving
+                log.exception("engine step failed")
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                for seq in list(self.running.values()):
+                    self._finish(seq, "error", error=f"engine step failed: {self.last_error}")
+                self._retire([s for s in self.running.values() if s.finish_reason])
+        log.info("engine loop stopped")
+
+    def step(self) -> None:
+        self._retire(self._cancelled())
+        self._admit()
+        prefilled = self._prefill()  # [(sequence, logits (V,))] whose prompt completed this step
+        decoded = self._decode()  # [(sequence, logits (V,))] one new position each
+        tokens = self._sample(prefilled + decoded)
+        finished = self._emit(tokens)
+        self._retire(finished)
+        self.steps += 1
+
+    def _cancelled(self) -> list[Sequence]:
+        self.waiting = deque(s for s in self.waiting if not s.state.cancelled)
+        return [s for s in self.running.values() if s.state.cancelled]
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                self.waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        while self.waiting and self.cache.num_free:
+            seq = self.waiting.popleft()
+            if seq.state.cancelled:
+                continue
+            slot = self.cache.allocate()
+            if slot is None:  # cannot happen while num_free > 0; keep the sequence rather than lose it
+                self.waiting.appendleft(seq)
+                break
+            seq.slot, seq.admitted = slot, time.perf_counter()
+            self.running[slot] = seq
+
+    def _prefill(self) -> list[tuple[Sequence, np.ndarray]]:
+        budget, done = self.prefill_chunk, []
+        for seq in sorted((s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted):
+            if budget <= 0:
+                break
+            start = seq.prefilled
+            chunk = seq.prompt[start : start + budget]  # (S,)
+            S = len(chunk)
+            logits = self.engine.forward(
+                chunk[None], np.arange(start, start + S)[None], np.array([start + S - 1], np.int32), seq.slot,
+                seq.slot + 1,
+            )[0]  # (S, V)
+            if seq.state.request.prompt_logprobs:
+                self._collect_prompt_logprobs(seq, logits, start)
+            seq.prefilled += S
+            self.cache.lengths[seq.slot] = seq.prefilled
+            budget -= S
+            if seq.prefilled == len(seq.prompt):
+                done.append((seq, logits[-1]))
+        return done
+
+    def _decode(self) -> list[tuple[Sequence, np.ndarray]]:
+        rows = sorted(s.slot for s in self.running.values() if s.decoding)
+        if not rows:
+            return []
+        lo, hi = rows[0], rows[-1] + 1
+        lengths = self.cache.lengths[lo:hi].copy()  # (B,) positions already written per row
+        input_ids = np.zeros((hi - lo, 1), np.int64)  # (B, 1); rows not decoding get a dummy token
+        for slot in rows:
+            input_ids[slot - lo, 0] = self.running[slot].output[-1]
+        logits = self.engine.forward(input_ids, lengths[:, None], lengths.astype(np.int32), lo, hi)  # (B, 1, V)
+        for slot in rows:
+            self.cache.lengths[slot] += 1
+        return [(self.running[slot], logits[slot - lo, 0]) for slot in rows]
+
+    def _sample(self, batch: list[tuple[Sequence, np.ndarray]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        out = []
+        for seq, logits in batch:
+            if not np.isfinite(logits).all():
+                self._finish(seq, "error", error="the model produced non-finite logits")
+                continue
+            p = seq.params
+            banned = ()
+            if self.eos is not None and (p.ignore_eos or len(seq.output) < p.min_tokens):
+                banned = (self.eos, *p.stop_token_ids)
+            token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned)
+            lp = self._logprob(logits, token, p.logprobs) if p.logprobs is not None else None
+            out.append((seq, token, lp))
+        return out
+
+    def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> list[Sequence]:
+        finished = [s for s in self.running.values() if s.finish_reason]  # failed while sampling
+        for seq, token, lp in tokens:
+            seq.output.append(token)
+            seq.counts[token] = seq.counts.get(token, 0) + 1
+            p = seq.params
+            is_stop_token = not p.ignore_eos and (token == self.eos or token in p.stop_token_ids)
+            delta = seq.detok.add(token) if not is_stop_token else None
+            text = delta.text if delta else ""
+            reason = None
+            if is_stop_token or (delta is not None and delta.stopped):
+                reason = "stop"
+            elif len(seq.output) >= p.max_tokens or seq.prefilled + len(seq.output) >= self.cache.max_len:
+                reason = "length"
+            if reason == "length" or is_stop_token:
+                text += seq.detok.flush()
+            first = len(seq.output) == 1
+            event = TokenEvent(
+                index=seq.index, text=text, token_ids=(token,), logprobs=(lp,) if lp else None, finish_reason=reason,
+                prompt_logprobs=tuple(seq.prompt_logprobs) if first and seq.state.request.prompt_logprobs else None,
+                queued_s=(seq.admitted - seq.state.submitted) if first and seq.admitted else None,
+            )
+            self._send(seq, event)
+            if reason:
+                seq.finish_reason = reason
+                finished.append(seq)
+        return finished
+
+    def _retire(self, sequences: list[Sequence]) -> None:
+        for seq in sequences:
+            if seq.finish_reason is None:  # cancelled by its client
+                seq.finish_reason = "cancelled"
+            if self.running.get(seq.slot) is seq:
+                del self.running[seq.slot]
+                self.cache.free(seq.slot)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        seq.finish_reason = reason
+        self._send(seq, TokenEvent(index=seq.index, text="", token_ids=(), logprobs=None, finish_reason=reason,
+                                   error=error))
+
+    def _send(self, seq: Sequence, event: TokenEvent) -> None:
+        try:
+            seq.state.sink(event)
+        except Exception:  # a sink must never take the engine loop down
+            log.exception("request %s: delivering an event failed", seq.state.request.request_id)
+            seq.state.cancelled = True
+
+    def _logprob(self, logits: np.ndarray, token: int, k: int) -> TokenLogprob:
+        lps = log_softmax(logits)
+        top = tuple((i, self.tokenizer.token_text(i), lp) for i, lp in top_logprobs(lps, k))
+        return TokenLogprob(token, self.tokenizer.token_text(token), float(lps[token]), top)
+
+    def _collect_prompt_logprobs(self, seq: Sequence, logits: np.ndarray, start: int) -> None:
+        if start == 0:
+            seq.prompt_logprobs.append(None)  # the first prompt token has no context
+        k = seq.params.logprobs or 0
+        for i in range(len(logits)):
+            pos = start + i + 1
+            if pos < len(seq.prompt):
+                seq.prompt_logprobs.append(self._logprob(logits[i], int(seq.prompt[pos]), k))

@@ -1,0 +1,119 @@
+"""Encoding, chat templates, and incremental detokenization that is UTF-8-safe and holds back stop sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class TemplateError(ValueError):
+    """The chat template could not render these messages."""
+
+
+class TextTokenizer:
+    def __init__(self, path: Path, chat_template: str | None, bos_token: str | None, eos_token: str | None) -> None:
+        self._tok = Tokenizer.from_file(str(path))
+        self._template = None
+        if chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            self._template = env.from_string(chat_template)
+        self.bos_token, self.eos_token = bos_token, eos_token
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token for logprobs; bytes of a partial character show as their raw form."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+        if self._template is None:
+            # No template in the bundle: a plain transcript, ending where the assistant speaks.
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        try:
+            return self._template.render(
+                messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        except Exception as exc:  # jinja2 errors, raise_exception() from the template
+            raise TemplateError(f"chat template failed: {exc}") from exc
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+@dataclass
+class DetokenizedDelta:
+    text: str  # safe to send now
+    stopped: bool  # a stop sequence matched: the sequence ends, `text` is the last piece
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas.
+
+    - A character split across tokens (a decode ending in U+FFFD) is held until it is complete.
+    - Text that could still become a stop sequence is held back; once a stop sequence matches, everything from it on
+      is dropped and `stopped` is set.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer, stop: list[str], prompt_tail: list[int] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = list(prompt_tail or [])  # a little prompt context so the first token decodes right
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""  # all decoded completion text so far
+        self.emitted = 0  # characters of `text` already sent
+
+    def add(self, token_id: int) -> DetokenizedDelta:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return self._release()
+
+    def flush(self) -> str:
+        """At the end of the sequence: whatever is still held (a stop-sequence prefix that never completed)."""
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+    def _release(self) -> DetokenizedDelta:
+        if self.stop:
+            start = max(0, self.emitted - max(map(len, self.stop)) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                end = min(hits)
+                out = self.text[self.emitted : end]
+                self.text = self.text[:end]
+                self.emitted = end
+                return DetokenizedDelta(out, True)
+        safe = len(self.text) - self._held_back()
+        out = self.text[self.emitted : safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return DetokenizedDelta(out, False)
+
+    def _held_back(self) -> int:
+        """Length of the longest suffix of the text that is a proper prefix of a stop sequence."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.text)), best, -1):
+                if self.text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
