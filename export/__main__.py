@@ -92,7 +92,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if max_context < 16:
         raise ExportError(f"--max-context {args.max_context} is too small (at least 16)")
     phases.done(
-        f"{cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, heads {cfg.n_head}/{cfg.n_kv_head} kv, vocab {cfg.vocab_size}"
+        f"{cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, heads {cfg.n_head}/{cfg.n_kv_head} kv, "
+        f"vocab {cfg.vocab_size}"
     )
 
     phases.start("convert", "torch model")
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         phases.start(
             "verify",
-            f"onnxruntime vs torch: prefill + {GOLDEN_STEPS} decode steps, {len(prompts)} rows of lengths {[len(p) for p in prompts]}",
+            f"onnxruntime vs torch: prefill + {GOLDEN_STEPS} decode steps, "
+            f"{len(prompts)} rows of lengths {[len(p) for p in prompts]}",
         )
         report = parity.verify(args.dtype, graph, cfg, reference, prompts, held, ref_ppl)
         reports.append(report)

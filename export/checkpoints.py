@@ -19,6 +19,7 @@ import torch
 
 from export.config import ModelConfig
 from export.errors import ExportError
+from export.model import GPT
 from export.tokenizer import TokenizerSpec, from_gguf_metadata, from_hf_dir
 
 log = logging.getLogger(__name__)
@@ -129,11 +130,20 @@ def gguf_metadata(reader: Any) -> dict[str, Any]:
     return meta
 
 
+_REQUIRED = object()
+
+
 def _gguf_config(meta: dict[str, Any], path: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in ("llama", "gpt2"):
         raise ExportError(f"{path}: unsupported architecture {arch!r} (supported: gpt2, llama)")
-    g = lambda key, default=None: meta.get(f"{arch}.{key}", default)  # noqa: E731
+
+    def g(key: str, default: Any = _REQUIRED) -> Any:
+        value = meta.get(f"{arch}.{key}", default)
+        if value is _REQUIRED:
+            raise ExportError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return value
+
     n_head = int(g("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
     return ModelConfig(
@@ -145,7 +155,7 @@ def _gguf_config(meta: dict[str, Any], path: Path) -> ModelConfig:
         d_model=int(g("embedding_length")),
         d_ff=int(g("feed_forward_length")),
         max_context=int(g("context_length")),
-        norm_eps=float(g("attention.layer_norm_rms_epsilon") or g("attention.layer_norm_epsilon") or 1e-5),
+        norm_eps=float(g("attention.layer_norm_rms_epsilon", None) or g("attention.layer_norm_epsilon", None) or 1e-5),
         rope_theta=float(g("rope.freq_base", 10000.0)),
         tie_embeddings=False,  # decided below from the presence of output.weight
         bias=arch == "gpt2",
@@ -370,8 +380,6 @@ def load_hf_dir(directory: Path) -> Checkpoint:
 
 
 def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, source: str) -> None:
-    from export.model import GPT
-
     with torch.device("meta"):
         expected = GPT(config).state_dict()
     missing = [k for k in expected if k not in weights and not (k == "lm_head.weight" and config.tie_embeddings)]
@@ -382,9 +390,7 @@ def _check_complete(weights: dict[str, torch.Tensor], config: ModelConfig, sourc
             raise ExportError(f"{source}: tensor {k} has shape {tuple(weights[k].shape)}, expected {tuple(t.shape)}")
 
 
-def build_model(ckpt: Checkpoint) -> torch.nn.Module:
-    from export.model import GPT
-
+def build_model(ckpt: Checkpoint) -> GPT:
     model = GPT(ckpt.config)
     state = dict(ckpt.weights)
     if ckpt.config.tie_embeddings:

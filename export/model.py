@@ -50,6 +50,9 @@ class Norm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """Llama's rotary positions in the half-split (rotate_half) layout of Hugging Face checkpoints."""
 
+    cos: Tensor  # (T_max, D/2)
+    sin: Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         d = config.head_dim
@@ -233,7 +236,10 @@ class KVCache:
 
 @torch.no_grad()
 def prefill(model: GPT, cache: KVCache, prompts: list[list[int]]) -> Tensor:
-    """First prompt of every row, right-padded to the longest. Returns logits (B, S_max, V); row b is valid up to len_b."""
+    """First prompt of every row, right-padded to the longest.
+
+    Returns logits (B, S_max, V); row b is valid up to its own length.
+    """
     lengths = torch.tensor([len(p) for p in prompts])
     S = int(lengths.max())
     input_ids = torch.zeros(len(prompts), S, dtype=torch.long)  # (B, S)

@@ -23,8 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         load_bundle(settings.bundle, verify_checksums=False)  # a clear one-line error before the server starts
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                    timeout_graceful_shutdown=30)
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            timeout_graceful_shutdown=30,
+        )
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

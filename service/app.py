@@ -48,15 +48,24 @@ def build_runtime(settings: Settings) -> Runtime:
         log.info("golden outputs reproduce (max |dlogit| %.2e)", engine.check_golden())
     vocab = Tokenizer.from_file(str(bundle.tokenizer_file))
     token = lambda i: vocab.id_to_token(i) if i is not None else None  # noqa: E731
-    tokenizer = TextTokenizer(bundle.tokenizer_file, bundle.chat_template, token(bundle.bos_token_id),
-                              token(bundle.eos_token_id))
+    tokenizer = TextTokenizer(
+        bundle.tokenizer_file, bundle.chat_template, token(bundle.bos_token_id), token(bundle.eos_token_id)
+    )
     scheduler = Scheduler(engine, tokenizer, bundle.eos_token_id, max_len, settings.prefill_chunk)
     name = settings.served_model_name or bundle.name
     metrics = Metrics(name)
     metrics.watch(lambda: scheduler.num_running, lambda: scheduler.num_waiting, scheduler.kv_usage)
     serving = OpenAIServing(settings, scheduler, tokenizer, name, metrics, bundle.generation_defaults)
-    log.info("serving %s (%s, %s) from %s: %d slots x %d positions on %s", name, bundle.dtype, bundle.quantization,
-             bundle.path, settings.max_num_seqs, max_len, engine.device)
+    log.info(
+        "serving %s (%s, %s) from %s: %d slots x %d positions on %s",
+        name,
+        bundle.dtype,
+        bundle.quantization,
+        bundle.path,
+        settings.max_num_seqs,
+        max_len,
+        engine.device,
+    )
     return Runtime(bundle, engine, scheduler, serving, metrics, name, int(time.time()))
 
 
@@ -81,8 +90,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def health(request: Request) -> JSONResponse:
         rt = runtime(request)
         alive = rt.scheduler.alive
-        body = {"status": "ok" if alive else "engine loop stopped", "device": rt.engine.device,
-                "providers": rt.engine.providers}
+        body = {
+            "status": "ok" if alive else "engine loop stopped",
+            "device": rt.engine.device,
+            "providers": rt.engine.providers,
+        }
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/ready")
@@ -94,11 +106,22 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         rt = runtime(request)
-        return {"object": "list", "data": [{
-            "id": rt.model_name, "object": "model", "created": rt.started, "owned_by": "gpt-onnx-serve",
-            "max_model_len": rt.scheduler.max_model_len, "device": rt.engine.device,
-            "providers": rt.engine.providers, "dtype": rt.bundle.dtype, "quantization": rt.bundle.quantization,
-        }]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": rt.model_name,
+                    "object": "model",
+                    "created": rt.started,
+                    "owned_by": "gpt-onnx-serve",
+                    "max_model_len": rt.scheduler.max_model_len,
+                    "device": rt.engine.device,
+                    "providers": rt.engine.providers,
+                    "dtype": rt.bundle.dtype,
+                    "quantization": rt.bundle.quantization,
+                }
+            ],
+        }
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:

@@ -74,7 +74,9 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
             raise BundleError(f"{f}: sha256 differs from the manifest's {meta['sha256'][:12]}...")
     try:
         model, cache = m["model"], m["graph"]["cache"]
-        if cache.get("attention_op") != "com.microsoft::GroupQueryAttention" or not cache.get("past_present_share_buffer"):
+        if cache.get("attention_op") != "com.microsoft::GroupQueryAttention" or not cache.get(
+            "past_present_share_buffer"
+        ):
             raise BundleError(f"{manifest_path}: graph.cache must be a shared-buffer GroupQueryAttention cache")
         return Bundle(
             path=path,

@@ -1,4 +1,4 @@
-"""Settings: one pydantic-settings class read from flags (`--max-num-seqs 8`) and environment (`SERVE_MAX_NUM_SEQS=8`)."""
+"""Settings: one pydantic-settings class, from flags (`--max-num-seqs 8`) or environment (`SERVE_MAX_NUM_SEQS=8`)."""
 
 from __future__ import annotations
 

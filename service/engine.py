@@ -54,14 +54,17 @@ class Engine:
             self.device = "cpu"
         self.providers = self.session.get_providers()
         log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
-        self.cache = KVCache(bundle.n_layer, slots, bundle.n_kv_head, max_len, bundle.head_dim, bundle.cache_dtype,
-                             self.device)
-        log.info("KV cache: %d slots x %d positions, %.0f MiB on %s", slots, max_len, self.cache.bytes / 2**20,
-                 self.device)
+        self.cache = KVCache(
+            bundle.n_layer, slots, bundle.n_kv_head, max_len, bundle.head_dim, bundle.cache_dtype, self.device
+        )
+        log.info(
+            "KV cache: %d slots x %d positions, %.0f MiB on %s", slots, max_len, self.cache.bytes / 2**20, self.device
+        )
         self.binding = self.session.io_binding()
 
-    def forward(self, input_ids: np.ndarray, position_ids: np.ndarray, seqlens_k: np.ndarray, lo: int,
-                hi: int) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, position_ids: np.ndarray, seqlens_k: np.ndarray, lo: int, hi: int
+    ) -> np.ndarray:
         """One graph call over cache rows [lo, hi).
 
         input_ids, position_ids (B, S) int64 with B = hi - lo; seqlens_k (B,) int32 = each row's total length

@@ -14,15 +14,15 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 class KVCache:
-    def __init__(self, n_layer: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: str,
-                 device: str) -> None:
+    def __init__(
+        self, n_layer: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: str, device: str
+    ) -> None:
         self.n_layer, self.slots, self.max_len = n_layer, slots, max_len
         self.shape = (slots, kv_heads, max_len, head_dim)  # (slots, H_kv, T_max, D)
         self.np_dtype = _NP_DTYPES[dtype]
         self.device = device  # "cpu" | "cuda"
         self.buffers = [
-            ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.np_dtype, device, 0)
-            for _ in range(2 * n_layer)
+            ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.np_dtype, device, 0) for _ in range(2 * n_layer)
         ]
         self.row_bytes = int(np.prod(self.shape[1:])) * np.dtype(self.np_dtype).itemsize
         self._free = list(range(slots))  # lowest slot first, so decode ranges stay compact

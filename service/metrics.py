@@ -14,23 +14,33 @@ class Metrics:
     def __init__(self, model: str) -> None:
         self.registry = CollectorRegistry()
         r, labels = self.registry, ["model_name"]
-        self.ttft = Histogram("time_to_first_token_seconds", "Time to first token", labels, buckets=_LATENCY,
-                              registry=r).labels(model)
-        self.itl = Histogram("inter_token_latency_seconds", "Time between streamed tokens", labels, buckets=_ITL,
-                             registry=r).labels(model)
-        self.queue_time = Histogram("request_queue_time_seconds", "Time waiting for a cache slot", labels,
-                                    buckets=_LATENCY, registry=r).labels(model)
-        self.e2e = Histogram("e2e_request_latency_seconds", "Request latency, arrival to last token", labels,
-                             buckets=_LATENCY, registry=r).labels(model)
+        self.ttft = Histogram(
+            "time_to_first_token_seconds", "Time to first token", labels, buckets=_LATENCY, registry=r
+        ).labels(model)
+        self.itl = Histogram(
+            "inter_token_latency_seconds", "Time between streamed tokens", labels, buckets=_ITL, registry=r
+        ).labels(model)
+        self.queue_time = Histogram(
+            "request_queue_time_seconds", "Time waiting for a cache slot", labels, buckets=_LATENCY, registry=r
+        ).labels(model)
+        self.e2e = Histogram(
+            "e2e_request_latency_seconds",
+            "Request latency, arrival to last token",
+            labels,
+            buckets=_LATENCY,
+            registry=r,
+        ).labels(model)
         self.prompt_tokens = Counter("prompt_tokens", "Prompt tokens processed", labels, registry=r).labels(model)
         self.generation_tokens = Counter("generation_tokens", "Tokens generated", labels, registry=r).labels(model)
-        self._finished = Counter("request_success", "Finished requests by finish reason", [*labels, "finished_reason"],
-                                 registry=r)
+        self._finished = Counter(
+            "request_success", "Finished requests by finish reason", [*labels, "finished_reason"], registry=r
+        )
         self.model = model
         self.running = Gauge("num_requests_running", "Sequences in the running batch", labels, registry=r).labels(model)
         self.waiting = Gauge("num_requests_waiting", "Sequences waiting for a slot", labels, registry=r).labels(model)
-        self.kv_usage = Gauge("kv_cache_usage_perc", "Fraction of KV cache positions in use (0-1)", labels,
-                              registry=r).labels(model)
+        self.kv_usage = Gauge(
+            "kv_cache_usage_perc", "Fraction of KV cache positions in use (0-1)", labels, registry=r
+        ).labels(model)
 
     def finished(self, reason: str) -> None:
         self._finished.labels(self.model, reason).inc()

@@ -34,8 +34,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return (x - np.log(np.exp(x).sum())).astype(np.float32)
 
 
-def apply_penalties(logits: np.ndarray, params: SamplingParams, output_counts: dict[int, int],
-                    prompt_ids: np.ndarray) -> np.ndarray:
+def apply_penalties(
+    logits: np.ndarray, params: SamplingParams, output_counts: dict[int, int], prompt_ids: np.ndarray
+) -> np.ndarray:
     """logits (V,) -> penalized copy. Presence/frequency act on the output; repetition on prompt and output."""
     if params.repetition_penalty != 1.0:
         seen = np.unique(np.concatenate([prompt_ids, np.fromiter(output_counts, dtype=np.int64)]).astype(np.int64))
@@ -50,8 +51,14 @@ def apply_penalties(logits: np.ndarray, params: SamplingParams, output_counts: d
     return logits
 
 
-def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
-           output_counts: dict[int, int], prompt_ids: np.ndarray, banned: tuple[int, ...] = ()) -> int:
+def sample(
+    logits: np.ndarray,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    output_counts: dict[int, int],
+    prompt_ids: np.ndarray,
+    banned: tuple[int, ...] = (),
+) -> int:
     """One token from logits (V,). `banned` ids (EOS before min_tokens) get zero probability."""
     logits = apply_penalties(logits, params, output_counts, prompt_ids)
     if banned:

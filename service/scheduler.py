@@ -113,8 +113,15 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, tokenizer: TextTokenizer, eos_token_id: int | None, max_model_len: int,
-                 prefill_chunk: int, max_waiting: int = 1024) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: TextTokenizer,
+        eos_token_id: int | None,
+        max_model_len: int,
+        prefill_chunk: int,
+        max_waiting: int = 1024,
+    ) -> None:
         self.engine, self.tokenizer, self.eos = engine, tokenizer, eos_token_id
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
         self.cache = engine.cache
@@ -225,14 +232,19 @@ class Scheduler:
 
     def _prefill(self) -> list[tuple[Sequence, np.ndarray]]:
         budget, done = self.prefill_chunk, []
-        for seq in sorted((s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted):
+        for seq in sorted(
+            (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0.0
+        ):
             if budget <= 0:
                 break
             start = seq.prefilled
             chunk = seq.prompt[start : start + budget]  # (S,)
             S = len(chunk)
             logits = self.engine.forward(
-                chunk[None], np.arange(start, start + S)[None], np.array([start + S - 1], np.int32), seq.slot,
+                chunk[None],
+                np.arange(start, start + S)[None],
+                np.array([start + S - 1], np.int32),
+                seq.slot,
                 seq.slot + 1,
             )[0]  # (S, V)
             if seq.state.request.prompt_logprobs:
@@ -265,7 +277,7 @@ class Scheduler:
                 self._finish(seq, "error", error="the model produced non-finite logits")
                 continue
             p = seq.params
-            banned = ()
+            banned: tuple[int, ...] = ()
             if self.eos is not None and (p.ignore_eos or len(seq.output) < p.min_tokens):
                 banned = (self.eos, *p.stop_token_ids)
             token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned)
@@ -291,7 +303,11 @@ class Scheduler:
                 text += seq.detok.flush()
             first = len(seq.output) == 1
             event = TokenEvent(
-                index=seq.index, text=text, token_ids=(token,), logprobs=(lp,) if lp else None, finish_reason=reason,
+                index=seq.index,
+                text=text,
+                token_ids=(token,),
+                logprobs=(lp,) if lp else None,
+                finish_reason=reason,
                 prompt_logprobs=tuple(seq.prompt_logprobs) if first and seq.state.request.prompt_logprobs else None,
                 queued_s=(seq.admitted - seq.state.submitted) if first and seq.admitted else None,
             )
@@ -313,8 +329,9 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         seq.finish_reason = reason
-        self._send(seq, TokenEvent(index=seq.index, text="", token_ids=(), logprobs=None, finish_reason=reason,
-                                   error=error))
+        self._send(
+            seq, TokenEvent(index=seq.index, text="", token_ids=(), logprobs=None, finish_reason=reason, error=error)
+        )
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
         try:

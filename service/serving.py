@@ -47,8 +47,15 @@ class Submission:
 
 
 class OpenAIServing:
-    def __init__(self, settings: Settings, scheduler: Scheduler, tokenizer: TextTokenizer, model_name: str,
-                 metrics: Metrics, generation_defaults: dict[str, float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        tokenizer: TextTokenizer,
+        model_name: str,
+        metrics: Metrics,
+        generation_defaults: dict[str, float],
+    ) -> None:
         self.settings, self.scheduler, self.tokenizer = settings, scheduler, tokenizer
         self.generation_defaults = generation_defaults
         self.model_name, self.metrics = model_name, metrics
@@ -77,11 +84,22 @@ class OpenAIServing:
             for i in range(sub.n):
                 c = choices[sub.index_base + i]
                 text = (self.tokenizer.decode(sub.prompt_ids) if req.echo else "") + c.text
-                lp = self._completion_logprobs(c, sub.prompt_ids if req.echo else None) if req.logprobs is not None else None
-                out.append({"text": text, "index": sub.index_base + i, "logprobs": lp,
-                            "finish_reason": c.finish_reason})
-        return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
-                "choices": out, "usage": self._usage(subs, choices)}
+                lp = (
+                    self._completion_logprobs(c, sub.prompt_ids if req.echo else None)
+                    if req.logprobs is not None
+                    else None
+                )
+                out.append(
+                    {"text": text, "index": sub.index_base + i, "logprobs": lp, "finish_reason": c.finish_reason}
+                )
+        return {
+            "id": rid,
+            "object": "text_completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": out,
+            "usage": self._usage(subs, choices),
+        }
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         self._check_common(req, req.n)
@@ -95,8 +113,9 @@ class OpenAIServing:
         requested = req.max_completion_tokens or req.max_tokens
         max_tokens = requested or min(self.settings.default_max_tokens, self.max_model_len - len(prompt))
         self._check_length(len(prompt), requested, max_tokens)
-        params = req.to_sampling_params(max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                        self.generation_defaults)
+        params = req.to_sampling_params(
+            max_tokens, (req.top_logprobs or 0) if req.logprobs else None, self.generation_defaults
+        )
         subs = self._submit([prompt], params, req.n, prompt_logprobs=False)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
@@ -106,21 +125,30 @@ class OpenAIServing:
         out = []
         for i in range(req.n):
             c = choices[i]
-            out.append({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": {"content": [self._chat_logprob(lp) for lp in c.logprobs]} if req.logprobs else None,
-                "finish_reason": c.finish_reason,
-            })
-        return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
-                "choices": out, "usage": self._usage(subs, choices)}
+            out.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": {"content": [self._chat_logprob(lp) for lp in c.logprobs]} if req.logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.model_name,
+            "choices": out,
+            "usage": self._usage(subs, choices),
+        }
 
     # ------------------------------------------------------------------ validation
 
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest, n: int) -> None:
         if req.model != self.model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist.", "not_found_error", "model",
-                           "model_not_found")
+            raise APIError(
+                404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found"
+            )
         if n > self.settings.max_n:
             raise bad_request(f"n must be at most {self.settings.max_n}", "n")
         stops = req.stop_list
@@ -152,31 +180,45 @@ class OpenAIServing:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{prompt_len + (requested or 0)} tokens{detail}. Please reduce the length of the prompt or completion.",
-                "invalid_request_error", "messages" if requested is None else "max_tokens", "context_length_exceeded",
+                f"{prompt_len + (requested or 0)} tokens{detail}. "
+                "Please reduce the length of the prompt or completion.",
+                "invalid_request_error",
+                "messages" if requested is None else "max_tokens",
+                "context_length_exceeded",
             )
         if max_tokens < 1:
-            raise APIError(400, "the prompt leaves no room for a completion", "invalid_request_error", "prompt",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                "the prompt leaves no room for a completion",
+                "invalid_request_error",
+                "prompt",
+                "context_length_exceeded",
+            )
 
     # ------------------------------------------------------------------ scheduler plumbing
 
-    def _submit(self, prompts: list[list[int]], params: SamplingParams, n: int, prompt_logprobs: bool) -> list[Submission]:
+    def _submit(
+        self, prompts: list[list[int]], params: SamplingParams, n: int, prompt_logprobs: bool
+    ) -> list[Submission]:
         loop = asyncio.get_running_loop()
         subs: list[Submission] = []
         try:
             for i, prompt in enumerate(prompts):
                 events: asyncio.Queue[TokenEvent] = asyncio.Queue()
                 request = GenerationRequest(uuid.uuid4().hex, tuple(prompt), params, n, prompt_logprobs)
-                sink = lambda ev, q=events: loop.call_soon_threadsafe(q.put_nowait, ev)  # noqa: E731
+
+                def sink(event: TokenEvent, q: asyncio.Queue[TokenEvent] = events) -> None:
+                    loop.call_soon_threadsafe(q.put_nowait, event)
+
                 state = self.scheduler.submit(request, sink)
                 subs.append(Submission(state, events, prompt, n, i * n))
                 self.metrics.prompt_tokens.inc(len(prompt) * n)
         except SchedulerError as exc:
             for s in subs:
                 self.scheduler.cancel(s.state)
-            raise APIError(429, f"server busy: {exc}", "rate_limit_error", code="overloaded",
-                           headers={"Retry-After": "1"}) from exc
+            raise APIError(
+                429, f"server busy: {exc}", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
+            ) from exc
         return subs
 
     async def _events(self, subs: list[Submission]) -> AsyncIterator[tuple[Submission, TokenEvent]]:
@@ -208,8 +250,9 @@ class OpenAIServing:
                 for s in subs:
                     self.scheduler.cancel(s.state)
 
-    def _observe(self, event: TokenEvent, key: tuple[int, int], last: dict[tuple[int, int], float],
-                 arrival: float) -> None:
+    def _observe(
+        self, event: TokenEvent, key: tuple[int, int], last: dict[tuple[int, int], float], arrival: float
+    ) -> None:
         now = time.perf_counter()
         if not event.token_ids:
             return
@@ -241,54 +284,103 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ streaming
 
-    async def _stream_completion(self, subs: list[Submission], rid: str, created: int, echo: bool,
-                                 include_usage: bool) -> AsyncIterator[str]:
+    async def _stream_completion(
+        self, subs: list[Submission], rid: str, created: int, echo: bool, include_usage: bool
+    ) -> AsyncIterator[str]:
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         choices: dict[int, Choice] = {}
         if echo:
             for sub in subs:
                 text = self.tokenizer.decode(sub.prompt_ids)
                 for i in range(sub.n):
-                    yield _sse({**head, "choices": [{"text": text, "index": sub.index_base + i, "logprobs": None,
-                                                     "finish_reason": None}]})
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [
+                                {"text": text, "index": sub.index_base + i, "logprobs": None, "finish_reason": None}
+                            ],
+                        }
+                    )
         async for sub, ev in self._events(subs):
             index = sub.index_base + ev.index
             c = choices.setdefault(index, Choice())
             c.token_ids += ev.token_ids
             if ev.error:
-                yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                      "code": "engine_error"}})
+                yield _sse(
+                    {"error": {"message": ev.error, "type": "server_error", "param": None, "code": "engine_error"}}
+                )
                 continue
             if not ev.text and not ev.finish_reason:
                 continue
             lp = self._completion_logprobs(Choice(logprobs=list(ev.logprobs)), None) if ev.logprobs else None
-            yield _sse({**head, "choices": [{"text": ev.text, "index": index, "logprobs": lp,
-                                             "finish_reason": _public_reason(ev.finish_reason)}]})
+            yield _sse(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "text": ev.text,
+                            "index": index,
+                            "logprobs": lp,
+                            "finish_reason": _public_reason(ev.finish_reason),
+                        }
+                    ],
+                }
+            )
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(subs, choices)})
         yield "data: [DONE]\n\n"
 
-    async def _stream_chat(self, subs: list[Submission], rid: str, created: int,
-                           include_usage: bool) -> AsyncIterator[str]:
+    async def _stream_chat(
+        self, subs: list[Submission], rid: str, created: int, include_usage: bool
+    ) -> AsyncIterator[str]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         choices: dict[int, Choice] = {}
         for i in range(subs[0].n):
-            yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                             "logprobs": None, "finish_reason": None}]})
+            yield _sse(
+                {
+                    **head,
+                    "choices": [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         async for _, ev in self._events(subs):
             c = choices.setdefault(ev.index, Choice())
             c.token_ids += ev.token_ids
             if ev.error:
-                yield _sse({"error": {"message": ev.error, "type": "server_error", "param": None,
-                                      "code": "engine_error"}})
+                yield _sse(
+                    {"error": {"message": ev.error, "type": "server_error", "param": None, "code": "engine_error"}}
+                )
                 continue
             lp = {"content": [self._chat_logprob(x) for x in ev.logprobs]} if ev.logprobs else None
             if ev.text or lp:
-                yield _sse({**head, "choices": [{"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp,
-                                                 "finish_reason": None}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {"index": ev.index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}
+                        ],
+                    }
+                )
             if ev.finish_reason:
-                yield _sse({**head, "choices": [{"index": ev.index, "delta": {}, "logprobs": None,
-                                                 "finish_reason": _public_reason(ev.finish_reason)}]})
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": ev.index,
+                                "delta": {},
+                                "logprobs": None,
+                                "finish_reason": _public_reason(ev.finish_reason),
+                            }
+                        ],
+                    }
+                )
         if include_usage:
             yield _sse({**head, "choices": [], "usage": self._usage(subs, choices)})
         yield "data: [DONE]\n\n"
@@ -324,7 +416,9 @@ class OpenAIServing:
     @staticmethod
     def _chat_logprob(lp: TokenLogprob) -> dict[str, Any]:
         return {
-            "token": lp.text, "logprob": lp.logprob, "bytes": list(lp.text.encode("utf-8")),
+            "token": lp.text,
+            "logprob": lp.logprob,
+            "bytes": list(lp.text.encode("utf-8")),
             "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode("utf-8"))} for _, t, v in lp.top],
         }
 

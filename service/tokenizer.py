@@ -44,7 +44,9 @@ class TextTokenizer:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=True, bos_token=self.bos_token or "",
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
         except Exception as exc:  # jinja2 errors, raise_exception() from the template

@@ -19,3 +19,21 @@ def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         result = run_cli("export", "--source", "default", "--out", str(path))
         assert result.returncode == 0, result.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template: fast, and its random tokens exercise
+    byte-level pieces (split UTF-8 characters, emoji, CJK) that a trained model rarely emits."""
+    import json
+
+    from tests.helpers import write_hf_checkpoint
+
+    src = tmp_path_factory.mktemp("tiny-src") / "tiny-llama"
+    manifest = json.loads((default_bundle / "manifest.json").read_text())
+    write_hf_checkpoint(src, "llama", tokenizer_json=(default_bundle / "tokenizer.json").read_text(), seed=1)
+    (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": manifest["tokenizer"]["chat_template"]}))
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    result = run_cli("export", "--source", str(src), "--out", str(out), "--name", "tiny")
+    assert result.returncode == 0, result.stderr
+    return out

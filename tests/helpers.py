@@ -55,7 +55,7 @@ CHAT_TEMPLATE = (
 
 
 def write_hf_checkpoint(directory: Path, family: str, tokenizer_json: str | None = None, seed: int = 0, **overrides):
-    """save_pretrained of a tiny random GPT2LMHeadModel / LlamaForCausalLM plus tokenizer files. Returns the HF model."""
+    """save_pretrained of a tiny random GPT2LMHeadModel / LlamaForCausalLM plus tokenizer files; returns the model."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)

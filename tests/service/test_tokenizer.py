@@ -1,0 +1,61 @@
+"""Incremental detokenization: UTF-8-safe, stop sequences held back and never emitted."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(default_bundle):
+    return TextTokenizer(default_bundle / "tokenizer.json", None, None, None)
+
+
+def stream(tok, text, stop=()):
+    detok = IncrementalDetokenizer(tok, list(stop))
+    pieces, stopped = [], False
+    for t in tok.encode(text):
+        d = detok.add(t)
+        assert "\ufffd" not in d.text
+        pieces.append(d.text)
+        if d.stopped:
+            stopped = True
+            break
+    if not stopped:
+        pieces.append(detok.flush())
+    return pieces, stopped
+
+
+@pytest.mark.parametrize("text", ["héllo wörld", "日本語のテキスト", "emoji 🎉🚀👍🏽 done", "mixed 中文 and 😀 ok"])
+def test_split_characters_are_held_until_complete(tok, text):
+    ids = tok.encode(text)
+    assert len(ids) > 2
+    pieces, _ = stream(tok, text)
+    assert "".join(pieces) == text
+
+
+def test_stop_sequence_spanning_tokens_is_never_emitted(tok):
+    text = "The answer is 42. END OF STORY and more"
+    pieces, stopped = stream(tok, text, stop=["END OF"])
+    assert stopped and "".join(pieces) == "The answer is 42. "
+    assert not any("END" in p for p in pieces)
+
+
+def test_text_that_only_looks_like_a_stop_is_released(tok):
+    pieces, stopped = stream(tok, "an ENDless road", stop=["END OF"])
+    assert not stopped and "".join(pieces) == "an ENDless road"
+
+
+def test_earliest_of_several_stops_wins(tok):
+    pieces, stopped = stream(tok, "alpha beta gamma delta", stop=["delta", "beta"])
+    assert stopped and "".join(pieces) == "alpha "
+
+
+def test_chat_template_renders_generation_prompt(default_bundle):
+    import json
+
+    m = json.loads((default_bundle / "manifest.json").read_text())
+    t = TextTokenizer(default_bundle / "tokenizer.json", m["tokenizer"]["chat_template"], None, None)
+    text = t.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
