@@ -10,7 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SERVE_", cli_kebab_case=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SERVE_", cli_kebab_case=True, cli_prog_name="python -m service", extra="ignore"
+    )
 
     # where and what
     bundle: Path = Field(Path("bundles/smollm2-135m"), description="bundle directory written by `python -m export`")

@@ -128,13 +128,16 @@ def test_streamed_deltas_concatenate_to_the_full_text(tiny_server, prompt):
 def test_stop_sequence_spanning_tokens(tiny_server):
     c = client(tiny_server)
     kw = dict(model="tiny", prompt="Once upon a time", max_tokens=30, temperature=0, extra_body={"ignore_eos": True})
-    text = c.completions.create(**kw).choices[0].text
-    stop = text[10:16]  # six characters from the middle: likely across a token boundary
-    assert len(stop) == 6
+    first = c.completions.create(logprobs=0, **kw).choices[0]
+    text, pieces = first.text, first.logprobs.tokens
+    # a stop string made of the end of one token and the start of the next
+    k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and pieces[i + 1].strip())
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    assert stop in text
     r = c.completions.create(stop=[stop], **kw)
     assert r.choices[0].text == text[: text.index(stop)] and r.choices[0].finish_reason == "stop"
-    streamed = "".join(ch.choices[0].text for ch in c.completions.create(stop=stop, stream=True, **kw))
-    assert streamed == r.choices[0].text
+    streamed = list(c.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(ch.choices[0].text for ch in streamed) == r.choices[0].text
 
 
 def test_length_n_seed_echo(tiny_server):
