@@ -67,7 +67,7 @@ def write_hf_checkpoint(directory: Path, family: str, tokenizer_json: str | None
     if family == "gpt2":
         cfg = GPT2Config(
             vocab_size=vocab,
-            n_positions=128,
+            n_positions=1024,  # transformers' GGUF reader assumes GPT-2's 1024
             n_embd=64,
             n_layer=2,
             n_head=4,
@@ -109,6 +109,68 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def write_gguf_gpt2_from_hf(path: Path, model, tokenizer_json: str) -> None:
+    """A gpt2 GGUF laid out as llama.cpp writes one: Conv1D weights transposed to (out, in), fused qkv."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(4 * cfg.n_embd)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    _add_gguf_tokenizer(w, tokenizer_json)
+    sd = {k.removeprefix("transformer."): v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {
+        "wte.weight": "token_embd.weight",
+        "wpe.weight": "position_embd.weight",
+        "ln_f.weight": "output_norm.weight",
+        "ln_f.bias": "output_norm.bias",
+    }
+    layer = {
+        "ln_1": "attn_norm",
+        "ln_2": "ffn_norm",
+        "attn.c_attn": "attn_qkv",
+        "attn.c_proj": "attn_output",
+        "mlp.c_fc": "ffn_up",
+        "mlp.c_proj": "ffn_down",
+    }
+    for key, arr in sd.items():
+        if key in names:
+            w.add_tensor(names[key], np.ascontiguousarray(arr))
+        elif key.startswith("h."):
+            _, i, rest = key.split(".", 2)
+            module, kind = rest.rsplit(".", 1)
+            if module not in layer:
+                continue  # attn.bias / masked_bias buffers of old checkpoints
+            if kind == "weight" and not module.startswith("ln"):
+                arr = arr.T  # Conv1D (in, out) -> (out, in)
+            w.add_tensor(f"blk.{i}.{layer[module]}.{kind}", np.ascontiguousarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _add_gguf_tokenizer(w, tokenizer_json: str) -> None:
+    tj = json.loads(tokenizer_json)
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    tokens = [t for t, _ in vocab]
+    merges = [" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]]
+    special = {t["content"] for t in tj.get("added_tokens", [])}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in special else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
+
+
 def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears: bool = False) -> None:
     """A llama GGUF with the HF model's weights (q/k permuted like llama.cpp) and a gpt2-style tokenizer."""
     import gguf
@@ -125,20 +187,7 @@ def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears:
     w.add_rope_freq_base(10000.0)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
-    tj = json.loads(tokenizer_json)
-    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
-    tokens = [t for t, _ in vocab]
-    merges = [" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"]]
-    special = {t["content"] for t in tj.get("added_tokens", [])}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in special else 1 for t in tokens])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    _add_gguf_tokenizer(w, tokenizer_json)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {
         "model.embed_tokens.weight": "token_embd.weight",

@@ -10,7 +10,7 @@ import torch
 
 from export.checkpoints import build_model, load_gguf, load_hf_dir
 from export.model import KVCache, prefill
-from tests.helpers import train_bpe_tokenizer, write_gguf_from_hf, write_hf_checkpoint
+from tests.helpers import train_bpe_tokenizer, write_gguf_from_hf, write_gguf_gpt2_from_hf, write_hf_checkpoint
 
 IDS = [5, 17, 42, 99, 3, 250, 7, 11]
 
@@ -80,3 +80,19 @@ def test_tokenizer_from_trained_bpe_round_trips():
     tok = train_bpe_tokenizer()
     for text in ["Hello world", "日本語 🎉"]:
         assert tok.decode(tok.encode(text).ids) == text
+
+
+def test_gpt2_gguf_matches_transformers_reading_the_same_file(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "hf"
+    hf = write_hf_checkpoint(src, "gpt2")
+    path = tmp_path / "tiny-gpt2.gguf"
+    write_gguf_gpt2_from_hf(path, hf, (src / "tokenizer.json").read_text())
+    ckpt = load_gguf(path)
+    assert ckpt.config.family == "gpt2" and ckpt.config.tie_embeddings and ckpt.config.bias
+    ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([IDS])).logits[0]
+        torch.testing.assert_close(expected, hf(torch.tensor([IDS])).logits[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ours_logits(build_model(ckpt)), expected, atol=1e-4, rtol=0)
