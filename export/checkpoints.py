@@ -33,9 +33,9 @@ DEFAULT_GENERATION = {"temperature": 0.2, "top_p": 0.9}
 
 @dataclass(frozen=True)
 class PackedLinear:
-    """A GGUF 4-bit weight kept as its own blocks: rows (N, K // 32 * block_bytes) of Q4_0 or Q4_1 blocks."""
+    """A GGUF weight kept as its own blocks: rows (N, K // 32 * block_bytes) of Q4_0, Q4_1 or Q8_0 blocks."""
 
-    qtype: str  # "Q4_0" | "Q4_1"
+    qtype: str  # "Q4_0" | "Q4_1" | "Q8_0"
     blocks: np.ndarray  # (N, n_blocks * block_bytes) uint8, rows in our (Hugging Face) order
     shape: tuple[int, int]  # (N, K) = (out_features, in_features)
 
@@ -47,7 +47,7 @@ class Checkpoint:
     config: ModelConfig
     weights: dict[str, torch.Tensor]  # our parameter names -> fp32 tensors
     tokenizer: TokenizerSpec
-    packed: dict[str, PackedLinear] = field(default_factory=dict)  # linear weights a GGUF stores in 4 bits
+    packed: dict[str, PackedLinear] = field(default_factory=dict)  # linear weights a GGUF stores in 4 or 8 bits
     generation_defaults: dict[str, float] = field(default_factory=dict)  # recommended sampling, when known
 
 
@@ -183,6 +183,7 @@ def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
     tensors = {t.name: t for t in reader.tensors}
     weights: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedLinear] = {}
+    q8: dict[str, PackedLinear] = {}
     for gname, t in tensors.items():
         ours = _GGUF_GLOBAL.get(gname)
         if ours is None and gname.startswith("blk."):
@@ -208,9 +209,14 @@ def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
         qtype = GGMLQuantizationType(t.tensor_type).name
         if qtype in ("Q4_0", "Q4_1") and w.ndim == 2 and ours.endswith("_proj.weight"):
             packed[ours] = PackedLinear(qtype, np.ascontiguousarray(data), (w.shape[0], w.shape[1]))
+        if qtype == "Q8_0" and ours in ("tok_embeddings.weight", "lm_head.weight"):
+            q8[ours] = PackedLinear(qtype, np.ascontiguousarray(data), (w.shape[0], w.shape[1]))
     _split_fused_qkv(weights, config)
     if "lm_head.weight" not in weights:
         config = ModelConfig.from_dict({**config.to_dict(), "tie_embeddings": True})
+    unembedding = "tok_embeddings.weight" if config.tie_embeddings else "lm_head.weight"
+    if unembedding in q8:  # the unembedding's own Q8_0 blocks (an 8-bit MatMulNBits in the int4 graph)
+        packed["lm_head.weight"] = q8[unembedding]
     _check_complete(weights, config, str(path))
     tokenizer = from_gguf_metadata(meta, str(path))
     return Checkpoint(

@@ -41,7 +41,9 @@ BOUNDS: dict[str, Bound] = {
     "fp16": Bound(0.5, 0.95, 1.02),
     "int8": Bound(None, 0.85, 1.15),
     "int4": Bound(None, 0.70, 1.50),
-    "int4-gguf": Bound(1e-2, 0.99, 1.001),  # the GGUF's own 4-bit blocks: the same weights as the fp32 graph
+    # the GGUF's own 4-bit blocks: the fp32 graph's weights exactly; with int8 activations (accuracy level 4, the
+    # default, as llama.cpp multiplies Q4_1 by Q8_1) the compute rounds, so the bound is on top-1 and perplexity.
+    "int4-gguf": Bound(None, 0.90, 1.02),
 }
 
 PROMPTS = [

