@@ -83,7 +83,15 @@ def run_locust(host: str, users: int, spawn_rate: float, duration: str, out: Pat
         "120",
     ]
     started = time.time()
-    result = subprocess.run(cmd, cwd=REPO, env={**os.environ}, capture_output=True, text=True)
+    result = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=_seconds(duration) + 300,
+    )
     elapsed = time.time() - started
     (out / "locust.log").write_text(result.stdout + result.stderr)
     summary = summarize(out / "locust_stats.csv", elapsed)
@@ -97,6 +105,18 @@ def run_locust(host: str, users: int, spawn_rate: float, duration: str, out: Pat
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _seconds(duration: str) -> float:
+    """locust's run-time syntax: 90, 90s, 5m, 1h30m."""
+    total, number = 0.0, ""
+    for ch in duration:
+        if ch.isdigit():
+            number += ch
+        else:
+            total += int(number or 0) * {"s": 1, "m": 60, "h": 3600}[ch]
+            number = ""
+    return total + int(number or 0)
 
 
 def summarize(stats_csv: Path, elapsed: float) -> dict:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tokenizers import Tokenizer
@@ -18,7 +20,9 @@ from service import errors
 from service.bundle import Bundle, load_bundle
 from service.config import Settings
 from service.engine import Engine
+from service.errors import APIError
 from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
 from service.scheduler import Scheduler
 from service.schemas import ChatCompletionRequest, CompletionRequest
 from service.serving import OpenAIServing
@@ -51,7 +55,15 @@ def build_runtime(settings: Settings) -> Runtime:
     tokenizer = TextTokenizer(
         bundle.tokenizer_file, bundle.chat_template, token(bundle.bos_token_id), token(bundle.eos_token_id)
     )
-    scheduler = Scheduler(engine, tokenizer, bundle.eos_token_id, max_len, settings.prefill_chunk)
+    scheduler = Scheduler(
+        engine,
+        tokenizer,
+        bundle.eos_token_id,
+        max_len,
+        settings.prefill_chunk,
+        settings.max_waiting_requests,
+        settings.max_queued_prompt_tokens,
+    )
     name = settings.served_model_name or bundle.name
     metrics = Metrics(name)
     metrics.watch(lambda: scheduler.num_running, lambda: scheduler.num_waiting, scheduler.kv_usage)
@@ -81,10 +93,40 @@ def create_app(settings: Settings) -> FastAPI:
             runtime.scheduler.stop()
 
     app = FastAPI(title="gpt-onnx-serve", version="0.1.0", lifespan=lifespan)
+    app.state.draining = False  # set on SIGTERM: /ready fails and new generation requests get 503
     errors.install(app)
+    if settings.origins():
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.origins(),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+        )
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
+    keys = [k.encode() for k in settings.keys()]
 
     def runtime(request: Request) -> Runtime:
         return request.app.state.runtime
+
+    async def authorized(request: Request) -> None:
+        """Bearer API key, compared in constant time against every configured key."""
+        if not keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        match = False
+        for key in keys:
+            match |= hmac.compare_digest(token.encode(), key)
+        if scheme.lower() != "bearer" or not match:
+            raise APIError(401, "Incorrect API key provided.", "invalid_request_error", code="invalid_api_key")
+
+    async def admitting(request: Request) -> None:
+        if request.app.state.draining:
+            raise APIError(
+                503, "the server is shutting down", "server_error", code="draining", headers={"Retry-After": "1"}
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
@@ -100,10 +142,15 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/ready")
     async def ready(request: Request) -> JSONResponse:
         rt = getattr(request.app.state, "runtime", None)
-        ok = rt is not None and rt.scheduler.alive
+        ok = (
+            rt is not None
+            and rt.scheduler.alive
+            and not request.app.state.draining
+            and not (settings.unready_when_saturated and rt.scheduler.saturated())
+        )
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models(request: Request) -> dict:
         rt = runtime(request)
         return {
@@ -123,18 +170,19 @@ def create_app(settings: Settings) -> FastAPI:
             ],
         }
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(authorized)] if settings.metrics_require_key else [])
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(runtime(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/completions")
+    @v1.post("/completions", dependencies=[Depends(admitting)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return _respond(await runtime(request).serving.completions(body))
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions", dependencies=[Depends(admitting)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await runtime(request).serving.chat(body))
 
+    app.include_router(v1)
     return app
 
 

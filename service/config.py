@@ -28,7 +28,18 @@ class Settings(BaseSettings):
     max_model_len: int = Field(2048, ge=16, description="longest prompt + completion (capped by the bundle)")
     prefill_chunk: int = Field(256, ge=16, description="prompt tokens prefilled per engine step")
 
-    # request limits
+    # backpressure: checked before a request is tokenized; past either bound, 429 with Retry-After
+    max_waiting_requests: int = Field(256, ge=1, description="sequences waiting for a cache slot")
+    max_queued_prompt_tokens: int = Field(262144, ge=1, description="prompt tokens waiting for a cache slot")
+    unready_when_saturated: bool = Field(False, description="/ready answers 503 while the waiting queue is full")
+
+    # request limits (400 beyond each)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="request body size (413 beyond)")
+    max_header_bytes: int = Field(16384, ge=1024, description="HTTP header block size (the server refuses beyond)")
+    max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens (0: the context length)")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_messages: int = Field(256, ge=1, description="messages in one chat request")
+    request_timeout: float = Field(600.0, gt=0, description="seconds a request may run before it ends with an error")
     default_max_tokens: int = Field(512, ge=1, description="chat completions without max_tokens (completions: 16)")
     max_n: int = Field(8, ge=1, le=128, description="largest n (choices per request)")
     max_logprobs: int = Field(20, ge=0, le=20)
@@ -36,11 +47,41 @@ class Settings(BaseSettings):
     max_stop_length: int = Field(256, ge=1)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # access
+    api_keys: str = Field("", description="comma-separated API keys; empty: no authentication", repr=False)
+    api_key_file: Path | None = Field(None, description="file with one API key per line (added to --api-keys)")
+    metrics_require_key: bool = Field(False, description="/metrics asks for an API key too")
+    cors_origins: str = Field("", description="comma-separated allowed origins; empty: CORS off")
+    drain_timeout: float = Field(30.0, ge=0, description="on SIGTERM, seconds to let running requests finish")
+
+    def keys(self) -> list[str]:
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_key_file is not None:
+            keys += [line.strip() for line in self.api_key_file.read_text().splitlines() if line.strip()]
+        return keys
+
+    def origins(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
     @field_validator("bundle")
     @classmethod
     def _bundle_is_dir(cls, v: Path) -> Path:
         if not v.is_dir():
             raise ValueError(f"{v}: no such bundle directory (run `make export` or `python -m export`)")
+        return v
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _explicit_origins(cls, v: str) -> str:
+        if "*" in v:
+            raise ValueError("CORS origins must be listed explicitly ('*' is refused)")
+        return v
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _key_file_readable(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v}: no such API key file")
         return v
 
     @model_validator(mode="after")

@@ -37,6 +37,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def overloaded(message: str) -> APIError:
+    """429: the waiting queue is full. OpenAI's rate-limit type, so clients' retry-with-backoff applies."""
+    return APIError(429, f"server busy: {message}", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
+
+
 def render(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 

@@ -75,6 +75,14 @@ class SchedulerError(Exception):
     """Raised to the submitter when a request cannot be queued."""
 
 
+class QueueFull(SchedulerError):
+    """The waiting queue is at its bound (requests or prompt tokens): try again later."""
+
+
+class EngineStopped(SchedulerError):
+    """The engine loop is not running: nothing can be served until the process restarts."""
+
+
 @dataclass(eq=False)
 class RequestState:
     request: GenerationRequest
@@ -121,9 +129,14 @@ class Scheduler:
         max_model_len: int,
         prefill_chunk: int,
         max_waiting: int = 1024,
+        max_queued_tokens: int = 1 << 30,
     ) -> None:
         self.engine, self.tokenizer, self.eos = engine, tokenizer, eos_token_id
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
+        self.max_queued_tokens = max_queued_tokens
+        self.queued_tokens = 0  # prompt tokens of sequences not yet admitted
+        self._queue_lock = threading.Lock()
+        self._failed = False
         self.cache = engine.cache
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
@@ -136,11 +149,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ called from other threads
 
+    def saturated(self) -> bool:
+        return self.num_waiting >= self.max_waiting or self.queued_tokens >= self.max_queued_tokens
+
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestState:
         if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
             raise SchedulerError("prompt plus max_tokens exceeds the context length")
-        if self.num_waiting + request.n > self.max_waiting:
-            raise SchedulerError("the waiting queue is full")
+        if not self.alive:
+            raise EngineStopped("the engine loop is not running")
+        tokens = len(request.prompt_ids) * request.n
+        with self._queue_lock:
+            if self.num_waiting + request.n > self.max_waiting:
+                raise QueueFull(f"{self.num_waiting} sequences are waiting (limit {self.max_waiting})")
+            if self.queued_tokens + tokens > self.max_queued_tokens:
+                raise QueueFull(f"{self.queued_tokens} prompt tokens are waiting (limit {self.max_queued_tokens})")
+            self.queued_tokens += tokens
         state = RequestState(request, sink)
         prompt = np.asarray(request.prompt_ids, dtype=np.int64)
         for i in range(request.n):
@@ -168,7 +191,7 @@ class Scheduler:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._failed
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -184,6 +207,18 @@ class Scheduler:
 
     def _loop(self) -> None:
         log.info("engine loop started")
+        try:
+            self._serve()
+        except BaseException as exc:  # the loop itself broke: answer everyone, then report unhealthy
+            self._failed = True
+            log.critical("engine loop died: %s", exc, exc_info=True)
+            self._admit_incoming()
+            for seq in [*self.running.values(), *self.waiting]:
+                self._finish(seq, "error", error="the engine stopped; retry on another replica")
+            raise
+        log.info("engine loop stopped")
+
+    def _serve(self) -> None:
         while not self._stop.is_set():
             if not self.running and not self.waiting and self._incoming.empty():
                 self._wake.wait(0.5)
@@ -197,7 +232,6 @@ class Scheduler:
                 for seq in list(self.running.values()):
                     self._finish(seq, "error", error=f"engine step failed: {self.last_error}")
                 self._retire([s for s in self.running.values() if s.finish_reason])
-        log.info("engine loop stopped")
 
     def step(self) -> None:
         self._retire(self._cancelled())
@@ -210,23 +244,34 @@ class Scheduler:
         self.steps += 1
 
     def _cancelled(self) -> list[Sequence]:
-        self.waiting = deque(s for s in self.waiting if not s.state.cancelled)
+        for seq in [s for s in self.waiting if s.state.cancelled]:
+            self.waiting.remove(seq)
+            self._dequeued(seq)
         return [s for s in self.running.values() if s.state.cancelled]
 
-    def _admit(self) -> None:
+    def _admit_incoming(self) -> None:
         while True:
             try:
                 self.waiting.append(self._incoming.get_nowait())
             except queue.Empty:
                 break
+
+    def _dequeued(self, seq: Sequence) -> None:
+        with self._queue_lock:
+            self.queued_tokens -= len(seq.prompt)
+
+    def _admit(self) -> None:
+        self._admit_incoming()
         while self.waiting and self.cache.num_free:
             seq = self.waiting.popleft()
             if seq.state.cancelled:
+                self._dequeued(seq)
                 continue
             slot = self.cache.allocate()
             if slot is None:  # cannot happen while num_free > 0; keep the sequence rather than lose it
                 self.waiting.appendleft(seq)
                 break
+            self._dequeued(seq)
             seq.slot, seq.admitted = slot, time.perf_counter()
             self.running[slot] = seq
 

@@ -13,10 +13,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.config import Settings
-from service.errors import APIError, bad_request
+from service.errors import APIError, bad_request, overloaded
 from service.metrics import Metrics
 from service.sampler import SamplingParams
-from service.scheduler import GenerationRequest, RequestState, Scheduler, SchedulerError, TokenEvent, TokenLogprob
+from service.scheduler import (
+    EngineStopped,
+    GenerationRequest,
+    QueueFull,
+    RequestState,
+    Scheduler,
+    SchedulerError,
+    TokenEvent,
+    TokenLogprob,
+)
 from service.schemas import ChatCompletionRequest, CompletionRequest
 from service.tokenizer import TemplateError, TextTokenizer
 
@@ -64,6 +73,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ endpoints
 
     async def completions(self, req: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        self._check_admission()
         self._check_common(req, req.n)
         if req.logprobs is not None and req.logprobs > self.settings.max_logprobs:
             raise bad_request(f"logprobs must be at most {self.settings.max_logprobs}", "logprobs")
@@ -77,7 +87,7 @@ class OpenAIServing:
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_completion(subs, rid, created, req.echo, include_usage)
+            return self._sse_stream(self._stream_completion(subs, rid, created, req.echo, include_usage))
         choices = await self._collect(subs)
         out = []
         for sub in subs:
@@ -102,6 +112,9 @@ class OpenAIServing:
         }
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+        self._check_admission()
+        if len(req.messages) > self.settings.max_messages:
+            raise bad_request(f"at most {self.settings.max_messages} messages", "messages")
         self._check_common(req, req.n)
         if req.logprobs and (req.top_logprobs or 0) > self.settings.max_logprobs:
             raise bad_request(f"top_logprobs must be at most {self.settings.max_logprobs}", "top_logprobs")
@@ -120,7 +133,7 @@ class OpenAIServing:
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._stream_chat(subs, rid, created, include_usage)
+            return self._sse_stream(self._stream_chat(subs, rid, created, include_usage))
         choices = await self._collect(subs)
         out = []
         for i in range(req.n):
@@ -144,7 +157,17 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ validation
 
+    def _check_admission(self) -> None:
+        """Before any tokenization: is the engine alive, and is there room in the waiting queue?"""
+        if not self.scheduler.alive:
+            raise APIError(503, "the engine is not running", "server_error", code="engine_unavailable")
+        if self.scheduler.saturated():
+            raise overloaded("the waiting queue is full")
+
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest, n: int) -> None:
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        if asked is not None and asked > self.settings.max_tokens_limit:
+            raise bad_request(f"max_tokens must be at most {self.settings.max_tokens_limit}", "max_tokens")
         if req.model != self.model_name:
             raise APIError(
                 404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found"
@@ -175,6 +198,11 @@ class OpenAIServing:
         return prompts
 
     def _check_length(self, prompt_len: int, requested: int | None, max_tokens: int) -> None:
+        limit = self.settings.max_prompt_tokens
+        if limit and prompt_len > limit:
+            raise bad_request(
+                f"the prompt has {prompt_len} tokens; at most {limit} are accepted", "prompt", "prompt_too_long"
+            )
         if prompt_len >= self.max_model_len or (requested is not None and prompt_len + requested > self.max_model_len):
             detail = f" ({prompt_len} in the prompt, {requested} in the completion)" if requested else ""
             raise APIError(
@@ -214,11 +242,13 @@ class OpenAIServing:
                 subs.append(Submission(state, events, prompt, n, i * n))
                 self.metrics.prompt_tokens.inc(len(prompt) * n)
         except SchedulerError as exc:
-            for s in subs:
-                self.scheduler.cancel(s.state)
-            raise APIError(
-                429, f"server busy: {exc}", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"}
-            ) from exc
+            for sub in subs:
+                self.scheduler.cancel(sub.state)
+            if isinstance(exc, QueueFull):
+                raise overloaded(str(exc)) from exc
+            if isinstance(exc, EngineStopped):
+                raise APIError(503, str(exc), "server_error", code="engine_unavailable") from exc
+            raise bad_request(str(exc), code="context_length_exceeded") from exc
         return subs
 
     async def _events(self, subs: list[Submission]) -> AsyncIterator[tuple[Submission, TokenEvent]]:
@@ -228,9 +258,19 @@ class OpenAIServing:
         open_choices = sum(remaining.values())
         last: dict[tuple[int, int], float] = {}
         waiters = {asyncio.ensure_future(s.events.get()): s for s in subs}
+        deadline = arrival + self.settings.request_timeout
         try:
             while open_choices:
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                timeout = max(deadline - time.perf_counter(), 0.0)
+                done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    self.metrics.finished("timeout")
+                    raise APIError(
+                        504,
+                        f"the request ran past its deadline of {self.settings.request_timeout:g}s",
+                        "timeout_error",
+                        code="deadline_exceeded",
+                    )
                 for fut in done:
                     sub = waiters.pop(fut)
                     event = fut.result()
@@ -284,16 +324,25 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ streaming
 
+    async def _sse_stream(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+        """Server-sent events: one `data:` line per chunk, an error chunk if the request fails midway, then [DONE]."""
+        try:
+            async for chunk in chunks:
+                yield _sse(chunk)
+        except APIError as exc:
+            yield _sse(exc.body())
+        yield "data: [DONE]\n\n"
+
     async def _stream_completion(
         self, subs: list[Submission], rid: str, created: int, echo: bool, include_usage: bool
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[dict[str, Any]]:
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         choices: dict[int, Choice] = {}
         if echo:
             for sub in subs:
                 text = self.tokenizer.decode(sub.prompt_ids)
                 for i in range(sub.n):
-                    yield _sse(
+                    yield (
                         {
                             **head,
                             "choices": [
@@ -306,14 +355,12 @@ class OpenAIServing:
             c = choices.setdefault(index, Choice())
             c.token_ids += ev.token_ids
             if ev.error:
-                yield _sse(
-                    {"error": {"message": ev.error, "type": "server_error", "param": None, "code": "engine_error"}}
-                )
+                yield ({"error": {"message": ev.error, "type": "server_error", "param": None, "code": "engine_error"}})
                 continue
             if not ev.text and not ev.finish_reason:
                 continue
             lp = self._completion_logprobs(Choice(logprobs=list(ev.logprobs)), None) if ev.logprobs else None
-            yield _sse(
+            yield (
                 {
                     **head,
                     "choices": [
@@ -327,16 +374,15 @@ class OpenAIServing:
                 }
             )
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": self._usage(subs, choices)})
-        yield "data: [DONE]\n\n"
+            yield ({**head, "choices": [], "usage": self._usage(subs, choices)})
 
     async def _stream_chat(
         self, subs: list[Submission], rid: str, created: int, include_usage: bool
-    ) -> AsyncIterator[str]:
+    ) -> AsyncIterator[dict[str, Any]]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name}
         choices: dict[int, Choice] = {}
         for i in range(subs[0].n):
-            yield _sse(
+            yield (
                 {
                     **head,
                     "choices": [
@@ -353,13 +399,11 @@ class OpenAIServing:
             c = choices.setdefault(ev.index, Choice())
             c.token_ids += ev.token_ids
             if ev.error:
-                yield _sse(
-                    {"error": {"message": ev.error, "type": "server_error", "param": None, "code": "engine_error"}}
-                )
+                yield ({"error": {"message": ev.error, "type": "server_error", "param": None, "code": "engine_error"}})
                 continue
             lp = {"content": [self._chat_logprob(x) for x in ev.logprobs]} if ev.logprobs else None
             if ev.text or lp:
-                yield _sse(
+                yield (
                     {
                         **head,
                         "choices": [
@@ -368,7 +412,7 @@ class OpenAIServing:
                     }
                 )
             if ev.finish_reason:
-                yield _sse(
+                yield (
                     {
                         **head,
                         "choices": [
@@ -382,8 +426,7 @@ class OpenAIServing:
                     }
                 )
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": self._usage(subs, choices)})
-        yield "data: [DONE]\n\n"
+            yield ({**head, "choices": [], "usage": self._usage(subs, choices)})
 
     # ------------------------------------------------------------------ shapes
 

@@ -43,8 +43,9 @@ def test_gguf_with_q4_blocks_exports_int4_from_its_own_blocks(tiny_llama, tmp_pa
     path = tmp_path / "tiny-q4.gguf"
     write_gguf_from_hf(path, hf, (directory / "tokenizer.json").read_text(), quantize_linears=True)
     out = tmp_path / "bundle"
-    result = run_cli("export", "--source", str(path), "--out", str(out), "--quantize", "int4",
-                     "--int4-accuracy-level", "0")  # fp32 compute: the carried blocks must reproduce fp32 exactly
+    result = run_cli(
+        "export", "--source", str(path), "--out", str(out), "--quantize", "int4", "--int4-accuracy-level", "0"
+    )  # fp32 compute: the carried blocks must reproduce fp32 exactly
     assert result.returncode == 0, result.stderr
     assert "carried 14 GGUF-quantized tensors" in result.stdout
     report = json.loads((out / "manifest.json").read_text())["parity"][-1]

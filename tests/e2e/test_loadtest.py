@@ -1,0 +1,37 @@
+"""The locust users and the headless runner against a real server: entries for TTFT/ITL/E2E, no failures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_headless_locust_run_writes_reports_and_summary(tiny_server, tmp_path):
+    if importlib.util.find_spec("locust") is None:  # not imported here: locust monkey-patches the process
+        pytest.skip("locust is not installed")
+    result = run_cli(
+        "loadtests.run",
+        "--host",
+        tiny_server.url,
+        "--users",
+        "2",
+        "--spawn-rate",
+        "2",
+        "--duration",
+        "6s",
+        "--out",
+        str(tmp_path / "lt"),
+        env={"LOADTEST_PROMPT_TOKENS": "16", "LOADTEST_OUTPUT_TOKENS": "8"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "lt" / "summary.json").read_text())
+    assert summary["requests"] > 0 and summary["failures"] == 0
+    assert summary["ttft"]["count"] == summary["latency"]["count"] > 0 and summary["itl"]["count"] > 0
+    assert abs(summary["output_tokens"] - 8 * summary["latency"]["count"]) <= 2  # from a rounded CSV mean
+    assert (tmp_path / "lt" / "report.html").is_file() and (tmp_path / "lt" / "locust_stats.csv").is_file()
