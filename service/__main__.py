@@ -4,13 +4,47 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+import time
+from types import FrameType
 
 import uvicorn
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from service.app import create_app
 from service.bundle import BundleError, load_bundle
 from service.config import Settings
+
+log = logging.getLogger("service")
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM (or Ctrl-C): stop admitting (/ready fails, new generation requests get 503), let the running
+    requests finish for up to `drain_timeout` seconds, then shut down as uvicorn does. A second signal exits now."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.fastapi, self.drain_timeout, self.draining = app, drain_timeout, False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.draining or self.drain_timeout <= 0:
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        self.fastapi.state.draining = True
+        log.info("signal %d: draining (up to %.0fs) before shutdown", sig, self.drain_timeout)
+        threading.Thread(target=self._drain, args=(sig, frame), name="drain", daemon=True).start()
+
+    def _drain(self, sig: int, frame: FrameType | None) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        runtime = getattr(self.fastapi.state, "runtime", None)
+        while runtime is not None and time.monotonic() < deadline:
+            if not runtime.scheduler.num_running and not runtime.scheduler.num_waiting:
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)  # let the last events reach their streams
+        super().handle_exit(sig, frame)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,17 +57,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         load_bundle(settings.bundle, verify_checksums=False)  # a clear one-line error before the server starts
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_level=settings.log_level,
-            timeout_graceful_shutdown=30,
-        )
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+    )
+    server = DrainingServer(config, app, settings.drain_timeout)
+    server.run()
+    return 0 if server.started else 3
 
 
 if __name__ == "__main__":

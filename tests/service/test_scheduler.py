@@ -5,12 +5,13 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from service.bundle import load_bundle
 from service.engine import Engine
 from service.sampler import SamplingParams
-from service.scheduler import GenerationRequest, Scheduler
+from service.scheduler import EngineStopped, GenerationRequest, Scheduler
 from service.tokenizer import TextTokenizer
 
 
@@ -109,3 +110,56 @@ def test_max_tokens_and_length_finish(make_scheduler):
     c = run(s, [1, 2, 3], max_tokens=7, ignore_eos=True)
     assert c.done.wait(30)
     assert len(c.tokens()) == 7 and c.events[-1].finish_reason == "length"
+
+
+def test_a_failing_step_fails_only_its_requests_and_the_loop_keeps_serving(make_scheduler):
+    s = make_scheduler()
+    real, calls = s.engine.forward, {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    s.engine.forward = flaky
+    failed = run(s, [1, 2, 3], max_tokens=20, ignore_eos=True)
+    assert failed.done.wait(30)
+    assert failed.events[-1].finish_reason == "error" and "injected fault" in failed.events[-1].error
+    s.engine.forward = real
+    ok = run(s, [1, 2, 3], max_tokens=5, ignore_eos=True)
+    assert ok.done.wait(30) and ok.events[-1].finish_reason == "length" and len(ok.tokens()) == 5
+    assert s.alive and s.num_running == 0 and s.cache.num_free == s.cache.slots
+
+
+def test_non_finite_logits_are_reported_not_sampled(make_scheduler):
+    s = make_scheduler()
+    real = s.engine.forward
+    s.engine.forward = lambda *args, **kwargs: real(*args, **kwargs) * np.float32("nan")
+    c = run(s, [1, 2, 3], max_tokens=5)
+    assert c.done.wait(30)
+    assert c.tokens() == [] and c.events[-1].finish_reason == "error" and "non-finite" in c.events[-1].error
+    assert s.alive and s.num_running == 0
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_loop_answers_everyone_and_refuses_new_work(make_scheduler):
+    s = make_scheduler(slots=1)
+    first = run(s, [1, 2, 3], max_tokens=200, ignore_eos=True)
+    second = run(s, [4, 5, 6], max_tokens=5)  # waits for the only slot
+    deadline = time.time() + 30
+    while not first.events and time.time() < deadline:
+        time.sleep(0.01)
+
+    def die() -> None:
+        raise SystemExit("the loop itself breaks")
+
+    s.step = die  # escapes the per-step handler
+    assert first.done.wait(10) and second.done.wait(10)
+    assert first.events[-1].finish_reason == second.events[-1].finish_reason == "error"
+    deadline = time.time() + 5
+    while s.alive and time.time() < deadline:
+        time.sleep(0.01)
+    assert not s.alive
+    with pytest.raises(EngineStopped):
+        run(s, [1], max_tokens=1)
