@@ -22,7 +22,7 @@ from service.config import Settings
 from service.engine import Engine
 from service.errors import APIError
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.middleware import RequestIdMiddleware, SizeLimitMiddleware
 from service.scheduler import Scheduler
 from service.schemas import ChatCompletionRequest, CompletionRequest
 from service.serving import OpenAIServing
@@ -102,7 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(SizeLimitMiddleware, limit=settings.max_body_bytes, header_limit=settings.max_header_bytes)
     app.add_middleware(RequestIdMiddleware)
     keys = [k.encode() for k in settings.keys()]
 

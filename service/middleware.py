@@ -59,19 +59,25 @@ class RequestIdMiddleware:
             )
 
 
-class BodyLimitMiddleware:
-    """413 in OpenAI's error shape for bodies over `limit` bytes, by Content-Length or as they stream in."""
+class SizeLimitMiddleware:
+    """431 for a header block over `header_limit` bytes, 413 for a body over `limit` bytes (by Content-Length or as
+    it streams in), both in OpenAI's error shape. (uvicorn's own header bound only covers headers split across reads.)
+    """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, header_limit: int) -> None:
+        self.app, self.limit, self.header_limit = app, limit, header_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if sum(len(k) + len(v) + 4 for k, v in scope["headers"]) > self.header_limit:
+            await _error(send, 431, f"request headers exceed {self.header_limit} bytes", "headers_too_large")
+            return
+        too_large = f"request body exceeds {self.limit} bytes"
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await self._reject(send)
+            await _error(send, 413, too_large, "body_too_large")
             return
         # Read the body here (it is small by definition), reject past the limit, then replay it to the app.
         chunks, seen, more = [], 0, True
@@ -84,31 +90,17 @@ class BodyLimitMiddleware:
             seen += len(chunks[-1])
             more = message.get("more_body", False)
             if seen > self.limit:
-                await self._reject(send)
+                await _error(send, 413, too_large, "body_too_large")
                 return
-        await self.app(
-            scope, _replay([{"type": "http.request", "body": b"".join(chunks), "more_body": False}], receive), send
-        )
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "message": f"request body exceeds {self.limit} bytes",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "body_too_large",
-                }
-            }
-        )
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            }
-        )
-        await send({"type": "http.response.body", "body": body.encode()})
+
+async def _error(send: Send, status: int, message: str, code: str) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body.encode()})
 
 
 def _replay(messages: list[Message], then: Receive | None = None) -> Receive:

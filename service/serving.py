@@ -167,7 +167,9 @@ class OpenAIServing:
     def _check_common(self, req: CompletionRequest | ChatCompletionRequest, n: int) -> None:
         asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
         if asked is not None and asked > self.settings.max_tokens_limit:
-            raise bad_request(f"max_tokens must be at most {self.settings.max_tokens_limit}", "max_tokens")
+            raise bad_request(
+                f"max_tokens must be at most {self.settings.max_tokens_limit}", "max_tokens", "max_tokens_too_large"
+            )
         if req.model != self.model_name:
             raise APIError(
                 404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found"

@@ -1,0 +1,98 @@
+"""Chaos and hostile input against a real server: clients that vanish mid-stream, malformed bodies, huge values."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def stream_text(url: str, body: dict, stop_after: int | None = None) -> str | None:
+    """Streams a completion; with `stop_after`, hangs up after that many events (returns None)."""
+    text = []
+    with httpx.Client(timeout=60) as h, h.stream("POST", url + "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        for i, line in enumerate(r.iter_lines()):
+            if stop_after is not None and i >= stop_after:
+                return None  # closing the client mid-stream
+            if line.startswith('data: {"id"'):
+                import json
+
+                choice = json.loads(line[6:])["choices"][0]
+                text.append(choice["text"])
+    return "".join(text)
+
+
+def test_a_third_of_32_streams_disconnect_and_nothing_leaks(tiny_server):
+    rng = random.Random(7)
+    bodies = [
+        {"model": "tiny", "prompt": f"story number {i}", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+        for i in range(32)
+    ]
+    expected = {
+        i: httpx.post(tiny_server.v1 + "/completions", json=b, timeout=60).json()["choices"][0]["text"]
+        for i, b in enumerate(bodies)
+    }
+    quitters = set(rng.sample(range(32), 11))
+    with ThreadPoolExecutor(32) as pool:
+        futures = {
+            i: pool.submit(stream_text, tiny_server.url, b, rng.randrange(2, 40) if i in quitters else None)
+            for i, b in enumerate(bodies)
+        }
+        results = {i: f.result(timeout=120) for i, f in futures.items()}
+    for i in range(32):
+        if i not in quitters:
+            assert results[i] == expected[i], i  # survivors are untouched by the others leaving
+    deadline = time.time() + 10
+    while (
+        tiny_server.metric("num_requests_running") or tiny_server.metric("num_requests_waiting")
+    ) and time.time() < deadline:
+        time.sleep(0.05)
+    assert tiny_server.metric("num_requests_running") == 0 and tiny_server.metric("num_requests_waiting") == 0
+    after = httpx.post(tiny_server.v1 + "/completions", json=bodies[0], timeout=60).json()["choices"][0]["text"]
+    assert after == expected[0]
+
+
+HOSTILE = [
+    (b'{"model": "tiny", "prompt": "\xff\xfe"}', 400),  # invalid UTF-8
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 1e400}', 400),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 99999999999999999999999}', 400),
+    (b'{"model": "tiny", "prompt": "x", "temperature": Infinity}', 400),
+    (b'{"model": "tiny", "prompt": "x", "seed": "seven"}', 400),
+    (b'{"model": "tiny", "prompt": [[]]}', 400),
+    (b'{"model": "tiny", "prompt": [-1, 5]}', 400),
+    (b'{"model": "tiny", "prompt": [999999999]}', 400),
+    (b"[]", 400),
+    (b"null", 400),
+    (b"", 400),
+    (b'{"model": "tiny", "prompt": "x", "logprobs": 1000}', 400),
+    (b'{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}', 400),
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "unknown_field": {"nested": [1, 2]}}', 200),  # ignored
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "stop": []}', 200),
+]
+
+
+def test_hostile_bodies_get_4xx_and_a_concurrent_request_is_unharmed(tiny_server):
+    body = {"model": "tiny", "prompt": "steady", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+    expected = httpx.post(tiny_server.v1 + "/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("text", stream_text(tiny_server.url, body)))
+    t.start()
+    with httpx.Client(base_url=tiny_server.v1, timeout=30) as h:
+        for raw, status in HOSTILE:
+            r = h.post("/completions", content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == status, (raw, r.status_code, r.text)
+            if status >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}, raw
+        big_header = {"X-Filler": "y" * 20_000}
+        r = h.get("/v1/models".removeprefix("/v1"), headers=big_header)
+        assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    t.join(60)
+    assert result["text"] == expected
+    assert httpx.get(tiny_server.url + "/health").status_code == 200
