@@ -15,7 +15,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers
+.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -87,6 +87,14 @@ bundles/smollm2-135m-int4/manifest.json: | $(VENV)/.installed
 # W1/W2/W3 for our service (fp32 and int4 bundles) and the peers, side by side, on this machine.
 bench: $(VENV)/.installed-loadtest export bundles/smollm2-135m-int4/manifest.json peers
 	$(BIN)/python -m loadtests.bench --out $(RESULTS)/bench
+
+# The schemathesis run of make test, with more examples per operation.
+fuzz: setup export
+	FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),300) DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest tests/e2e/test_fuzz.py
+
+# Steady load for SOAK_MINUTES (10): zero failures, resident memory within 5% after warm-up. Not part of make test.
+soak: $(VENV)/.installed-loadtest export
+	SOAK_MINUTES=$(or $(SOAK_MINUTES),10) $(BIN)/python -m loadtests.soak
 
 lint: setup
 	$(BIN)/ruff check export service tests loadtests deploy

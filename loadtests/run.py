@@ -31,7 +31,7 @@ def answers(host: str) -> bool:
         return False
 
 
-def start_service(host: str, bundle: str) -> subprocess.Popen:
+def start_service(host: str, bundle: str, *extra: str) -> subprocess.Popen:
     u = urlparse(host)
     cmd = [
         sys.executable,
@@ -45,6 +45,7 @@ def start_service(host: str, bundle: str) -> subprocess.Popen:
         str(u.port or 8000),
         "--log-level",
         "warning",
+        *extra,
     ]
     proc = subprocess.Popen(cmd, cwd=REPO)
     for _ in range(600):

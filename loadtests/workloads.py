@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import statistics
+import time
+from collections.abc import Callable
 
 PROMPT_TOKENS = 128
 OUTPUT_TOKENS = 128
@@ -27,3 +29,20 @@ def pct(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def static_w3(run_batch: Callable[[list[list[int]]], object]) -> dict:
+    """W3 for a static-batching peer: 64 requests as 4 batches of 16, one after another."""
+    ends, t0 = [], time.perf_counter()
+    for b in range(0, W3_REQUESTS, W3_RUNNING):
+        run_batch([prompt(200 + i) for i in range(b, b + W3_RUNNING)])
+        ends += [time.perf_counter() - t0] * W3_RUNNING
+    nan = float("nan")
+    return {
+        "tokens_per_s": W3_REQUESTS * OUTPUT_TOKENS / ends[-1],
+        "ttft_p50_s": nan,
+        "ttft_p99_s": nan,
+        "itl_p50_s": nan,
+        "e2e_p99_s": pct(ends, 99),
+        "failures": 0,
+    }

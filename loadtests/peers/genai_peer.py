@@ -17,7 +17,7 @@ import numpy as np
 import onnxruntime_genai as og
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, W3_REQUESTS, W3_RUNNING, median, pct, prompt  # noqa: E402
+from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, median, prompt, static_w3  # noqa: E402
 
 
 def build(hf_dir: Path, out: Path, precision: str) -> None:
@@ -86,18 +86,7 @@ def main() -> None:
         "e2e_p99_s": times[-1],
         "failures": 0,
     }
-    ends, t0 = [], time.perf_counter()
-    for b in range(0, W3_REQUESTS, W3_RUNNING):
-        run(model, [prompt(200 + i) for i in range(b, b + W3_RUNNING)], OUTPUT_TOKENS)
-        ends += [time.perf_counter() - t0] * W3_RUNNING
-    w3 = {
-        "tokens_per_s": W3_REQUESTS * OUTPUT_TOKENS / ends[-1],
-        "ttft_p50_s": float("nan"),
-        "ttft_p99_s": float("nan"),
-        "itl_p50_s": float("nan"),
-        "e2e_p99_s": pct(ends, 99),
-        "failures": 0,
-    }
+    w3 = static_w3(lambda batch: run(model, batch, OUTPUT_TOKENS))
     w1_out = {
         "ttft_s": median([f for f, _ in w1]),
         "decode_tps": median([(OUTPUT_TOKENS - 1) / (t[-1] - f) for f, t in w1]),

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, W3_REQUESTS, W3_RUNNING, median, pct, prompt  # noqa: E402
+from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, median, prompt, static_w3  # noqa: E402
 
 
 def materialize(hf_dir: Path) -> None:
@@ -76,18 +76,7 @@ def main() -> None:
         "e2e_p99_s": full,
         "failures": 0,
     }
-    ends, t0 = [], time.perf_counter()
-    for b in range(0, W3_REQUESTS, W3_RUNNING):  # static batches of 16, one after another
-        generate(model, [prompt(200 + i) for i in range(b, b + W3_RUNNING)], OUTPUT_TOKENS)
-        ends += [time.perf_counter() - t0] * W3_RUNNING
-    w3 = {
-        "tokens_per_s": W3_REQUESTS * OUTPUT_TOKENS / ends[-1],
-        "ttft_p50_s": float("nan"),
-        "ttft_p99_s": float("nan"),
-        "itl_p50_s": float("nan"),
-        "e2e_p99_s": pct(ends, 99),
-        "failures": 0,
-    }
+    w3 = static_w3(lambda batch: generate(model, batch, OUTPUT_TOKENS))
     print(
         json.dumps(
             {
