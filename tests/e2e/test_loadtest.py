@@ -32,6 +32,8 @@ def test_headless_locust_run_writes_reports_and_summary(tiny_server, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "lt" / "summary.json").read_text())
     assert summary["requests"] > 0 and summary["failures"] == 0
-    assert summary["ttft"]["count"] == summary["latency"]["count"] > 0 and summary["itl"]["count"] > 0
+    # streams still open when the run stops have a TTFT entry but no end-to-end one (at most one per user)
+    assert 0 < summary["latency"]["count"] <= summary["ttft"]["count"] <= summary["latency"]["count"] + 2
+    assert summary["itl"]["count"] > 0
     assert abs(summary["output_tokens"] - 8 * summary["latency"]["count"]) <= 2  # from a rounded CSV mean
     assert (tmp_path / "lt" / "report.html").is_file() and (tmp_path / "lt" / "locust_stats.csv").is_file()
