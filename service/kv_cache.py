@@ -61,8 +61,3 @@ class KVCache:
                 ptr = buf.data_ptr() + lo * self.row_bytes
                 binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
                 binding.bind_output(f"present.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
-
-    def read_slot(self, slot: int, layer: int, kind: str) -> np.ndarray:
-        """A host copy of one slot of one buffer (for tests and debugging)."""
-        full = self.buffers[2 * layer + (kind == "value")].numpy()
-        return full[slot].copy()

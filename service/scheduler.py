@@ -145,7 +145,6 @@ class Scheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.last_error: str | None = None
 
     # ------------------------------------------------------------------ called from other threads
 
@@ -228,9 +227,9 @@ class Scheduler:
                 self.step()
             except Exception as exc:  # one bad step fails the sequences in it; the loop keeps serving
                 log.exception("engine step failed")
-                self.last_error = f"{type(exc).__name__}: {exc}"
+                reason = f"{type(exc).__name__}: {exc}"
                 for seq in list(self.running.values()):
-                    self._finish(seq, "error", error=f"engine step failed: {self.last_error}")
+                    self._finish(seq, "error", error=f"engine step failed: {reason}")
                 self._retire([s for s in self.running.values() if s.finish_reason])
 
     def step(self) -> None:
