@@ -58,7 +58,7 @@ def build_runtime(settings: Settings) -> Runtime:
     scheduler = Scheduler(
         engine,
         tokenizer,
-        bundle.eos_token_id,
+        bundle.eos_token_ids,
         max_len,
         settings.prefill_chunk,
         settings.max_waiting_requests,

@@ -125,13 +125,13 @@ class Scheduler:
         self,
         engine: Engine,
         tokenizer: TextTokenizer,
-        eos_token_id: int | None,
+        eos_token_ids: tuple[int, ...],
         max_model_len: int,
         prefill_chunk: int,
         max_waiting: int = 1024,
         max_queued_tokens: int = 1 << 30,
     ) -> None:
-        self.engine, self.tokenizer, self.eos = engine, tokenizer, eos_token_id
+        self.engine, self.tokenizer, self.eos = engine, tokenizer, frozenset(eos_token_ids)
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
         self.max_queued_tokens = max_queued_tokens
         self.queued_tokens = 0  # prompt tokens of sequences not yet admitted
@@ -322,8 +322,8 @@ class Scheduler:
                 continue
             p = seq.params
             banned: tuple[int, ...] = ()
-            if self.eos is not None and (p.ignore_eos or len(seq.output) < p.min_tokens):
-                banned = (self.eos, *p.stop_token_ids)
+            if p.ignore_eos or len(seq.output) < p.min_tokens:
+                banned = (*self.eos, *p.stop_token_ids)
             token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned)
             lp = self._logprob(logits, token, p.logprobs) if p.logprobs is not None else None
             out.append((seq, token, lp))
@@ -335,7 +335,7 @@ class Scheduler:
             seq.output.append(token)
             seq.counts[token] = seq.counts.get(token, 0) + 1
             p = seq.params
-            is_stop_token = not p.ignore_eos and (token == self.eos or token in p.stop_token_ids)
+            is_stop_token = not p.ignore_eos and (token in self.eos or token in p.stop_token_ids)
             delta = seq.detok.add(token) if not is_stop_token else None
             text = delta.text if delta else ""
             reason = None

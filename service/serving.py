@@ -120,7 +120,7 @@ class OpenAIServing:
             raise bad_request(f"top_logprobs must be at most {self.settings.max_logprobs}", "top_logprobs")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         try:
-            prompt = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+            prompt = self.tokenizer.encode_chat(messages)
         except TemplateError as exc:
             raise bad_request(str(exc), "messages") from exc
         requested = req.max_completion_tokens or req.max_tokens

@@ -25,7 +25,13 @@ class TextTokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def encode(self, text: str) -> list[int]:
+        """A completion prompt: the tokenizer's own special tokens (a BOS post-processor) are added."""
         return self._tok.encode(text).ids
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The rendered chat template, encoded without adding special tokens: the template writes its own BOS
+        (`{{ bos_token }}`), as transformers' `apply_chat_template(tokenize=True)` and vLLM encode it."""
+        return self._tok.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
