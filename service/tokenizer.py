@@ -96,7 +96,13 @@ class IncrementalDetokenizer:
         return self._release()
 
     def flush(self) -> str:
-        """At the end of the sequence: whatever is still held (a stop-sequence prefix that never completed)."""
+        """At the end of the sequence: whatever is still held (a stop-sequence prefix that never completed, a
+        character whose bytes never completed: it ends as U+FFFD, as a whole decode would show it)."""
+        tail = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        head = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        if len(tail) > len(head):
+            self.text += tail[len(head) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out
