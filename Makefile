@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 BUNDLE ?= bundles/smollm2-135m
+EXPORT_ARGS ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
@@ -15,7 +16,8 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz
+.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz \
+	docker-base docker-cpu docker-gpu docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,7 +45,7 @@ setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
 $(BUNDLE)/manifest.json: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
-	$(BIN)/python -m export --source default --out $(BUNDLE)
+	$(BIN)/python -m export --source default --out $(BUNDLE) $(EXPORT_ARGS)
 
 export: $(BUNDLE)/manifest.json
 
@@ -95,6 +97,25 @@ fuzz: setup export
 # Steady load for SOAK_MINUTES (10): zero failures, resident memory within 5% after warm-up. Not part of make test.
 soak: $(VENV)/.installed-loadtest export
 	SOAK_MINUTES=$(or $(SOAK_MINUTES),10) $(BIN)/python -m loadtests.soak
+
+# Docker (deploy/README.md). The base images are pulled, or where no registry answers, made from Debian's packages
+# (deploy/docker/standin.sh); builds use BuildKit and the host's network (deploy/docker/build.sh).
+DOCKER ?= docker
+IMAGE ?= gpt-onnx-serve
+
+docker-base:
+	DOCKER=$(DOCKER) deploy/docker/standin.sh python:3.11-slim-bookworm
+
+docker-cpu: docker-base
+	DOCKER=$(DOCKER) deploy/docker/build.sh -t $(IMAGE):cpu --build-arg VARIANT=cpu .
+
+docker-gpu:
+	DOCKER=$(DOCKER) deploy/docker/build.sh -t $(IMAGE):latest .
+
+# The CPU image run as a user runs it, then compose's cpu and scale-cpu profiles (tests/deploy/test_docker.py).
+docker-test: $(VENV)/.installed docker-cpu
+	DOCKER=$(DOCKER) deploy/docker/standin.sh nginx:1.27-alpine
+	DOCKER=$(DOCKER) DOCKER_IMAGE=$(IMAGE):cpu $(BIN)/python -m pytest -m docker tests/deploy/test_docker.py $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check export service tests loadtests deploy
