@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
@@ -26,6 +27,14 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
         super().__init__(config)
         self.fastapi, self.drain_timeout, self.draining = app, drain_timeout, False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """After the lifespan (bundle loaded, engine running) and the bind: one line naming the bound address, the
+        port the kernel chose when `--port 0` was asked for. Tests and supervisors read the port from it."""
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info("listening on http://%s:%d", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.drain_timeout <= 0:

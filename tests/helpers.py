@@ -84,18 +84,20 @@ def write_hf_checkpoint(directory: Path, family: str, tokenizer_json: str | None
         model = GPT2LMHeadModel(cfg)
     else:
         cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rms_norm_eps=1e-5,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-            **overrides,
+            **{
+                "vocab_size": vocab,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 256,
+                "rms_norm_eps": 1e-5,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+                "tie_word_embeddings": False,
+                **overrides,
+            }
         )
         model = LlamaForCausalLM(cfg)
     with torch.no_grad():  # random init is tiny; widen it so logits vary and argmax is not degenerate
@@ -177,8 +179,11 @@ def _add_gguf_tokenizer(w, tokenizer_json: str) -> None:
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears: bool = False) -> None:
-    """A llama GGUF with the HF model's weights (q/k permuted like llama.cpp) and a gpt2-style tokenizer."""
+def write_gguf_from_hf(
+    path: Path, model, tokenizer_json: str, quantize_linears: bool = False, quantize_output: bool = False
+) -> None:
+    """A llama GGUF with the HF model's weights (q/k permuted like llama.cpp) and a gpt2-style tokenizer; with
+    `quantize_linears` the blocks' linears are Q4_1, with `quantize_output` the unembedding too."""
     import gguf
 
     cfg = model.config
@@ -221,7 +226,9 @@ def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears:
             arr = llama_cpp_permute(arr, cfg.num_attention_heads)
         if name.endswith("attn_k.weight"):
             arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
-        if quantize_linears and arr.ndim == 2 and name.startswith("blk."):
+        if (quantize_linears and arr.ndim == 2 and name.startswith("blk.")) or (
+            quantize_output and name == "output.weight"
+        ):
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_1)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
         else:
