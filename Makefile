@@ -15,7 +15,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,9 +52,6 @@ serve: setup export
 
 test: setup export
 	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-slow: setup export
-	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 $(VENV)/.installed-loadtest: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[loadtest]'
