@@ -13,8 +13,8 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from service.app import create_app
-from service.bundle import BundleError, load_bundle
+from service.app import build_runtime, create_app
+from service.bundle import BundleError
 from service.config import Settings
 
 log = logging.getLogger("service")
@@ -64,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        load_bundle(settings.bundle, verify_checksums=False)  # a clear one-line error before the server starts
+    try:  # bundle, checksums, device, golden outputs: a one-line error and no server when any is wrong
+        runtime = build_runtime(settings)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    app = create_app(settings, runtime)
     config = uvicorn.Config(
         app,
         host=settings.host,
