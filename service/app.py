@@ -87,7 +87,7 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = prebuilt or await asyncio.to_thread(build_runtime, settings)
+        runtime = prebuilt if prebuilt is not None else await asyncio.to_thread(build_runtime, settings)
         runtime.scheduler.start()
         app.state.runtime = runtime
         try:
