@@ -16,7 +16,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz \
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz \
 	docker-base docker-cpu docker-gpu docker-test
 
 $(BIN)/python:
@@ -54,9 +54,6 @@ serve: setup export
 
 test: setup export
 	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-slow: setup export
-	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 $(VENV)/.installed-loadtest: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[loadtest]'

@@ -81,10 +81,13 @@ def build_runtime(settings: Settings) -> Runtime:
     return Runtime(bundle, engine, scheduler, serving, metrics, name, int(time.time()))
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
+    """`prebuilt`: a runtime the launcher already built (so a bundle it cannot serve is refused before any port
+    is bound); without it the lifespan builds one."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await asyncio.to_thread(build_runtime, settings)
+        runtime = prebuilt if prebuilt is not None else await asyncio.to_thread(build_runtime, settings)
         runtime.scheduler.start()
         app.state.runtime = runtime
         try:
