@@ -8,8 +8,9 @@
 It is exported from the same torch model as the serving graph (`GPT.inspect`: the blocks with their attention
 in plain ops instead of GroupQueryAttention) and holds no weights of its own: every initializer larger than
 `onnx_export.save_model`'s inline threshold points into the serving graph's `model.onnx.data`, under the serving
-graph's tensor name, at the same offset. (Llama's rotary tables, computed from the config rather than read from the
-checkpoint, are Constant nodes inside both graph files, as the exporter writes them.) It is verified against the torch model before it is written.
+graph's tensor name, at the same offset. (Llama's rotary tables, computed from the config rather than read from
+the checkpoint, are Constant nodes inside both graph files, as the exporter writes them.) It is verified against
+the torch model before it is written.
 """
 
 from __future__ import annotations

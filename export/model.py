@@ -19,6 +19,7 @@ The torch forward below is the reference for that op and returns updated copies.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -269,7 +270,7 @@ class GPT(nn.Module):
             x = x + self.pos_embeddings(position_ids)
         probs: list[Tensor] = []
         for block in self.blocks:
-            x, p = block.inspect(x, position_ids)
+            x, p = cast(Block, block).inspect(x, position_ids)
             probs.append(p[0])
         logits = self.lm_head(self.norm(x)).float()  # (1, S, V)
         return logits, torch.stack(probs)
