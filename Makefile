@@ -15,7 +15,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz
+.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz inspect
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,10 +42,11 @@ setup: $(VENV)/.installed
 setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
-$(BUNDLE)/manifest.json: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
+# inspect.onnx is the newest file of the default bundle: a bundle exported before it existed is exported again.
+$(BUNDLE)/inspect.onnx: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
 	$(BIN)/python -m export --source default --out $(BUNDLE)
 
-export: $(BUNDLE)/manifest.json
+export: $(BUNDLE)/inspect.onnx
 
 serve: setup export
 	$(BIN)/python -m service --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
@@ -95,6 +96,11 @@ fuzz: setup export
 # Steady load for SOAK_MINUTES (10): zero failures, resident memory within 5% after warm-up. Not part of make test.
 soak: $(VENV)/.installed-loadtest export
 	SOAK_MINUTES=$(or $(SOAK_MINUTES),10) $(BIN)/python -m loadtests.soak
+
+# A prompt's attention heatmaps (one PNG per layer) and next-token chart, under $(RESULTS)/inspect.
+inspect: setup export
+	$(BIN)/python -m service.inspect --bundle $(BUNDLE) --prompt "$(PROMPT)" --out $(RESULTS)/inspect \
+		$(if $(LAYERS),--layers $(LAYERS)) $(if $(HEADS),--heads $(HEADS))
 
 lint: setup
 	$(BIN)/ruff check export service tests loadtests deploy
