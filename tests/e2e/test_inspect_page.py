@@ -120,7 +120,7 @@ if __name__ == "__main__":
     url, out, *rest = sys.argv[1:]
     layer, head, prompt = (rest + [None] * 3)[:3] if rest else ("0", "all", None)
     with browser() as d:
-        d.set_window_size(1200, 760)
+        d.set_window_size(1320, 860)
         submit(d, url, prompt or "The quick brown fox jumps over the lazy dog.", layer=layer, head=head)
         d.save_screenshot(out)
     print(out)
