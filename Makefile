@@ -16,7 +16,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz \
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz inspect \
 	docker-base docker-cpu docker-gpu docker-test
 
 $(BIN)/python:
@@ -44,10 +44,11 @@ setup: $(VENV)/.installed
 setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
-$(BUNDLE)/manifest.json: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
+# inspect.onnx is the newest file of the default bundle: a bundle exported before it existed is exported again.
+$(BUNDLE)/inspect.onnx: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
 	$(BIN)/python -m export --source default --out $(BUNDLE) $(EXPORT_ARGS)
 
-export: $(BUNDLE)/manifest.json
+export: $(BUNDLE)/inspect.onnx
 
 serve: setup export
 	$(BIN)/python -m service --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
@@ -113,6 +114,11 @@ docker-gpu:
 docker-test: $(VENV)/.installed docker-cpu
 	DOCKER=$(DOCKER) deploy/docker/standin.sh nginx:1.27-alpine
 	DOCKER=$(DOCKER) DOCKER_IMAGE=$(IMAGE):cpu $(BIN)/python -m pytest -m docker tests/deploy/test_docker.py $(PYTEST_ARGS)
+
+# A prompt's attention heatmaps (one PNG per layer) and next-token chart, under $(RESULTS)/inspect.
+inspect: setup export
+	$(BIN)/python -m service.inspect --bundle $(BUNDLE) --prompt "$(PROMPT)" --out $(RESULTS)/inspect \
+		$(if $(LAYERS),--layers $(LAYERS)) $(if $(HEADS),--heads $(HEADS))
 
 lint: setup
 	$(BIN)/ruff check export service tests loadtests deploy

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tokenizers import Tokenizer
 
@@ -21,6 +21,8 @@ from service.bundle import Bundle, load_bundle
 from service.config import Settings
 from service.engine import Engine
 from service.errors import APIError
+from service.inspect_api import InspectRequest, InspectServing, page
+from service.inspector import Inspector
 from service.metrics import Metrics
 from service.middleware import RequestIdMiddleware, SizeLimitMiddleware
 from service.scheduler import Scheduler
@@ -42,6 +44,7 @@ class Runtime:
     metrics: Metrics
     model_name: str
     started: int
+    inspection: InspectServing
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -78,7 +81,9 @@ def build_runtime(settings: Settings) -> Runtime:
         max_len,
         engine.device,
     )
-    return Runtime(bundle, engine, scheduler, serving, metrics, name, int(time.time()))
+    inspector = Inspector(bundle.inspect, engine.providers, settings.intra_op_threads) if bundle.inspect else None
+    inspection = InspectServing(settings, scheduler, tokenizer, name, inspector)
+    return Runtime(bundle, engine, scheduler, serving, metrics, name, int(time.time()), inspection)
 
 
 def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
@@ -184,6 +189,14 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
     @v1.post("/chat/completions", dependencies=[Depends(admitting)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return _respond(await runtime(request).serving.chat(body))
+
+    @v1.post("/inspect", dependencies=[Depends(admitting)])
+    async def inspect(body: InspectRequest, request: Request) -> Response:
+        return Response(await runtime(request).inspection.inspect(body), media_type="application/json")
+
+    @app.get("/inspect", include_in_schema=False)
+    async def inspect_page() -> HTMLResponse:
+        return HTMLResponse(page())
 
     app.include_router(v1)
     return app
