@@ -21,6 +21,8 @@ def test_no_server_errors_and_openai_shaped_errors(tiny_server):
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/completions",
         "POST /v1/chat/completions",
+        "POST /tokenize",
+        "POST /detokenize",
     }
     statuses: collections.Counter[int] = collections.Counter()
     for op in operations:
