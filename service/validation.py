@@ -212,7 +212,7 @@ class Validator:
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """Messages rendered with the bundle's chat template, then encoded."""
-        rendered = [{"role": m.role, "content": m.text()} for m in messages]
+        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         try:
             text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt)
         except TemplateError as exc:
