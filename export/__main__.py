@@ -29,7 +29,7 @@ GOLDEN_ATOL = {"fp32": 1e-2, "fp16": 0.5, "int8": 1.0, "int4": 1.0}  # service-s
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m export", description="Export a GPT-2/Llama checkpoint to an ONNX bundle."
+        prog="python -m export", description="Export a GPT-2, Llama, Qwen2 or Mistral checkpoint to an ONNX bundle."
     )
     p.add_argument("--source", required=True, help="'default' (SmolLM2-135M-Instruct), a .gguf file or a HF directory")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to write (replaced atomically)")
@@ -91,9 +91,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_context = min(args.max_context or cfg.max_context, cfg.max_context)
     if max_context < 16:
         raise ExportError(f"--max-context {args.max_context} is too small (at least 16)")
+    if cfg.sliding_window is not None and cfg.sliding_window < max_context:
+        raise ExportError(
+            f"{args.source}: sliding_window {cfg.sliding_window} is smaller than the exported context {max_context} "
+            f"and sliding-window attention is not implemented: export with --max-context {cfg.sliding_window}"
+        )
     phases.done(
-        f"{cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, heads {cfg.n_head}/{cfg.n_kv_head} kv, "
-        f"vocab {cfg.vocab_size}"
+        f"{cfg.arch or cfg.family}, {cfg.n_layer} layers, d_model {cfg.d_model}, "
+        f"heads {cfg.n_head}/{cfg.n_kv_head} kv, vocab {cfg.vocab_size}"
     )
 
     phases.start("convert", "torch model")

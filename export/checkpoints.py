@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from export.config import ModelConfig
+from export.config import ROPE_TYPES, ModelConfig
 from export.errors import ExportError
 from export.model import GPT
 from export.tokenizer import TokenizerSpec, from_gguf_metadata, from_hf_dir
@@ -90,6 +90,9 @@ _GGUF_LAYER = {  # GGUF tensor name within blk.N -> ours within blocks.N
     "attn_q.weight": "attn.q_proj.weight",
     "attn_k.weight": "attn.k_proj.weight",
     "attn_v.weight": "attn.v_proj.weight",
+    "attn_q.bias": "attn.q_proj.bias",  # qwen2
+    "attn_k.bias": "attn.k_proj.bias",
+    "attn_v.bias": "attn.v_proj.bias",
     "attn_output.weight": "attn.o_proj.weight",
     "attn_output.bias": "attn.o_proj.bias",
     "ffn_norm.weight": "mlp_norm.weight",
@@ -135,8 +138,8 @@ _REQUIRED = object()
 
 def _gguf_config(meta: dict[str, Any], path: Path) -> ModelConfig:
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "gpt2"):
-        raise ExportError(f"{path}: unsupported architecture {arch!r} (supported: gpt2, llama)")
+    if arch not in ("llama", "gpt2", "qwen2"):  # llama.cpp writes Mistral checkpoints as llama
+        raise ExportError(f"{path}: unsupported architecture {arch!r} (supported: gpt2, llama, qwen2)")
 
     def g(key: str, default: Any = _REQUIRED) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -146,8 +149,17 @@ def _gguf_config(meta: dict[str, Any], path: Path) -> ModelConfig:
 
     n_head = int(g("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta["tokenizer.ggml.tokens"])
+    scaling_type = g("rope.scaling.type", "none")
+    if scaling_type not in ("none", "linear"):
+        raise ExportError(f"{path}: unsupported rope scaling type {scaling_type!r} (supported: none, linear)")
+    rope_scaling = None
+    if scaling_type == "linear" and float(g("rope.scaling.factor", 1.0)) != 1.0:
+        rope_scaling = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
     return ModelConfig(
-        family=arch,
+        family="gpt2" if arch == "gpt2" else "llama",
+        arch=arch,
+        rope_scaling=rope_scaling,
+        qkv_bias=arch == "qwen2",
         vocab_size=int(vocab),
         n_layer=int(g("block_count")),
         n_head=n_head,
@@ -181,6 +193,11 @@ def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
     meta = gguf_metadata(reader)
     config = _gguf_config(meta, path)
     tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ExportError(
+            f"{path}: rope_freqs.weight (Llama 3.1-style rope frequency factors) is not supported; "
+            "export the Hugging Face checkpoint directory instead (its rope_scaling of type llama3 is)"
+        )
     weights: dict[str, torch.Tensor] = {}
     packed: dict[str, PackedLinear] = {}
     q8: dict[str, PackedLinear] = {}
@@ -202,7 +219,7 @@ def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
             raise ExportError(f"{path}: tensor {gname} cannot be read (truncated file?): {exc}") from exc
         heads = {"attn.q_proj.weight": config.n_head, "attn.k_proj.weight": config.n_kv_head}
         n_heads = next((h for suffix, h in heads.items() if ours.endswith(suffix)), None)
-        if config.family == "llama" and n_heads is not None:
+        if config.arch == "llama" and n_heads is not None:  # qwen2's rows are written unpermuted
             w = _unpermute_rows(w, n_heads)
             data = _unpermute_rows(data, n_heads) if data.ndim == 2 else data
         weights[ours] = torch.from_numpy(np.ascontiguousarray(w))
@@ -247,6 +264,7 @@ def _hf_config(cfg: dict[str, Any], directory: Path) -> ModelConfig:
             raise ExportError(f"{directory}: unsupported GPT-2 activation {cfg.get('activation_function')!r}")
         return ModelConfig(
             family="gpt2",
+            arch="gpt2",
             vocab_size=cfg["vocab_size"],
             n_layer=cfg["n_layer"],
             n_head=cfg["n_head"],
@@ -258,16 +276,30 @@ def _hf_config(cfg: dict[str, Any], directory: Path) -> ModelConfig:
             tie_embeddings=cfg.get("tie_word_embeddings", True),
             bias=True,
         )
-    if mt == "llama":
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise ExportError(f"{directory}: Llama checkpoints with attention_bias/mlp_bias are not supported")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise ExportError(
-                f"{directory}: rope scaling {rope.get('rope_type') or rope.get('type')!r} is not supported"
-            )
+    if mt not in ("llama", "qwen2", "mistral"):
+        raise ExportError(
+            f"{directory}: unsupported architecture model_type={mt!r} (supported: gpt2, llama, qwen2, mistral)"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ExportError(f"{directory}: unsupported activation hidden_act={cfg.get('hidden_act')!r} (expected silu)")
+    if mt == "llama" and (cfg.get("attention_bias") or cfg.get("mlp_bias")):
+        raise ExportError(f"{directory}: Llama checkpoints with attention_bias/mlp_bias are not supported")
+    head_dim = cfg.get("head_dim")
+    if head_dim is not None and head_dim != cfg["hidden_size"] // cfg["num_attention_heads"]:
+        raise ExportError(
+            f"{directory}: head_dim {head_dim} differs from hidden_size / num_attention_heads "
+            f"({cfg['hidden_size']} / {cfg['num_attention_heads']}); such checkpoints are not supported"
+        )
+    # Sliding-window attention is not implemented: the window is recorded and refused later if it binds.
+    window = cfg.get("sliding_window")
+    if cfg.get("layer_types") is not None:
+        window = window if "sliding_attention" in cfg["layer_types"] else None
+    elif mt == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    try:
         return ModelConfig(
             family="llama",
+            arch=mt,
             vocab_size=cfg["vocab_size"],
             n_layer=cfg["num_hidden_layers"],
             n_head=cfg["num_attention_heads"],
@@ -276,11 +308,40 @@ def _hf_config(cfg: dict[str, Any], directory: Path) -> ModelConfig:
             d_ff=cfg["intermediate_size"],
             max_context=cfg["max_position_embeddings"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(_rope_params(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0))),
+            rope_scaling=_rope_scaling(cfg, directory),
             tie_embeddings=cfg.get("tie_word_embeddings", False),
-            bias=False,
+            qkv_bias=mt == "qwen2",
+            sliding_window=window,
         )
-    raise ExportError(f"{directory}: unsupported architecture model_type={mt!r} (supported: gpt2, llama)")
+    except KeyError as exc:
+        raise ExportError(f"{directory}/config.json: missing field {exc}") from exc
+
+
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    """transformers >= 5 writes `rope_parameters` (theta inside); older configs write `rope_scaling` (or null)."""
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+
+
+def _rope_scaling(cfg: dict[str, Any], directory: Path) -> dict[str, Any] | None:
+    rope = _rope_params(cfg)
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type == "default":
+        return None
+    try:
+        if rope_type == "linear":
+            return {"rope_type": "linear", "factor": float(rope["factor"])}
+        if rope_type == "llama3":
+            return {
+                "rope_type": "llama3",
+                "factor": float(rope["factor"]),
+                "low_freq_factor": float(rope["low_freq_factor"]),
+                "high_freq_factor": float(rope["high_freq_factor"]),
+                "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+            }
+    except KeyError as exc:
+        raise ExportError(f"{directory}: rope scaling {rope_type!r} lacks {exc}") from exc
+    raise ExportError(f"{directory}: unsupported rope scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
 
 
 def _gpt2_rename(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]] | None:
@@ -335,6 +396,9 @@ def _llama_rename(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor
         "self_attn.k_proj.weight": "attn.k_proj.weight",
         "self_attn.v_proj.weight": "attn.v_proj.weight",
         "self_attn.o_proj.weight": "attn.o_proj.weight",
+        "self_attn.q_proj.bias": "attn.q_proj.bias",  # Qwen2
+        "self_attn.k_proj.bias": "attn.k_proj.bias",
+        "self_attn.v_proj.bias": "attn.v_proj.bias",
         "mlp.gate_proj.weight": "mlp.gate_proj.weight",
         "mlp.up_proj.weight": "mlp.up_proj.weight",
         "mlp.down_proj.weight": "mlp.down_proj.weight",

@@ -1,4 +1,8 @@
-"""The model configuration: one frozen dataclass covering the GPT-2 and Llama families."""
+"""The model configuration: one frozen dataclass covering the GPT-2 and Llama families.
+
+Llama's layout also carries Qwen2 (biases on q, k and v) and Mistral (Llama with a sliding window that we accept
+only when it does not bind): `arch` names the checkpoint's own architecture, `family` the switches it uses.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Family = Literal["gpt2", "llama"]
+ARCHES = ("gpt2", "llama", "qwen2", "mistral")  # checkpoint architectures: Hugging Face model_type, GGUF arch
+ROPE_TYPES = ("default", "linear", "llama3")  # Hugging Face rope_scaling types we compute exactly
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,12 @@ class ModelConfig:
     rope_theta: float = 10000.0  # llama only
     tie_embeddings: bool = True  # unembedding shares the token embedding matrix
     bias: bool = False  # gpt2 linears and norms carry biases; llama's do not
+    qkv_bias: bool = False  # Qwen2: biases on the q, k and v projections only
+    arch: str = ""  # the checkpoint's architecture (one of ARCHES); "" in manifests written before it existed
+    # Hugging Face's rope_scaling dict, normalized: {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192} or {"rope_type": "linear", "factor": 2.0}
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None  # Mistral/Qwen2: keys further back are masked; exported only if it never binds
 
     @property
     def head_dim(self) -> int:
@@ -35,6 +47,9 @@ class ModelConfig:
             raise ValueError(f"d_model {self.d_model} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}")
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: {', '.join(ROPE_TYPES)})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

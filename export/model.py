@@ -34,6 +34,7 @@ class Norm(nn.Module):
         super().__init__()
         self.rms = config.family == "llama"
         self.eps = config.norm_eps
+        self.shape = (config.d_model,)  # a Python constant: a traced x.shape[-1] would export as a dynamic Gather
         self.weight = nn.Parameter(torch.ones(config.d_model))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(config.d_model))
 
@@ -44,7 +45,27 @@ class Norm(nn.Module):
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
             return self.weight * x.to(dtype)
         bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x, (x.shape[-1],), self.weight.float(), bias, self.eps).to(dtype)
+        return F.layer_norm(x, self.shape, self.weight.float(), bias, self.eps).to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """(D/2,) float64 rotary frequencies, with Hugging Face's `linear` or `llama3` scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":  # long wavelengths slowed by `factor`, short ones kept, the band between blended
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return torch.where(medium, blended, scaled)
+    return inv_freq
 
 
 class RotaryEmbedding(nn.Module):
@@ -55,8 +76,7 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        d = config.head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+        inv_freq = rope_inv_freq(config)  # (D/2,)
         angles = torch.outer(torch.arange(config.max_context, dtype=torch.float64), inv_freq)  # (T, D/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
@@ -139,9 +159,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         kv_dim = config.n_kv_head * config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=config.bias)
+        qkv_bias = config.bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.d_model, config.d_model, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.rotary = RotaryEmbedding(config) if config.family == "llama" else None
 

@@ -28,6 +28,7 @@ _PRE_SPLITS: dict[str, list[str]] = {
     "llama-bpe": [_LLAMA3_SPLIT],
     "llama3": [_LLAMA3_SPLIT],
     "llama-v3": [_LLAMA3_SPLIT],
+    "qwen2": [_LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")],  # Llama 3's split with single digits
 }
 
 
@@ -41,14 +42,26 @@ class TokenizerSpec:
     pad_token_id: int | None
     chat_template: str | None
     add_bos_token: bool
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends generation, eos_token_id first
 
     def special_tokens(self) -> dict[str, Any]:
         return {
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
+            "eos_token_ids": list(self.eos_token_ids),
             "pad_token_id": self.pad_token_id,
             "add_bos_token": self.add_bos_token,
         }
+
+
+def _unique_ids(*groups: Any) -> tuple[int, ...]:
+    """Ids from ints, lists of ints and Nones, first occurrence first."""
+    out: list[int] = []
+    for g in groups:
+        for i in g if isinstance(g, (list, tuple)) else [g]:
+            if i is not None and int(i) not in out:
+                out.append(int(i))
+    return tuple(out)
 
 
 def _byte_level_alphabet() -> dict[int, str]:
@@ -81,6 +94,8 @@ def from_gguf_metadata(meta: dict[str, Any], gguf_path: str) -> TokenizerSpec:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos)]
         )
+    # llama.cpp ends generation at any end-of-generation token: eos, end-of-turn (<|eot_id|>), end-of-message.
+    stops = _unique_ids(*(meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")))
     return TokenizerSpec(
         tokenizer_json=tokenizer.to_str(),
         bos_token_id=bos,
@@ -88,6 +103,7 @@ def from_gguf_metadata(meta: dict[str, Any], gguf_path: str) -> TokenizerSpec:
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
         chat_template=meta.get("tokenizer.chat_template"),
         add_bos_token=add_bos,
+        eos_token_ids=stops,
     )
 
 
@@ -141,22 +157,28 @@ def from_hf_dir(directory: Path, config: dict[str, Any]) -> TokenizerSpec:
     tc_path = directory / "tokenizer_config.json"
     tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
     template = tc.get("chat_template")
+    if isinstance(template, list):  # named templates ([{"name": "default", "template": ...}, {"name": "tool_use"...}])
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if template is None and (directory / "chat_template.jinja").is_file():
         template = (directory / "chat_template.jinja").read_text()
 
-    def token_id(name: str) -> int | None:
-        value = config.get(f"{name}_token_id")
-        if isinstance(value, list):
-            value = value[0]
-        if value is None and isinstance(tc.get(f"{name}_token"), str):
-            value = tokenizer.token_to_id(tc[f"{name}_token"])
-        return value
+    gc_path = directory / "generation_config.json"
+    gc = json.loads(gc_path.read_text()) if gc_path.is_file() else {}
 
+    def token_ids(name: str) -> tuple[int, ...]:
+        """config.json's id (an int or, as in Llama 3 Instruct, a list), then the token named in tokenizer_config."""
+        named = tc.get(f"{name}_token")
+        named = named.get("content") if isinstance(named, dict) else named
+        by_name = tokenizer.token_to_id(named) if isinstance(named, str) else None
+        return _unique_ids(config.get(f"{name}_token_id"), by_name)
+
+    eos = token_ids("eos")
     return TokenizerSpec(
         tokenizer_json=tokenizer.to_str(),
-        bos_token_id=token_id("bos"),
-        eos_token_id=token_id("eos"),
-        pad_token_id=token_id("pad"),
+        bos_token_id=next(iter(token_ids("bos")), None),
+        eos_token_id=next(iter(eos), None),
+        pad_token_id=next(iter(token_ids("pad")), None),
         chat_template=template,
         add_bos_token=bool(tc.get("add_bos_token", False)),
+        eos_token_ids=_unique_ids(eos, gc.get("eos_token_id")),  # generation_config's stop ids too
     )

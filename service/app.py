@@ -58,12 +58,11 @@ def build_runtime(settings: Settings) -> Runtime:
     tokenizer = TextTokenizer(
         bundle.tokenizer_file, bundle.chat_template, token(bundle.bos_token_id), token(bundle.eos_token_id)
     )
-    eos_ids = tuple(i for i in (bundle.eos_token_id,) if i is not None)
-    grammars = Grammars(bundle.tokenizer_file, eos_ids, bundle.vocab_size)
+    grammars = Grammars(bundle.tokenizer_file, bundle.eos_token_ids, bundle.vocab_size)
     scheduler = Scheduler(
         engine,
         tokenizer,
-        eos_ids,
+        bundle.eos_token_ids,
         max_len,
         settings.prefill_chunk,
         settings.max_waiting_requests,

@@ -33,6 +33,7 @@ class Bundle:
     quantization: str
     bos_token_id: int | None
     eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]  # every id that ends generation (config list, generation_config, GGUF eot)
     chat_template: str | None
     golden_prompts: list[list[int]]
     golden_tokens: list[list[int]]
@@ -92,6 +93,7 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
             quantization=m["quantization"],
             bos_token_id=m["tokenizer"].get("bos_token_id"),
             eos_token_id=m["tokenizer"].get("eos_token_id"),
+            eos_token_ids=_stop_ids(m["tokenizer"]),
             chat_template=m["tokenizer"].get("chat_template"),
             golden_prompts=m["golden"]["prompts"],
             golden_tokens=m["golden"]["greedy_tokens"],
@@ -101,6 +103,14 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
         )
     except KeyError as exc:
         raise BundleError(f"{manifest_path}: missing field {exc}") from exc
+
+
+def _stop_ids(tokenizer: dict[str, Any]) -> tuple[int, ...]:
+    """`eos_token_ids` (every stop id); bundles written before it carry only `eos_token_id`."""
+    ids = tokenizer.get("eos_token_ids")
+    if ids is None:
+        ids = [] if tokenizer.get("eos_token_id") is None else [tokenizer["eos_token_id"]]
+    return tuple(int(i) for i in ids)
 
 
 def _sha256(path: Path) -> str:

@@ -25,7 +25,14 @@ class TextTokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def encode(self, text: str) -> list[int]:
+        """A completion prompt: the tokenizer's own special tokens (a BOS post-processor) are added."""
         return self._tok.encode(text).ids
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """The rendered chat template, encoded without adding special tokens: the template writes its own BOS
+        (`{{ bos_token }}`), as transformers' `apply_chat_template(tokenize=True)` and vLLM encode it."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -111,7 +118,13 @@ class IncrementalDetokenizer:
         return self._release()
 
     def flush(self) -> str:
-        """At the end of the sequence: whatever is still held (a stop-sequence prefix that never completed)."""
+        """At the end of the sequence: whatever is still held (a stop-sequence prefix that never completed, a
+        character whose bytes never completed: it ends as U+FFFD, as a whole decode would show it)."""
+        tail = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        head = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        if len(tail) > len(head):
+            self.text += tail[len(head) :]
+            self.prefix_offset = self.read_offset = len(self.ids)
         out = self.text[self.emitted :]
         self.emitted = len(self.text)
         return out

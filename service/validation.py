@@ -211,13 +211,12 @@ class Validator:
             raise bad_request(f"token ids must be in [0, {vocab})", param)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
-        """Messages rendered with the bundle's chat template, then encoded."""
+        """Messages rendered with the bundle's chat template, then encoded (no special tokens added again)."""
         rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(rendered, add_generation_prompt)
+            ids = self.tokenizer.encode_chat(rendered, add_generation_prompt)
         except TemplateError as exc:
             raise bad_request(str(exc), "messages") from exc
-        ids = self.tokenizer.encode(text)
         if not ids:
             raise bad_request("the rendered prompt is empty", "messages")
         return ids

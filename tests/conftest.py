@@ -34,6 +34,6 @@ def tiny_bundle(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     write_hf_checkpoint(src, "llama", tokenizer_json=(default_bundle / "tokenizer.json").read_text(), seed=1)
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": manifest["tokenizer"]["chat_template"]}))
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    result = run_cli("export", "--source", str(src), "--out", str(out), "--name", "tiny")
+    result = run_cli("export", "--source", str(src), "--out", str(out), "--name", "tiny", "--max-context", "256")
     assert result.returncode == 0, result.stderr
     return out

@@ -38,8 +38,14 @@ def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None)
     )
 
 
-def train_bpe_tokenizer(vocab_size: int = 400):
-    """A small byte-level BPE with GPT-2's pre-tokenizer, trained on CORPUS; <|endoftext|> is id 0."""
+LLAMA3_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def train_bpe_tokenizer(vocab_size: int = 400, extra_specials: tuple[str, ...] = ()):
+    """A small byte-level BPE with GPT-2's pre-tokenizer, trained on CORPUS; <|endoftext|> is id 0.
+
+    `extra_specials` take ids 3, 4, ... after <|endoftext|>, <|im_start|>, <|im_end|>.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -47,7 +53,7 @@ def train_bpe_tokenizer(vocab_size: int = 400):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *extra_specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 4, trainer)
@@ -60,53 +66,149 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_hf_checkpoint(directory: Path, family: str, tokenizer_json: str | None = None, seed: int = 0, **overrides):
-    """save_pretrained of a tiny random GPT2LMHeadModel / LlamaForCausalLM plus tokenizer files; returns the model."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+LLAMA3_CHAT_TEMPLATE = (  # Llama 3 Instruct's layout: the template writes BOS itself, each turn ends in <|eot_id|>
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+# Every variant the docs promise, as the tiny transformers config that stands for it. Each is exported, served and
+# compared with transformers' own generate() in tests/e2e/test_families.py.
+FAMILIES = ("gpt2", "gpt2-untied", "llama", "llama3", "qwen2", "mistral")
+
+
+def hf_config(family: str, vocab: int, **overrides):
+    """A tiny transformers config of one family variant (random weights are enough to compare implementations)."""
+    from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
+
+    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    if family in ("gpt2", "gpt2-untied"):
+        return GPT2Config(
+            **{
+                **dict(
+                    vocab_size=vocab,
+                    n_positions=1024,  # transformers' GGUF reader assumes GPT-2's 1024
+                    n_embd=64,
+                    n_layer=2,
+                    n_head=4,
+                    bos_token_id=0,
+                    eos_token_id=0,
+                    tie_word_embeddings=family == "gpt2",
+                ),
+                **overrides,
+            }
+        )
+    if family == "llama":  # Llama 2 layout
+        return LlamaConfig(
+            **{
+                **dict(
+                    vocab_size=vocab,
+                    **small,
+                    num_key_value_heads=2,
+                    max_position_embeddings=1024,
+                    rms_norm_eps=1e-5,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                    tie_word_embeddings=False,
+                ),
+                **overrides,
+            }
+        )
+    if family == "llama3":  # rope scaling of type llama3 (a short original context so it changes short prompts)
+        return LlamaConfig(
+            **{
+                **dict(
+                    vocab_size=vocab,
+                    **small,
+                    num_key_value_heads=2,
+                    max_position_embeddings=1024,
+                    rms_norm_eps=1e-5,
+                    rope_theta=500000.0,
+                    rope_scaling={
+                        "rope_type": "llama3",
+                        "factor": 8.0,
+                        "low_freq_factor": 1.0,
+                        "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 64,
+                    },
+                    bos_token_id=3,
+                    eos_token_id=[4, 2, 7],  # a list, as Llama 3 Instruct's <|end_of_text|>, <|eom_id|>, <|eot_id|>
+                    tie_word_embeddings=False,
+                ),
+                **overrides,
+            }
+        )
+    if family == "qwen2":  # biases on q/k/v, tied embeddings (as Qwen2.5 at small sizes)
+        return Qwen2Config(
+            **{
+                **dict(
+                    vocab_size=vocab,
+                    **small,
+                    num_key_value_heads=2,
+                    max_position_embeddings=1024,
+                    rms_norm_eps=1e-6,
+                    rope_theta=1000000.0,
+                    bos_token_id=0,
+                    eos_token_id=2,
+                    tie_word_embeddings=True,
+                ),
+                **overrides,
+            }
+        )
+    if family == "mistral":  # the Llama layout with a sliding window that does not bind at this context
+        return MistralConfig(
+            **{
+                **dict(
+                    vocab_size=vocab,
+                    **small,
+                    head_dim=16,
+                    num_key_value_heads=2,
+                    max_position_embeddings=1024,
+                    sliding_window=1024,
+                    rms_norm_eps=1e-5,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                    tie_word_embeddings=False,
+                ),
+                **overrides,
+            }
+        )
+    raise ValueError(family)
+
+
+def write_hf_checkpoint(
+    directory: Path,
+    family: str,
+    tokenizer_json: str | None = None,
+    seed: int = 0,
+    tokenizer_config: dict | None = None,
+    generation_config: dict | None = None,
+    **overrides,
+):
+    """save_pretrained of a tiny random model of one of FAMILIES plus tokenizer files; returns the model."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     if tokenizer_json is None:
-        tok = train_bpe_tokenizer()
+        tok = train_bpe_tokenizer(extra_specials=LLAMA3_SPECIALS if family == "llama3" else ())
         tokenizer_json = tok.to_str()
     vocab = len(json.loads(tokenizer_json)["model"]["vocab"])
     vocab += len([t for t in json.loads(tokenizer_json).get("added_tokens", []) if t["id"] >= vocab])
-    if family == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=vocab,
-            n_positions=1024,  # transformers' GGUF reader assumes GPT-2's 1024
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            bos_token_id=0,
-            eos_token_id=0,
-            **overrides,
-        )
-        model = GPT2LMHeadModel(cfg)
-    else:
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rms_norm_eps=1e-5,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-            **overrides,
-        )
-        model = LlamaForCausalLM(cfg)
+    model = AutoModelForCausalLM.from_config(hf_config(family, vocab, **overrides))
     with torch.no_grad():  # random init is tiny; widen it so logits vary and argmax is not degenerate
         for p in model.parameters():
             if p.dim() >= 1:
                 p.normal_(0.0, 0.2 if p.dim() > 1 else 0.05).add_(1.0 if p.dim() == 1 else 0.0)
+        if model.config.tie_word_embeddings:
+            model.tie_weights()
     model.eval()
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     (directory / "tokenizer.json").write_text(tokenizer_json)
-    (directory / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    tc = tokenizer_config if tokenizer_config is not None else {"chat_template": CHAT_TEMPLATE}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tc))
+    if generation_config is not None:
+        (directory / "generation_config.json").write_text(json.dumps(generation_config))
     return model
 
 
@@ -127,7 +229,7 @@ def write_gguf_gpt2_from_hf(path: Path, model, tokenizer_json: str) -> None:
     w.add_feed_forward_length(4 * cfg.n_embd)
     w.add_head_count(cfg.n_head)
     w.add_layer_norm_eps(cfg.layer_norm_epsilon)
-    _add_gguf_tokenizer(w, tokenizer_json)
+    _add_gguf_tokenizer(w, tokenizer_json, bos=cfg.bos_token_id, eos=cfg.eos_token_id)
     sd = {k.removeprefix("transformer."): v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {
         "wte.weight": "token_embd.weight",
@@ -143,6 +245,8 @@ def write_gguf_gpt2_from_hf(path: Path, model, tokenizer_json: str) -> None:
         "mlp.c_fc": "ffn_up",
         "mlp.c_proj": "ffn_down",
     }
+    if not cfg.tie_word_embeddings:
+        names["lm_head.weight"] = "output.weight"
     for key, arr in sd.items():
         if key in names:
             w.add_tensor(names[key], np.ascontiguousarray(arr))
@@ -160,7 +264,7 @@ def write_gguf_gpt2_from_hf(path: Path, model, tokenizer_json: str) -> None:
     w.close()
 
 
-def _add_gguf_tokenizer(w, tokenizer_json: str) -> None:
+def _add_gguf_tokenizer(w, tokenizer_json: str, bos: int = 1, eos: int = 2) -> None:
     tj = json.loads(tokenizer_json)
     vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
     tokens = [t for t, _ in vocab]
@@ -171,18 +275,20 @@ def _add_gguf_tokenizer(w, tokenizer_json: str) -> None:
     w.add_token_list(tokens)
     w.add_token_types([3 if t in special else 1 for t in tokens])
     w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    w.add_bos_token_id(bos)
+    w.add_eos_token_id(eos)
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
 
 
 def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears: bool = False) -> None:
-    """A llama GGUF with the HF model's weights (q/k permuted like llama.cpp) and a gpt2-style tokenizer."""
+    """A llama or qwen2 GGUF with the HF model's weights and a gpt2-style tokenizer, laid out as llama.cpp writes
+    them: llama's q/k rows permuted to interleaved rotary pairs, qwen2's left as they are (with q/k/v biases)."""
     import gguf
 
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = "qwen2" if cfg.model_type == "qwen2" else "llama"  # llama.cpp writes Mistral as llama
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -190,11 +296,13 @@ def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
-    _add_gguf_tokenizer(w, tokenizer_json)
+    _add_gguf_tokenizer(w, tokenizer_json, bos=cfg.bos_token_id, eos=cfg.eos_token_id)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -216,10 +324,11 @@ def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears:
             name = names[key]
         else:
             _, _, i, rest = key.split(".", 3)
-            name = f"blk.{i}.{layer[rest.removesuffix('.weight')]}.weight"
-        if name.endswith("attn_q.weight"):
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{i}.{layer[module]}.{kind}"
+        if arch == "llama" and name.endswith("attn_q.weight"):
             arr = llama_cpp_permute(arr, cfg.num_attention_heads)
-        if name.endswith("attn_k.weight"):
+        if arch == "llama" and name.endswith("attn_k.weight"):
             arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
         if quantize_linears and arr.ndim == 2 and name.startswith("blk."):
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_1)

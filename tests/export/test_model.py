@@ -7,12 +7,12 @@ import torch
 
 from export.checkpoints import build_model, load_hf_dir
 from export.model import KVCache, decode_one_token, gqa_reference, prefill
-from tests.helpers import write_hf_checkpoint
+from tests.helpers import FAMILIES, write_hf_checkpoint
 
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=FAMILIES)
 def pair(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param)
     hf = write_hf_checkpoint(directory, request.param)

@@ -49,3 +49,18 @@ def test_special_tokens_and_chat_template(tokenizers_pair):
     assert ours.id_to_token(spec.eos_token_id) == "<|im_end|>"
     assert "<|im_start|>" in spec.chat_template
     assert ours.encode("<|im_start|>").ids == [1]
+
+
+def test_gguf_stop_ids_include_end_of_turn_and_end_of_message():
+    """llama.cpp stops at every end-of-generation token; a Llama 3 GGUF names <|eot_id|> as eot, not eos."""
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a", "b", "<|eot|>", "<|eom|>", "<|end|>"],
+        "tokenizer.ggml.token_type": [1, 1, 3, 3, 3],
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.eos_token_id": 4,
+        "tokenizer.ggml.eot_token_id": 2,
+        "tokenizer.ggml.eom_token_id": 3,
+    }
+    spec = from_gguf_metadata(meta, "model.gguf")
+    assert spec.eos_token_id == 4 and spec.eos_token_ids == (4, 2, 3)

@@ -39,7 +39,7 @@ def make_scheduler(tiny_bundle):
         bundle = load_bundle(tiny_bundle)
         engine = Engine(bundle, slots, max_len)
         tok = TextTokenizer(bundle.tokenizer_file, bundle.chat_template, None, None)
-        s = Scheduler(engine, tok, (bundle.eos_token_id,), max_len, chunk)
+        s = Scheduler(engine, tok, bundle.eos_token_ids, max_len, chunk)
         s.start()
         made.append(s)
         return s
