@@ -270,6 +270,9 @@ class Scheduler:
                 continue
             p = seq.params
             allowed = seq.constraint.allowed(logits.size) if seq.constraint is not None else None
+            if allowed is not None and not allowed.any():
+                self._finish(seq, "error", error="the response format's grammar allows no further token")
+                continue
             banned = seq.stop.banned(len(seq.output))
             token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned, allowed)
             lp = self._logprob(logits, token, p.logprobs) if p.logprobs is not None else None
