@@ -45,7 +45,7 @@ class Grammars:
         """A JSON Schema -> a grammar string for `matcher`; GrammarError if the schema is invalid or unsupported."""
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=_OPTIONS)
-        except (ValueError, TypeError, RuntimeError) as exc:
+        except Exception as exc:  # llguidance reports a bad schema as ValueError; anything else is the schema's too
             raise GrammarError(str(exc)) from exc
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
         if is_error:
