@@ -18,17 +18,20 @@ from tokenizers import Tokenizer
 
 from service import errors
 from service.bundle import Bundle, load_bundle
+from service.client import EngineClient
 from service.config import Settings
 from service.engine import Engine
 from service.errors import APIError
+from service.grammar import Grammars
 from service.inspect_api import InspectRequest, InspectServing, page
 from service.inspector import Inspector
 from service.metrics import Metrics
 from service.middleware import RequestIdMiddleware, SizeLimitMiddleware
+from service.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from service.scheduler import Scheduler
-from service.schemas import ChatCompletionRequest, CompletionRequest
 from service.serving import OpenAIServing
 from service.tokenizer import TextTokenizer
+from service.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ def build_runtime(settings: Settings) -> Runtime:
     tokenizer = TextTokenizer(
         bundle.tokenizer_file, bundle.chat_template, token(bundle.bos_token_id), token(bundle.eos_token_id)
     )
+    grammars = Grammars(bundle.tokenizer_file, bundle.eos_token_ids, bundle.vocab_size)
     scheduler = Scheduler(
         engine,
         tokenizer,
@@ -66,11 +70,14 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.prefill_chunk,
         settings.max_waiting_requests,
         settings.max_queued_prompt_tokens,
+        grammars,
     )
     name = settings.served_model_name or bundle.name
     metrics = Metrics(name)
     metrics.watch(lambda: scheduler.num_running, lambda: scheduler.num_waiting, scheduler.kv_usage)
-    serving = OpenAIServing(settings, scheduler, tokenizer, name, metrics, bundle.generation_defaults)
+    validator = Validator(settings, tokenizer, name, max_len, bundle.generation_defaults, grammars)
+    client = EngineClient(scheduler, metrics, settings.request_timeout)
+    serving = OpenAIServing(settings, validator, client, tokenizer, name)
     log.info(
         "serving %s (%s, %s) from %s: %d slots x %d positions on %s",
         name,
@@ -184,11 +191,19 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
 
     @v1.post("/completions", dependencies=[Depends(admitting)])
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return _respond(await runtime(request).serving.completions(body))
+        return _respond(await runtime(request).serving.completions(body, request))
 
     @v1.post("/chat/completions", dependencies=[Depends(admitting)])
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return _respond(await runtime(request).serving.chat(body))
+        return _respond(await runtime(request).serving.chat(body, request))
+
+    @app.post("/tokenize", dependencies=[Depends(authorized)])
+    async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+        return JSONResponse(runtime(request).serving.tokenize(body))
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)])
+    async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+        return JSONResponse(runtime(request).serving.detokenize(body))
 
     @v1.post("/inspect", dependencies=[Depends(admitting)])
     async def inspect(body: InspectRequest, request: Request) -> Response:

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     max_logprobs: int = Field(20, ge=0, le=20)
     max_stop_sequences: int = Field(8, ge=0)
     max_stop_length: int = Field(256, ge=1)
+    max_logit_bias: int = Field(300, ge=0, description="entries in one request's logit_bias")
+    sse_keepalive: float = Field(
+        15.0, gt=0, description="seconds without an event after which a stream gets an SSE comment (keep-alive)"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # access

@@ -1,16 +1,16 @@
-"""Typed API errors and the handlers that render every error in OpenAI's shape.
-
-{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}
-"""
+"""Typed API errors and the handlers that render every error in OpenAI's shape (`protocol.error_body`)."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.protocol import error_body
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -40,6 +40,14 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 def overloaded(message: str) -> APIError:
     """429: the waiting queue is full. OpenAI's rate-limit type, so clients' retry-with-backoff applies."""
     return APIError(429, f"server busy: {message}", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})
+
+
+def unsupported(param: str, what: str) -> APIError:
+    return bad_request(f"{param} is not supported by this server: {what}", param, "unsupported_parameter")
+
+
+def engine_unavailable(message: str = "the engine is not running") -> APIError:
+    return APIError(503, message, "server_error", code="engine_unavailable")
 
 
 def render(error: APIError) -> JSONResponse:
@@ -59,6 +67,8 @@ def install(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return render(bad_request(f"malformed JSON body: {first.get('msg', '')}", code="invalid_json"))
         param = ".".join(loc) or None
+        if first.get("type") == "extra_forbidden":
+            return render(bad_request(f"Unrecognized request argument supplied: {param}", param, "unknown_parameter"))
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")
         return render(bad_request(message, param=param, code="invalid_value"))
 

@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.config import Settings
 from service.errors import APIError, bad_request, overloaded
 from service.inspector import Inspection, Inspector, top_tokens
+from service.protocol import ChatMessage
 from service.scheduler import EngineStopped, QueueFull, Scheduler
-from service.schemas import ChatMessage
 from service.tokenizer import TemplateError, TextTokenizer
 
 MAX_ATTENTION_VALUES = 1 << 22  # per response: ~30 MB of JSON at most, ~11 MB as float16-base64

@@ -10,6 +10,8 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from service.protocol import error_body
+
 log = logging.getLogger("service.access")
 
 Scope = MutableMapping[str, Any]
@@ -97,7 +99,7 @@ class SizeLimitMiddleware:
 
 
 async def _error(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps({"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}})
+    body = json.dumps(error_body(message, "invalid_request_error", code=code))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body.encode()})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +22,8 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # how many alternatives per token; None = no logprobs
-    stop_token_ids: tuple[int, ...] = field(default=())
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) added to the logits before sampling
+    grammar: str | None = None  # structured output: a compiled llguidance grammar that decoding must follow
 
     @property
     def greedy(self) -> bool:
@@ -37,7 +38,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 def apply_penalties(
     logits: np.ndarray, params: SamplingParams, output_counts: dict[int, int], prompt_ids: np.ndarray
 ) -> np.ndarray:
-    """logits (V,) -> penalized copy. Presence/frequency act on the output; repetition on prompt and output."""
+    """logits (V,) -> penalized copy. Presence/frequency act on the output; repetition on prompt and output;
+    logit_bias last, as OpenAI adds it."""
     if params.repetition_penalty != 1.0:
         seen = np.unique(np.concatenate([prompt_ids, np.fromiter(output_counts, dtype=np.int64)]).astype(np.int64))
         vals = logits[seen]
@@ -48,6 +50,10 @@ def apply_penalties(
         counts = np.fromiter(output_counts.values(), dtype=np.float32)
         logits = logits.copy()
         logits[ids] -= params.frequency_penalty * counts + params.presence_penalty
+    if params.logit_bias:
+        ids = np.array([i for i, _ in params.logit_bias], dtype=np.int64)
+        logits = logits.copy()
+        logits[ids] += np.array([b for _, b in params.logit_bias], dtype=logits.dtype)
     return logits
 
 
@@ -58,12 +64,17 @@ def sample(
     output_counts: dict[int, int],
     prompt_ids: np.ndarray,
     banned: tuple[int, ...] = (),
+    allowed: np.ndarray | None = None,
 ) -> int:
-    """One token from logits (V,). `banned` ids (EOS before min_tokens) get zero probability."""
+    """One token from logits (V,). `banned` ids (EOS before min_tokens) get zero probability, and so does every id
+    outside `allowed` (V,) bool, a grammar's mask, when given."""
     logits = apply_penalties(logits, params, output_counts, prompt_ids)
-    if banned:
+    if banned or allowed is not None:
         logits = logits.copy()
-        logits[list(banned)] = -np.inf
+        if allowed is not None:
+            logits[~allowed] = -np.inf
+        if banned and (allowed is None or allowed.sum() > np.count_nonzero(allowed[list(banned)])):
+            logits[list(banned)] = -np.inf  # unless a grammar allows nothing else
     if params.greedy:
         return int(np.argmax(logits))
     x = logits.astype(np.float64) / params.temperature

@@ -24,51 +24,30 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine import Engine
-from service.sampler import SamplingParams, log_softmax, sample, top_logprobs
+from service.grammar import Grammars
+from service.sampler import log_softmax, sample, top_logprobs
+from service.sequence import (
+    GenerationRequest,
+    RequestState,
+    Sequence,
+    Sink,
+    StopCriteria,
+    TokenEvent,
+    TokenLogprob,
+)
 from service.tokenizer import IncrementalDetokenizer, TextTokenizer
+
+__all__ = ["EngineStopped", "GenerationRequest", "QueueFull", "RequestState", "Scheduler", "TokenEvent"]
 
 log = logging.getLogger(__name__)
 
 PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output token decodes in context
 
 
-@dataclass(frozen=True)
-class GenerationRequest:
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    params: SamplingParams
-    n: int = 1
-    prompt_logprobs: bool = False  # echo with logprobs: log-probabilities of the prompt tokens too
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    text: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...]  # (token id, text, logprob), most likely first
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """New output of one sequence (choice `index`): text safe to show, the tokens behind it, and maybe the end."""
-
-    index: int
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[TokenLogprob, ...] | None
-    finish_reason: str | None = None  # "stop" | "length" | "error" | "cancelled"
-    error: str | None = None
-    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first event when asked for
-    queued_s: float | None = None  # with the first event: time from submission to admission
-
-
-Sink = Callable[[TokenEvent], None]
 Job = Callable[[], None]  # work for the engine thread between two steps (an inspection); must not raise
 
 
@@ -84,43 +63,6 @@ class EngineStopped(SchedulerError):
     """The engine loop is not running: nothing can be served until the process restarts."""
 
 
-@dataclass(eq=False)
-class RequestState:
-    request: GenerationRequest
-    sink: Sink
-    submitted: float = field(default_factory=time.perf_counter)
-    cancelled: bool = False
-
-
-@dataclass(eq=False)
-class Sequence:
-    state: RequestState
-    index: int
-    prompt: np.ndarray  # (P,) int64
-    rng: np.random.Generator
-    detok: IncrementalDetokenizer
-    slot: int = -1
-    prefilled: int = 0  # prompt tokens already in the cache
-    output: list[int] = field(default_factory=list)
-    counts: dict[int, int] = field(default_factory=dict)
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    admitted: float | None = None
-    finish_reason: str | None = None
-
-    @property
-    def params(self) -> SamplingParams:
-        return self.state.request.params
-
-    @property
-    def decoding(self) -> bool:
-        return self.prefilled == len(self.prompt) and bool(self.output)
-
-    @property
-    def length(self) -> int:
-        """Positions in the cache after this sequence's last written token."""
-        return self.prefilled + max(len(self.output) - 1, 0)
-
-
 class Scheduler:
     def __init__(
         self,
@@ -131,8 +73,10 @@ class Scheduler:
         prefill_chunk: int,
         max_waiting: int = 1024,
         max_queued_tokens: int = 1 << 30,
+        grammars: Grammars | None = None,
     ) -> None:
-        self.engine, self.tokenizer, self.eos = engine, tokenizer, frozenset(eos_token_ids)
+        self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, frozenset(eos_token_ids)
+        self.grammars = grammars
         self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
         self.max_queued_tokens = max_queued_tokens
         self.queued_tokens = 0  # prompt tokens of sequences not yet admitted
@@ -154,8 +98,8 @@ class Scheduler:
         return self.num_waiting >= self.max_waiting or self.queued_tokens >= self.max_queued_tokens
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestState:
-        if len(request.prompt_ids) + request.params.max_tokens > self.max_model_len:
-            raise SchedulerError("prompt plus max_tokens exceeds the context length")
+        """Queues a validated request (service.validation made its limits hold) as n sequences."""
+        assert len(request.prompt_ids) + request.params.max_tokens <= self.max_model_len, "validation let it through"
         if not self.alive:
             raise EngineStopped("the engine loop is not running")
         tokens = len(request.prompt_ids) * request.n
@@ -167,11 +111,13 @@ class Scheduler:
             self.queued_tokens += tokens
         state = RequestState(request, sink)
         prompt = np.asarray(request.prompt_ids, dtype=np.int64)
+        p = request.params
+        stop = StopCriteria(self.eos_ids, p.max_tokens, self.cache.max_len, p.min_tokens, p.ignore_eos)
         for i in range(request.n):
-            seed = request.params.seed
-            rng = np.random.default_rng(None if seed is None else [seed, i])
-            detok = IncrementalDetokenizer(self.tokenizer, list(request.params.stop), list(prompt[-PROMPT_TAIL:]))
-            self._incoming.put(Sequence(state, i, prompt, rng, detok))
+            rng = np.random.default_rng(None if p.seed is None else [p.seed, i])
+            detok = IncrementalDetokenizer(self.tokenizer, list(p.stop), list(prompt[-PROMPT_TAIL:]))
+            constraint = self.grammars.matcher(p.grammar) if p.grammar is not None and self.grammars else None
+            self._incoming.put(Sequence(state, i, prompt, rng, detok, stop, constraint))
         self._wake.set()
         return state
 
@@ -229,7 +175,8 @@ class Scheduler:
             log.critical("engine loop died: %s", exc, exc_info=True)
             self._admit_incoming()
             for seq in [*self.running.values(), *self.waiting]:
-                self._finish(seq, "error", error="the engine stopped; retry on another replica")
+                if seq.finish_reason is None:
+                    self._finish(seq, "error", error="the engine stopped; retry on another replica")
             raise
         log.info("engine loop stopped")
 
@@ -246,8 +193,9 @@ class Scheduler:
                 log.exception("engine step failed")
                 reason = f"{type(exc).__name__}: {exc}"
                 for seq in list(self.running.values()):
-                    self._finish(seq, "error", error=f"engine step failed: {reason}")
-                self._retire([s for s in self.running.values() if s.finish_reason])
+                    if seq.finish_reason is None:  # those that ended in this step already had their final event
+                        self._finish(seq, "error", error=f"engine step failed: {reason}")
+                self._retire(list(self.running.values()))
 
     def step(self) -> None:
         self._retire(self._cancelled())
@@ -272,9 +220,11 @@ class Scheduler:
             log.exception("a job between engine steps failed")
 
     def _cancelled(self) -> list[Sequence]:
+        self._admit_incoming()
         for seq in [s for s in self.waiting if s.state.cancelled]:
             self.waiting.remove(seq)
             self._dequeued(seq)
+            self._finish(seq, "cancelled")
         return [s for s in self.running.values() if s.state.cancelled]
 
     def _admit_incoming(self) -> None:
@@ -294,6 +244,7 @@ class Scheduler:
             seq = self.waiting.popleft()
             if seq.state.cancelled:
                 self._dequeued(seq)
+                self._finish(seq, "cancelled")
                 continue
             slot = self.cache.allocate()
             if slot is None:  # cannot happen while num_free > 0; keep the sequence rather than lose it
@@ -350,61 +301,38 @@ class Scheduler:
                 self._finish(seq, "error", error="the model produced non-finite logits")
                 continue
             p = seq.params
-            banned: tuple[int, ...] = ()
-            if p.ignore_eos or len(seq.output) < p.min_tokens:
-                banned = (*self.eos, *p.stop_token_ids)
-            token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned)
+            allowed = seq.constraint.allowed(logits.size) if seq.constraint is not None else None
+            if allowed is not None and not allowed.any():
+                self._finish(seq, "error", error="the response format's grammar allows no further token")
+                continue
+            banned = seq.stop.banned(len(seq.output))
+            token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned, allowed)
             lp = self._logprob(logits, token, p.logprobs) if p.logprobs is not None else None
             out.append((seq, token, lp))
         return out
 
     def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> list[Sequence]:
+        """Each sequence takes its token and says whether it ended (its stop criteria); its event goes out."""
         finished = [s for s in self.running.values() if s.finish_reason]  # failed while sampling
         for seq, token, lp in tokens:
-            seq.output.append(token)
-            seq.counts[token] = seq.counts.get(token, 0) + 1
-            p = seq.params
-            is_stop_token = not p.ignore_eos and (token in self.eos or token in p.stop_token_ids)
-            delta = seq.detok.add(token) if not is_stop_token else None
-            text = delta.text if delta else ""
-            reason = None
-            if is_stop_token or (delta is not None and delta.stopped):
-                reason = "stop"
-            elif len(seq.output) >= p.max_tokens or seq.prefilled + len(seq.output) >= self.cache.max_len:
-                reason = "length"
-            if reason == "length" or is_stop_token:
-                text += seq.detok.flush()
-            first = len(seq.output) == 1
-            event = TokenEvent(
-                index=seq.index,
-                text=text,
-                token_ids=(token,),
-                logprobs=(lp,) if lp else None,
-                finish_reason=reason,
-                prompt_logprobs=tuple(seq.prompt_logprobs) if first and seq.state.request.prompt_logprobs else None,
-                queued_s=(seq.admitted - seq.state.submitted) if first and seq.admitted else None,
-            )
-            self._send(seq, event)
-            if reason:
-                seq.finish_reason = reason
+            self._send(seq, seq.append(token, lp))
+            if seq.finish_reason:
                 finished.append(seq)
         return finished
 
     def _retire(self, sequences: list[Sequence]) -> None:
+        """Frees each sequence's slot (and so its cache positions); one cancelled by its client is told after."""
         for seq in sequences:
-            if seq.finish_reason is None:  # cancelled by its client
-                seq.finish_reason = "cancelled"
             if self.running.get(seq.slot) is seq:
                 del self.running[seq.slot]
                 self.cache.free(seq.slot)
+            if seq.finish_reason is None:  # cancelled by its client: the slot is free when this event goes out
+                self._finish(seq, "cancelled")
 
     # ------------------------------------------------------------------ helpers
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
-        seq.finish_reason = reason
-        self._send(
-            seq, TokenEvent(index=seq.index, text="", token_ids=(), logprobs=None, finish_reason=reason, error=error)
-        )
+        self._send(seq, seq.end(reason, error))
 
     def _send(self, seq: Sequence, event: TokenEvent) -> None:
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +21,18 @@ class TextTokenizer:
         self._tok = Tokenizer.from_file(str(path))
         self._template = None
         if chat_template:
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise
-            self._template = env.from_string(chat_template)
+            self._template = template_environment().from_string(chat_template)
         self.bos_token, self.eos_token = bos_token, eos_token
 
     def encode(self, text: str) -> list[int]:
         """A completion prompt: the tokenizer's own special tokens (a BOS post-processor) are added."""
         return self._tok.encode(text).ids
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """The rendered chat template, encoded without adding special tokens: the template writes its own BOS
         (`{{ bos_token }}`), as transformers' `apply_chat_template(tokenize=True)` and vLLM encode it."""
-        return self._tok.encode(self.apply_chat_template(messages), add_special_tokens=False).ids
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -44,19 +45,40 @@ class TextTokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         if self._template is None:
             # No template in the bundle: a plain transcript, ending where the assistant speaks.
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            transcript = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return transcript + ("assistant:" if add_generation_prompt else "")
         try:
             return self._template.render(
                 messages=messages,
-                add_generation_prompt=True,
+                add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
             )
         except Exception as exc:  # jinja2 errors, raise_exception() from the template
             raise TemplateError(f"chat template failed: {exc}") from exc
+
+
+def template_environment() -> ImmutableSandboxedEnvironment:
+    """The environment transformers renders chat templates in: loop controls, a `tojson` that does not
+    HTML-escape, `strftime_now`, `raise_exception`."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
 
 
 def _raise(message: str) -> None:

@@ -73,7 +73,27 @@ HOSTILE = [
     (b"", 400),
     (b'{"model": "tiny", "prompt": "x", "logprobs": 1000}', 400),
     (b'{"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i"]}', 400),
-    (b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "unknown_field": {"nested": [1, 2]}}', 200),  # ignored
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "unknown_field": {"nested": [1, 2]}}', 400),  # as OpenAI
+    (b'{"model": "tiny", "prompt": "x", "logit_bias": {"1": 1e400}}', 400),
+    (b'{"model": "tiny", "prompt": "x", "logit_bias": {"-1": 5}}', 400),
+    (b'{"model": "tiny", "prompt": "x", "logit_bias": [1, 2]}', 400),
+    (b'{"model": "tiny", "prompt": "x", "logit_bias": {"\u0661": 5}}', 400),  # a non-ASCII digit
+    (
+        b'{"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}',
+        400,
+    ),
+    (
+        b'{"model": "tiny", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": '
+        b'{"$ref": "#/nowhere"}}}}',
+        400,
+    ),
+    (
+        b'{"model": "tiny", "prompt": "x", "response_format": {"type": "json_object", "json_schema": null}, '
+        b'"max_tokens": 3}',
+        200,
+    ),
+    (b'{"model": "tiny", "prompt": "x", "response_format": "json"}', 400),
+    (b'{"model": "tiny", "prompt": "x", "best_of": 0}', 400),
     (b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "stop": []}', 200),
 ]
 
@@ -90,6 +110,16 @@ def test_hostile_bodies_get_4xx_and_a_concurrent_request_is_unharmed(tiny_server
             assert r.status_code == status, (raw, r.status_code, r.text)
             if status >= 400:
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}, raw
+        for path, raw in [
+            ("/tokenize", b'{"prompt": 5}'),
+            ("/tokenize", b'{"messages": [{"role": "nobody"}]}'),
+            ("/tokenize", b"{}"),
+            ("/detokenize", b'{"tokens": [-1]}'),
+            ("/detokenize", b'{"tokens": "abc"}'),
+            ("/detokenize", b'{"tokens": [1e400]}'),
+        ]:
+            r = h.post(tiny_server.url + path, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}, raw
         big_header = {"X-Filler": "y" * 20_000}
         r = h.get("/v1/models".removeprefix("/v1"), headers=big_header)
         assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"

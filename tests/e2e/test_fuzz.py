@@ -22,6 +22,8 @@ def test_no_server_errors_and_openai_shaped_errors(tiny_server):
         "POST /v1/completions",
         "POST /v1/chat/completions",
         "POST /v1/inspect",
+        "POST /tokenize",
+        "POST /detokenize",
     }
     statuses: collections.Counter[int] = collections.Counter()
     for op in operations:

@@ -12,7 +12,7 @@ from service.bundle import load_bundle
 from service.engine import Engine
 from service.sampler import SamplingParams
 from service.scheduler import EngineStopped, GenerationRequest, Scheduler
-from service.tokenizer import TextTokenizer
+from service.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 
 class Collector:
@@ -130,6 +130,25 @@ def test_a_failing_step_fails_only_its_requests_and_the_loop_keeps_serving(make_
     ok = run(s, [1, 2, 3], max_tokens=5, ignore_eos=True)
     assert ok.done.wait(30) and ok.events[-1].finish_reason == "length" and len(ok.tokens()) == 5
     assert s.alive and s.num_running == 0 and s.cache.num_free == s.cache.slots
+
+
+def test_a_step_failing_after_a_choice_ended_sends_one_final_event_per_choice(make_scheduler, monkeypatch):
+    """Choice 0 ends (length) in the step where choice 1's detokenizer fails: 0 must not get an error after it."""
+    s = make_scheduler()
+    real, calls = IncrementalDetokenizer.add, {"n": 0}
+
+    def add(self, token_id):
+        calls["n"] += 1
+        if calls["n"] == 6:  # third step, second choice (the first already took its last token)
+            raise RuntimeError("injected fault")
+        return real(self, token_id)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    c = run(s, [1, 2, 3], n=2, max_tokens=3, ignore_eos=True)
+    assert c.done.wait(30)
+    finals = {i: [e.finish_reason for e in c.events if e.index == i and e.finish_reason] for i in range(2)}
+    assert finals == {0: ["length"], 1: ["error"]}
+    assert s.num_running == 0 and s.cache.num_free == s.cache.slots
 
 
 def test_non_finite_logits_are_reported_not_sampled(make_scheduler):

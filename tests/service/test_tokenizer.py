@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.tokenizer import IncrementalDetokenizer, TextTokenizer
+from service.tokenizer import IncrementalDetokenizer, TemplateError, TextTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +59,20 @@ def test_chat_template_renders_generation_prompt(default_bundle):
     t = TextTokenizer(default_bundle / "tokenizer.json", m["tokenizer"]["chat_template"], None, None)
     text = t.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert text.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in text
+
+
+def test_chat_template_environment_matches_transformers(default_bundle):
+    template = (
+        "{% for m in messages %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+        "{{ m['content'] | tojson }}{% if loop.index == 2 %}{% break %}{% endif %}{% endfor %}"
+        "|{{ strftime_now('%Y') }}"
+        "{% if messages | length > 3 %}{{ raise_exception('too many') }}{% endif %}"
+    )
+    tok = TextTokenizer(default_bundle / "tokenizer.json", template, None, None)
+    msgs = [{"role": "user", "content": "<b>&'é"}, {"role": "skip", "content": "x"}, {"role": "user", "content": "y"}]
+    out = tok.apply_chat_template(msgs)
+    import datetime
+
+    assert out == f'"<b>&\'é""y"|{datetime.datetime.now().year}'  # no HTML escaping, non-ASCII kept
+    with pytest.raises(TemplateError, match="too many"):
+        tok.apply_chat_template(msgs + [{"role": "user", "content": "z"}])
