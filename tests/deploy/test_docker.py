@@ -17,7 +17,6 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import free_port
 from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.docker
@@ -70,11 +69,12 @@ def image() -> str:
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[tuple[str, str]]:
     """The image as the README runs it, with the root file system read-only as compose and Kubernetes run it."""
-    port = free_port()
-    cid = docker("run", "-d", "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8000", image).stdout.strip()
+    # Docker picks the host port itself (-p 127.0.0.1::8000) and says which: no port is chosen here and raced for.
+    cid = docker("run", "-d", "--read-only", "--tmpfs", "/tmp", "-p", "127.0.0.1::8000", image).stdout.strip()
     try:
         wait_healthy(cid)
-        yield cid, f"http://127.0.0.1:{port}"
+        address = docker("port", cid, "8000/tcp").stdout.split()[0]  # 127.0.0.1:NNNNN
+        yield cid, f"http://{address}"
     finally:
         docker("rm", "-f", cid, check=False)
 
@@ -191,8 +191,9 @@ def running_services() -> list[str]:
 def compose(image: str, tmp_path: Path) -> Iterator:
     """`compose(profile)` brings a profile of docker-compose.yml up (images already built); all of it comes down."""
     command = [*compose_command(), "-p", PROJECT, "-f", str(REPO / "docker-compose.yml")]
-    ports = {"GPT_PORT": str(free_port()), "NGINX_PORT": str(free_port())}
-    env = {**os.environ, **ports}
+    # "127.0.0.1:" makes each mapping 127.0.0.1::PORT: Docker picks the host port; `port` reads it back below.
+    env = {**os.environ, "GPT_PORT": "127.0.0.1:", "NGINX_PORT": "127.0.0.1:"}
+    ports: dict[str, str] = {}
     profiles: list[str] = []
 
     def run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -206,6 +207,16 @@ def compose(image: str, tmp_path: Path) -> Iterator:
         run("up", "-d", "--no-build")
         for cid in run("ps", "-q").stdout.split():
             wait_healthy(cid)
+        for key, service, port in (("GPT_PORT", "gpt-cpu", "8000"), ("NGINX_PORT", "nginx-cpu", "8080")):
+            published = subprocess.run(
+                [*command, *(arg for p in profiles for arg in ("--profile", p)), "port", service, port],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.strip()
+            if published:  # host:port of the service this profile runs
+                ports[key] = published.rsplit(":", 1)[1]
         return ports, run
 
     yield up
