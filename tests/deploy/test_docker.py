@@ -69,9 +69,12 @@ def image() -> str:
 
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[tuple[str, str]]:
-    """The image as the README runs it, with the root file system read-only as compose and Kubernetes run it."""
+    """The image as deploy/README.md runs it: read-only root, a tmpfs /tmp, and a stop timeout (Docker's default,
+    10 s, would kill a draining server) that covers the drain and uvicorn's graceful shutdown."""
     port = free_port()
-    cid = docker("run", "-d", "--read-only", "--tmpfs", "/tmp", "-p", f"127.0.0.1:{port}:8000", image).stdout.strip()
+    publish = f"127.0.0.1:{port}:8000"
+    cid = docker("run", "-d", "--read-only", "--tmpfs", "/tmp", "--stop-timeout", "70", "-p", publish, image).stdout
+    cid = cid.strip()
     try:
         wait_healthy(cid)
         yield cid, f"http://127.0.0.1:{port}"
@@ -163,7 +166,7 @@ def test_docker_stop_drains_a_running_stream(container):
     reader = threading.Thread(target=read_stream, daemon=True)
     reader.start()
     assert started.wait(120) and events, "the stream never started"
-    stop = subprocess.Popen([DOCKER, "stop", "-t", "90", cid], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stop = subprocess.Popen([DOCKER, "stop", cid], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     while reader.is_alive() and httpx.get(url + "/ready", timeout=10).status_code != 503:
         time.sleep(0.05)
     assert reader.is_alive(), "the stream ended before the drain began: ask for more tokens"
@@ -233,7 +236,7 @@ def test_compose_two_replicas_behind_nginx_serve_a_locust_run(compose, tmp_path)
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "lt" / "summary.json").read_text())
-    assert summary["requests"] > 4 and summary["failures"] == 0, summary
+    assert summary["requests"] >= 4 and summary["failures"] == 0, summary  # each user finishes its last
     for replica in ("gpt-cpu-1", "gpt-cpu-2"):  # least_conn spread the run over both
         metrics = run("exec", "-T", replica, "curl", "-fsS", "http://127.0.0.1:8000/metrics").stdout
         served = sum(float(m.split()[-1]) for m in metrics.splitlines() if m.startswith("request_success_total{"))
