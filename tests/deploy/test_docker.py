@@ -24,6 +24,7 @@ pytestmark = pytest.mark.docker
 
 DOCKER = os.environ.get("DOCKER", "docker")
 IMAGE = os.environ.get("DOCKER_IMAGE", "gpt-onnx-serve:cpu")
+RUN_ARGS = os.environ.get("DOCKER_RUN_ARGS", "").split()  # e.g. `--gpus all` to check the GPU image on a GPU host
 PROJECT = "gpt-docker-test"  # compose project name: its containers and network, apart from any a user runs
 STARTUP_S = 300  # the image's healthcheck starts after 15 s; a loaded 2-core machine can take minutes to load
 
@@ -73,8 +74,8 @@ def container(image: str) -> Iterator[tuple[str, str]]:
     10 s, would kill a draining server) that covers the drain and uvicorn's graceful shutdown."""
     port = free_port()
     publish = f"127.0.0.1:{port}:8000"
-    cid = docker("run", "-d", "--read-only", "--tmpfs", "/tmp", "--stop-timeout", "70", "-p", publish, image).stdout
-    cid = cid.strip()
+    args = ("--read-only", "--tmpfs", "/tmp", "--stop-timeout", "70", "-p", publish, *RUN_ARGS)
+    cid = docker("run", "-d", *args, image).stdout.strip()
     try:
         wait_healthy(cid)
         yield cid, f"http://127.0.0.1:{port}"
