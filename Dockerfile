@@ -16,8 +16,8 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml Makefile ./
 RUN mkdir export service && touch export/__init__.py service/__init__.py \
     && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" PIP_NO_CACHE_DIR=1 make setup-export
+# The export needs export/ only: a change to service/ rebuilds the runtime stage, not the bundle.
 COPY export/ export/
-COPY service/ service/
 # fp16 for the GPU (half the weights and KV cache, tensor cores); fp32 for the CPU, where it is the fastest.
 ARG VARIANT
 RUN make export BUNDLE=/bundle EXPORT_ARGS="$(if [ "$VARIANT" = gpu ]; then echo --dtype fp16; fi)"

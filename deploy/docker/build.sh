@@ -26,10 +26,19 @@ if [ -z "${TORCH_INDEX_URL:-}" ] && ! curl -fsS -m 10 -o /dev/null https://downl
   [ -n "$wheel" ] || { echo "download.pytorch.org unreachable and no CPU torch wheel in pip's find-links" >&2; exit 1; }
   index=$(mktemp -d)
   mkdir "$index/torch" && ln -s "$wheel" "$index/torch/"
-  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # A fixed port where free: the URL is part of the build cache's key for the install layer.
+  port=$(python3 -c 'import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+try:
+    s.bind(("127.0.0.1", int(sys.argv[1])))
+except OSError:
+    s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])' "${TORCH_WHEEL_PORT:-8688}")
   python3 -m http.server --bind 127.0.0.1 --directory "$index" "$port" >/dev/null 2>&1 &
   server=$!
   trap 'kill $server; rm -rf "$index"' EXIT
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/torch/" && break; sleep 0.1; done
   args+=(--build-arg "TORCH_INDEX_URL=http://127.0.0.1:$port/")
   echo "torch index for the build: $(basename "$wheel") on loopback" >&2
 fi

@@ -134,3 +134,12 @@ def test_dockerfile_passes_hadolint_and_uses_the_make_targets():
     installs = [line for line in text.splitlines() if "make setup-" in line]
     assert len(installs) == 2 and all("PIP_NO_CACHE_DIR=1" in line for line in installs)
     assert "--dtype fp16" in text  # the GPU image serves an fp16 bundle
+
+
+def test_autoscaling_metric_is_one_the_service_exports():
+    hpa = yaml.safe_load((K8S / "base" / "hpa.yaml").read_text())
+    (metric,) = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]]
+    adapter = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())
+    (rule,) = adapter["rules"]["custom"]
+    assert rule["name"]["as"] == metric and rule["seriesQuery"].startswith(metric + "{")
+    assert f'Gauge("{metric}"' in (REPO / "service" / "metrics.py").read_text()
