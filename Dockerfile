@@ -1,8 +1,8 @@
-# syntax=docker/dockerfile:1
-# Multi-stage: `build` installs the export side (torch) and exports the default bundle with the same make target
-# CI uses; `runtime` carries the service only (onnxruntime-gpu, no torch), as a non-root user.
-#   docker build -t gpt-onnx-serve .                              # CUDA + cuDNN runtime base (GPU hosts)
-#   docker build -t gpt-onnx-serve:cpu --build-arg VARIANT=cpu .  # slim Python base
+# Multi-stage: `build` installs the export side (torch, CPU wheels) and exports the default bundle with the same make
+# target CI uses; `runtime` carries the service only (onnxruntime-gpu, no torch, no pip cache), as a non-root user.
+#   docker build -t gpt-onnx-serve .                              # CUDA 13 + cuDNN 9 base, fp16 bundle (GPU hosts)
+#   docker build -t gpt-onnx-serve:cpu --build-arg VARIANT=cpu .  # slim Python base, fp32 bundle
+# Needs BuildKit (the builder of every current Docker), which builds only the stages the variant uses.
 ARG VARIANT=gpu
 
 FROM python:3.11-slim-bookworm AS build
@@ -10,14 +10,20 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-# Packages first (cached until pyproject.toml or the Makefile change), code after.
+# Packages first (cached until pyproject.toml or the Makefile change), code after. torch only exports, on the CPU:
+# its CPU wheel index (about 200 MB) instead of PyPI's Linux wheel, the CUDA build with gigabytes of CUDA libraries.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml Makefile ./
-RUN mkdir export service && touch export/__init__.py service/__init__.py && make setup-export
+RUN mkdir export service && touch export/__init__.py service/__init__.py \
+    && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" PIP_NO_CACHE_DIR=1 make setup-export
 COPY export/ export/
 COPY service/ service/
-RUN make export BUNDLE=/bundle
+# fp16 for the GPU (half the weights and KV cache, tensor cores); fp32 for the CPU, where it is the fastest.
+ARG VARIANT
+RUN make export BUNDLE=/bundle EXPORT_ARGS="$(if [ "$VARIANT" = gpu ]; then echo --dtype fp16; fi)"
 
-# onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9.
+# onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9: the host needs NVIDIA driver 580 or newer. NVIDIA's
+# CUDA 13 images are Ubuntu 22.04 (Python 3.10, too old for onnxruntime-gpu 1.31) or 24.04 (Python 3.12).
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS runtime-gpu
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv make curl \
@@ -32,14 +38,15 @@ RUN apt-get update \
 FROM runtime-${VARIANT} AS runtime
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home /app app
 WORKDIR /app
+# Code and bundle stay root's: the service only reads them.
 COPY pyproject.toml Makefile ./
 RUN mkdir export service && touch export/__init__.py service/__init__.py \
-    && make setup-serve PYTHON=python3 && chown -R app:app /app
-COPY --chown=app:app service/ service/
-COPY --chown=app:app export/__init__.py export/
-COPY --from=build --chown=app:app /bundle /bundles/default
+    && PIP_NO_CACHE_DIR=1 make setup-serve PYTHON=python3
+COPY service/ service/
+COPY export/__init__.py export/
+COPY --from=build /bundle /bundles/default
 USER 10001:10001
-ENV SERVE_BUNDLE=/bundles/default SERVE_HOST=0.0.0.0 SERVE_PORT=8000 PYTHONUNBUFFERED=1
+ENV SERVE_BUNDLE=/bundles/default SERVE_HOST=0.0.0.0 SERVE_PORT=8000 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["curl", "-fsS", "http://127.0.0.1:8000/health"]

@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 BUNDLE ?= bundles/smollm2-135m
+EXPORT_ARGS ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
@@ -15,7 +16,8 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test test-slow lint clean loadtest sweep bench peers soak fuzz
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz inspect \
+	docker-base docker-cpu docker-gpu docker-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,19 +44,17 @@ setup: $(VENV)/.installed
 setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
-$(BUNDLE)/manifest.json: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
-	$(BIN)/python -m export --source default --out $(BUNDLE)
+# inspect.onnx is the newest file of the default bundle: a bundle exported before it existed is exported again.
+$(BUNDLE)/inspect.onnx: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
+	$(BIN)/python -m export --source default --out $(BUNDLE) $(EXPORT_ARGS)
 
-export: $(BUNDLE)/manifest.json
+export: $(BUNDLE)/inspect.onnx
 
 serve: setup export
 	$(BIN)/python -m service --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
 test: setup export
 	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest $(PYTEST_ARGS)
-
-test-slow: setup export
-	DEFAULT_BUNDLE=$(BUNDLE) $(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 $(VENV)/.installed-loadtest: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[loadtest]'
@@ -95,6 +95,30 @@ fuzz: setup export
 # Steady load for SOAK_MINUTES (10): zero failures, resident memory within 5% after warm-up. Not part of make test.
 soak: $(VENV)/.installed-loadtest export
 	SOAK_MINUTES=$(or $(SOAK_MINUTES),10) $(BIN)/python -m loadtests.soak
+
+# Docker (deploy/README.md). The base images are pulled, or where no registry answers, made from Debian's packages
+# (deploy/docker/standin.sh); builds use BuildKit and the host's network (deploy/docker/build.sh).
+DOCKER ?= docker
+IMAGE ?= gpt-onnx-serve
+
+docker-base:
+	DOCKER=$(DOCKER) deploy/docker/standin.sh python:3.11-slim-bookworm
+
+docker-cpu: docker-base
+	DOCKER=$(DOCKER) deploy/docker/build.sh -t $(IMAGE):cpu --build-arg VARIANT=cpu .
+
+docker-gpu:
+	DOCKER=$(DOCKER) deploy/docker/build.sh -t $(IMAGE):latest .
+
+# The CPU image run as a user runs it, then compose's cpu and scale-cpu profiles (tests/deploy/test_docker.py).
+docker-test: $(VENV)/.installed docker-cpu
+	DOCKER=$(DOCKER) deploy/docker/standin.sh nginx:1.27-alpine
+	DOCKER=$(DOCKER) DOCKER_IMAGE=$(IMAGE):cpu $(BIN)/python -m pytest -m docker tests/deploy/test_docker.py $(PYTEST_ARGS)
+
+# A prompt's attention heatmaps (one PNG per layer) and next-token chart, under $(RESULTS)/inspect.
+inspect: setup export
+	$(BIN)/python -m service.inspect --bundle $(BUNDLE) --prompt "$(PROMPT)" --out $(RESULTS)/inspect \
+		$(if $(LAYERS),--layers $(LAYERS)) $(if $(HEADS),--heads $(HEADS))
 
 lint: setup
 	$(BIN)/ruff check export service tests loadtests deploy

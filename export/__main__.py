@@ -51,6 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="auto: a GGUF's own Q4_0/Q4_1 blocks when it has them; requantize: from the fp32 weights",
     )
+    p.add_argument(
+        "--max-inspect-tokens",
+        type=int,
+        default=256,
+        help="longest prompt of the inspection graph (attention probabilities and logits at every position); "
+        "0: no inspection graph. Not written for quantized bundles",
+    )
     p.add_argument("--name", default=None, help="model name served by the API (default: from the checkpoint)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
@@ -77,7 +84,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from tokenizers import Tokenizer
 
-    from export import bundle, parity, quantize
+    from export import bundle, inspection, parity, quantize
     from export.checkpoints import build_model, load
     from export.onnx_export import OPSET, export_onnx, io_contract, save_model
 
@@ -91,6 +98,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     max_context = min(args.max_context or cfg.max_context, cfg.max_context)
     if max_context < 16:
         raise ExportError(f"--max-context {args.max_context} is too small (at least 16)")
+    if args.max_inspect_tokens < 0:
+        raise ExportError(f"--max-inspect-tokens {args.max_inspect_tokens}: 0 (none) or a positive length")
     if cfg.sliding_window is not None and cfg.sliding_window < max_context:
         raise ExportError(
             f"{args.source}: sliding_window {cfg.sliding_window} is smaller than the exported context {max_context} "
@@ -109,6 +118,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     held = parity.heldout_ids(encode, min(512, max_context))
     reference = parity.torch_reference(model, prompts, GOLDEN_STEPS)
     ref_ppl = parity.torch_perplexity(model, held)
+    inspect_tokens = min(args.max_inspect_tokens, max_context) if args.quantize == "none" else 0
+    inspect_prompts = [*prompts, held[:inspect_tokens]] if inspect_tokens > 0 else []
+    inspect_expected = inspection.reference(model, inspect_prompts)  # fp32, before the export casts the model
     phases.done(
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; torch fp32 perplexity {ref_ppl:.3f}"
     )
@@ -165,6 +177,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del runner
         np.savez(tmp / "golden.npz", last_logits=golden_logits.astype(np.float32))
         save_model(onnx.load(str(final)), tmp / "model.onnx")
+        inspect = None
+        if inspect_prompts:
+            inspect = inspection.write(model, tmp, work, inspect_prompts, inspect_expected, args.dtype, inspect_tokens)
+            print(f"      inspection graph: {inspection.summary(inspect)}", flush=True)
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(ckpt.tokenizer.tokenizer_json)
         cache_dtype = "float16" if args.dtype == "fp16" else "float32"
@@ -190,6 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "logits_atol": GOLDEN_ATOL[args.quantize if args.quantize != "none" else args.dtype],
             },
             "parity": [r.to_dict() for r in reports],
+            **({"inspect": inspect} if inspect else {}),
             "exporter": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         }
         manifest = bundle.write_manifest(tmp, manifest)

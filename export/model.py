@@ -19,6 +19,7 @@ The torch forward below is the reference for that op and returns updated copies.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +127,28 @@ def gqa_reference(
     return out.transpose(1, 2).reshape(B, S, n_head * D).to(q.dtype), k_cache, v_cache
 
 
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, position_ids: Tensor, n_head: int, n_kv_head: int
+) -> tuple[Tensor, Tensor]:
+    """Attention over a prompt without a cache, in plain torch ops (exportable), with its probabilities.
+
+    q: (B, S, H*D); k, v: (B, S, H_kv*D); position_ids (B, S). Returns the output (B, S, H*D) and the
+    probabilities (B, H, S, S): row q is how much query q attends to each key, exactly 0 above the diagonal.
+    """
+    B, S, _ = q.shape
+    D = q.shape[-1] // n_head
+    group = n_head // n_kv_head
+    queries = q.view(B, S, n_head, D).transpose(1, 2).float()  # (B, H, S, D)
+    keys = k.view(B, S, n_kv_head, 1, D).expand(B, S, n_kv_head, group, D).reshape(B, S, n_head, D)
+    values = v.view(B, S, n_kv_head, 1, D).expand(B, S, n_kv_head, group, D).reshape(B, S, n_head, D)
+    keys, values = keys.transpose(1, 2).float(), values.transpose(1, 2).float()  # (B, H, S, D)
+    allowed = position_ids[:, None, :] <= position_ids[:, :, None]  # (B, S_q, S_k)
+    scores = queries @ keys.transpose(-1, -2) / math.sqrt(D)  # (B, H, S, S)
+    probs = torch.softmax(scores.masked_fill(~allowed[:, None], float("-inf")), dim=-1)
+    out = probs @ values  # (B, H, S, D)
+    return out.transpose(1, 2).reshape(B, S, n_head * D).to(q.dtype), probs
+
+
 class GroupQueryAttention(torch.autograd.Function):
     """Runs `gqa_reference` in torch; exports as one `com.microsoft::GroupQueryAttention` node."""
 
@@ -169,15 +192,25 @@ class CausalSelfAttention(nn.Module):
     def forward(
         self, x: Tensor, position_ids: Tensor, seqlens_k: Tensor, total_len: Tensor, k_cache: Tensor, v_cache: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.project(x, position_ids)
+        y, k_cache, v_cache = GroupQueryAttention.apply(
+            q, k, v, k_cache, v_cache, seqlens_k, total_len, self.n_head, self.n_kv_head
+        )
+        return self.o_proj(y), k_cache, v_cache
+
+    def project(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, S, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, S, H*D), (B, S, H_kv*D) x2
         if self.rotary is not None:
             q = self.rotary(q.view(B, S, self.n_head, self.head_dim), position_ids).view(B, S, -1)
             k = self.rotary(k.view(B, S, self.n_kv_head, self.head_dim), position_ids).view(B, S, -1)
-        y, k_cache, v_cache = GroupQueryAttention.apply(
-            q, k, v, k_cache, v_cache, seqlens_k, total_len, self.n_head, self.n_kv_head
-        )
-        return self.o_proj(y), k_cache, v_cache
+        return q, k, v
+
+    def inspect(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """A whole prompt without a cache: the output and the probabilities (B, H, S, S)."""
+        q, k, v = self.project(x, position_ids)
+        y, probs = causal_attention(q, k, v, position_ids, self.n_head, self.n_kv_head)
+        return self.o_proj(y), probs
 
 
 class MLP(nn.Module):
@@ -212,6 +245,12 @@ class Block(nn.Module):
         x = x + self.mlp(self.mlp_norm(x))
         return x, k_cache, v_cache
 
+    def inspect(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        a, probs = self.attn.inspect(self.attn_norm(x), position_ids)
+        x = x + a
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, probs
+
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -242,6 +281,20 @@ class GPT(nn.Module):
             present += [k, v]
         logits = self.lm_head(self.norm(x)).float()  # (B, S, V), fp32 whatever the weights' dtype
         return (logits, *present)
+
+    def inspect(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """One prompt (1, S), no cache, attention in plain torch ops: logits (1, S, V) and every layer's attention
+        probabilities (n_layer, H, S, S). What the bundle's inspection graph is exported from."""
+        position_ids = torch.ones_like(input_ids).cumsum(-1) - 1  # (1, S): 0..S-1, traced with a dynamic S
+        x = self.tok_embeddings(input_ids)  # (1, S, C)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(position_ids)
+        probs: list[Tensor] = []
+        for block in self.blocks:
+            x, p = cast(Block, block).inspect(x, position_ids)
+            probs.append(p[0])
+        logits = self.lm_head(self.norm(x)).float()  # (1, S, V)
+        return logits, torch.stack(probs)
 
 
 class KVCache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 import time
@@ -12,8 +13,8 @@ import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from service.app import create_app
-from service.bundle import BundleError, load_bundle
+from service.app import build_runtime, create_app
+from service.bundle import BundleError
 from service.config import Settings
 
 log = logging.getLogger("service")
@@ -26,6 +27,14 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout: float) -> None:
         super().__init__(config)
         self.fastapi, self.drain_timeout, self.draining = app, drain_timeout, False
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """After the lifespan (bundle loaded, engine running) and the bind: one line naming the bound address, the
+        port the kernel chose when `--port 0` was asked for. Tests and supervisors read the port from it."""
+        await super().startup(sockets)
+        if self.started and self.servers and self.servers[0].sockets:
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            log.info("listening on http://%s:%d", host, port)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.drain_timeout <= 0:
@@ -55,12 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        load_bundle(settings.bundle, verify_checksums=False)  # a clear one-line error before the server starts
+    try:  # bundle, checksums, device, golden outputs: a one-line error and no server when any is wrong
+        runtime = build_runtime(settings)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    app = create_app(settings)
+    app = create_app(settings, runtime)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tokenizers import Tokenizer
 
@@ -23,6 +23,8 @@ from service.config import Settings
 from service.engine import Engine
 from service.errors import APIError
 from service.grammar import Grammars
+from service.inspect_api import InspectRequest, InspectServing, page
+from service.inspector import Inspector
 from service.metrics import Metrics
 from service.middleware import RequestIdMiddleware, SizeLimitMiddleware
 from service.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -45,6 +47,7 @@ class Runtime:
     metrics: Metrics
     model_name: str
     started: int
+    inspection: InspectServing
 
 
 def build_runtime(settings: Settings) -> Runtime:
@@ -85,13 +88,18 @@ def build_runtime(settings: Settings) -> Runtime:
         max_len,
         engine.device,
     )
-    return Runtime(bundle, engine, scheduler, serving, metrics, name, int(time.time()))
+    inspector = Inspector(bundle.inspect, engine.providers, settings.intra_op_threads) if bundle.inspect else None
+    inspection = InspectServing(settings, scheduler, tokenizer, name, inspector)
+    return Runtime(bundle, engine, scheduler, serving, metrics, name, int(time.time()), inspection)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
+    """`prebuilt`: a runtime the launcher already built (so a bundle it cannot serve is refused before any port
+    is bound); without it the lifespan builds one."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = await asyncio.to_thread(build_runtime, settings)
+        runtime = prebuilt if prebuilt is not None else await asyncio.to_thread(build_runtime, settings)
         runtime.scheduler.start()
         app.state.runtime = runtime
         try:
@@ -196,6 +204,14 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post("/detokenize", dependencies=[Depends(authorized)])
     async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
         return JSONResponse(runtime(request).serving.detokenize(body))
+
+    @v1.post("/inspect", dependencies=[Depends(admitting)])
+    async def inspect(body: InspectRequest, request: Request) -> Response:
+        return Response(await runtime(request).inspection.inspect(body), media_type="application/json")
+
+    @app.get("/inspect", include_in_schema=False)
+    async def inspect_page() -> HTMLResponse:
+        return HTMLResponse(page())
 
     app.include_router(v1)
     return app

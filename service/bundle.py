@@ -19,6 +19,16 @@ class BundleError(Exception):
 
 
 @dataclass(frozen=True)
+class InspectGraph:
+    """The optional inspection graph: input_ids (1, S) -> logits (1, S, V), attention (n_layer, n_head, S, S)."""
+
+    file: Path
+    max_tokens: int
+    n_layer: int
+    n_head: int
+
+
+@dataclass(frozen=True)
 class Bundle:
     path: Path
     name: str
@@ -40,6 +50,7 @@ class Bundle:
     golden_atol: float
     generation_defaults: dict[str, float]  # the model's recommended sampling (temperature, top_p, top_k)
     manifest: dict[str, Any]
+    inspect: InspectGraph | None = None  # bundles exported before it existed, and quantized ones, have none
 
     @property
     def graph(self) -> Path:
@@ -100,6 +111,7 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
             golden_atol=m["golden"]["logits_atol"],
             generation_defaults=dict(m.get("generation_defaults") or {}),
             manifest=m,
+            inspect=_inspect_graph(path, m["inspect"]) if "inspect" in m else None,
         )
     except KeyError as exc:
         raise BundleError(f"{manifest_path}: missing field {exc}") from exc
@@ -111,6 +123,13 @@ def _stop_ids(tokenizer: dict[str, Any]) -> tuple[int, ...]:
     if ids is None:
         ids = [] if tokenizer.get("eos_token_id") is None else [tokenizer["eos_token_id"]]
     return tuple(int(i) for i in ids)
+
+
+def _inspect_graph(path: Path, entry: dict[str, Any]) -> InspectGraph:
+    n_layer, n_head, _, _ = entry["outputs"]["attention"]["shape"]
+    if not (path / entry["file"]).is_file():
+        raise BundleError(f"{path / entry['file']}: the manifest's inspection graph is missing")
+    return InspectGraph(path / entry["file"], int(entry["max_tokens"]), int(n_layer), int(n_head))
 
 
 def _sha256(path: Path) -> str:

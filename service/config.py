@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     # where and what
     bundle: Path = Field(Path("bundles/smollm2-135m"), description="bundle directory written by `python -m export`")
     host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=0, le=65535, description="0: a free port, named in the log line 'listening on ...'")
     served_model_name: str | None = Field(None, description="model id in the API (default: the bundle's name)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when onnxruntime finds a GPU")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads (0: one per core)")

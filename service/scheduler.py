@@ -23,6 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 
 import numpy as np
 
@@ -45,6 +46,9 @@ __all__ = ["EngineStopped", "GenerationRequest", "QueueFull", "RequestState", "S
 log = logging.getLogger(__name__)
 
 PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output token decodes in context
+
+
+Job = Callable[[], None]  # work for the engine thread between two steps (an inspection); must not raise
 
 
 class SchedulerError(Exception):
@@ -81,6 +85,7 @@ class Scheduler:
         self.cache = engine.cache
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
+        self._jobs: queue.SimpleQueue[tuple[Job, int]] = queue.SimpleQueue()  # (job, prompt tokens it holds)
         self.running: dict[int, Sequence] = {}  # slot -> sequence
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -116,6 +121,20 @@ class Scheduler:
         self._wake.set()
         return state
 
+    def run_between_steps(self, job: Job, tokens: int) -> None:
+        """Queues `job` for the engine thread, which runs one job between two steps, so running streams wait at
+        most one job. It counts as one waiting request of `tokens` prompt tokens against the queue's bounds."""
+        if not self.alive:
+            raise EngineStopped("the engine loop is not running")
+        with self._queue_lock:
+            if self.num_waiting + 1 > self.max_waiting:
+                raise QueueFull(f"{self.num_waiting} sequences are waiting (limit {self.max_waiting})")
+            if self.queued_tokens + tokens > self.max_queued_tokens:
+                raise QueueFull(f"{self.queued_tokens} prompt tokens are waiting (limit {self.max_queued_tokens})")
+            self.queued_tokens += tokens
+        self._jobs.put((job, tokens))
+        self._wake.set()
+
     def cancel(self, state: RequestState) -> None:
         state.cancelled = True
         self._wake.set()
@@ -126,7 +145,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + self._incoming.qsize()
+        return len(self.waiting) + self._incoming.qsize() + self._jobs.qsize()
 
     def kv_usage(self) -> float:
         return self.cache.usage(sum(s.length for s in list(self.running.values())))
@@ -163,10 +182,11 @@ class Scheduler:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            if not self.running and not self.waiting and self._incoming.empty():
+            if not self.running and not self.waiting and self._incoming.empty() and self._jobs.empty():
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
+            self._run_job()
             try:
                 self.step()
             except Exception as exc:  # one bad step fails the sequences in it; the loop keeps serving
@@ -186,6 +206,18 @@ class Scheduler:
         finished = self._emit(tokens)
         self._retire(finished)
         self.steps += 1
+
+    def _run_job(self) -> None:
+        try:
+            job, tokens = self._jobs.get_nowait()
+        except queue.Empty:
+            return
+        with self._queue_lock:
+            self.queued_tokens -= tokens
+        try:
+            job()
+        except Exception:  # a job answers its own caller; a bug in one must not stop the loop
+            log.exception("a job between engine steps failed")
 
     def _cancelled(self) -> list[Sequence]:
         self._admit_incoming()

@@ -281,9 +281,12 @@ def _add_gguf_tokenizer(w, tokenizer_json: str, bos: int = 1, eos: int = 2) -> N
     w.add_chat_template(CHAT_TEMPLATE)
 
 
-def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears: bool = False) -> None:
+def write_gguf_from_hf(
+    path: Path, model, tokenizer_json: str, quantize_linears: bool = False, quantize_output: bool = False
+) -> None:
     """A llama or qwen2 GGUF with the HF model's weights and a gpt2-style tokenizer, laid out as llama.cpp writes
-    them: llama's q/k rows permuted to interleaved rotary pairs, qwen2's left as they are (with q/k/v biases)."""
+    them: llama's q/k rows permuted to interleaved rotary pairs, qwen2's left as they are (with q/k/v biases). With
+    `quantize_linears` the blocks' linears are Q4_1, with `quantize_output` the unembedding too."""
     import gguf
 
     cfg = model.config
@@ -330,7 +333,9 @@ def write_gguf_from_hf(path: Path, model, tokenizer_json: str, quantize_linears:
             arr = llama_cpp_permute(arr, cfg.num_attention_heads)
         if arch == "llama" and name.endswith("attn_k.weight"):
             arr = llama_cpp_permute(arr, cfg.num_key_value_heads)
-        if quantize_linears and arr.ndim == 2 and name.startswith("blk."):
+        if (quantize_linears and arr.ndim == 2 and name.startswith("blk.")) or (
+            quantize_output and name == "output.weight"
+        ):
             q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q4_1)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_1)
         else:

@@ -21,6 +21,7 @@ def test_no_server_errors_and_openai_shaped_errors(tiny_server):
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /v1/completions",
         "POST /v1/chat/completions",
+        "POST /v1/inspect",
         "POST /tokenize",
         "POST /detokenize",
     }

@@ -63,6 +63,23 @@ def test_api_keys(guarded):
     assert openai.OpenAI(base_url=guarded.v1, api_key=KEYS[1]).models.list().data[0].id == "tiny"
 
 
+def test_inspection_is_guarded_like_generation(guarded):
+    body = {"model": "tiny", "prompt": "hi", "layers": [0], "heads": [0]}
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    json_auth = {**auth, "Content-Type": "application/json"}
+    with httpx.Client(base_url=guarded.url, timeout=60) as h:
+        assert_error(h.post("/v1/inspect", json=body), 401, "invalid_api_key")
+        assert_error(h.post("/v1/inspect", json={**body, "prompt": "x" * 5000}, headers=auth), 413, "body_too_large")
+        assert_error(h.post("/v1/inspect", json={**body, "prompt": [1] * 300}, headers=auth), 400)  # context 256
+        for hostile in ({**body, "layers": [-1]}, {**body, "top_k": 1e9}, {**body, "prompt": [[1]]}, [1, 2], "x"):
+            assert_error(h.post("/v1/inspect", json=hostile, headers=auth), 400)
+        assert_error(
+            h.post("/v1/inspect", content=b'{"model": "tiny", "prompt": ', headers=json_auth), 400, "invalid_json"
+        )
+        assert h.post("/v1/inspect", json=body, headers=auth).status_code == 200
+        assert h.get("/inspect").status_code == 200  # the page is static; its API calls carry the key
+
+
 def test_body_and_request_limits(guarded):
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
     with httpx.Client(base_url=guarded.url, timeout=30, headers=auth) as h:

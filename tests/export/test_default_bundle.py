@@ -19,7 +19,8 @@ def test_manifest_is_complete_and_checksummed(default_bundle):
     assert m["name"] == "smollm2-135m" and m["model"]["family"] == "llama" and m["model"]["n_kv_head"] == 3
     assert m["tokenizer"]["eos_token_id"] == 2 and "<|im_start|>" in m["tokenizer"]["chat_template"]
     assert m["parity"][0]["variant"] == "fp32" and m["parity"][0]["max_abs_diff"] <= 1e-3
-    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "golden.npz"}
+    assert set(m["files"]) == {"model.onnx", "model.onnx.data", "tokenizer.json", "golden.npz", "inspect.onnx"}
+    assert m["inspect"]["parity"]["max_abs_prob_diff"] <= 1e-4 and m["inspect"]["max_tokens"] == 256
     assert sha256(default_bundle / "tokenizer.json") == m["files"]["tokenizer.json"]["sha256"]
 
 

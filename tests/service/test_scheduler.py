@@ -182,3 +182,44 @@ def test_a_dead_loop_answers_everyone_and_refuses_new_work(make_scheduler):
     assert not s.alive
     with pytest.raises(EngineStopped):
         run(s, [1], max_tokens=1)
+
+
+def test_jobs_run_between_steps_one_per_step_and_count_as_waiting(make_scheduler):
+    s = make_scheduler(slots=2)
+    c = run(s, [1, 2, 3], max_tokens=40, ignore_eos=True)
+    seen, done = [], threading.Event()
+
+    def job():
+        seen.append((s.steps, s.num_running))
+        if len(seen) == 3:
+            done.set()
+
+    for _ in range(3):
+        s.run_between_steps(job, 5)
+    assert done.wait(30) and c.done.wait(30)
+    assert len({step for step, _ in seen}) == 3  # never two jobs between the same two steps
+    assert len(c.tokens()) == 40 and s.queued_tokens == 0
+
+
+def test_jobs_are_refused_past_the_waiting_bounds(tiny_bundle):
+    from service.scheduler import QueueFull
+
+    bundle = load_bundle(tiny_bundle)
+    engine = Engine(bundle, 1, 64)
+    tok = TextTokenizer(bundle.tokenizer_file, bundle.chat_template, None, None)
+    s = Scheduler(engine, tok, bundle.eos_token_id, 64, 64, max_waiting=2, max_queued_tokens=100)
+    with pytest.raises(EngineStopped):
+        s.run_between_steps(lambda: None, 1)
+    gate = threading.Event()
+    s._thread = threading.Thread(target=gate.wait)  # an engine loop that is alive but runs nothing: jobs stay queued
+    s._thread.start()
+    try:
+        s.run_between_steps(lambda: None, 60)
+        with pytest.raises(QueueFull):
+            s.run_between_steps(lambda: None, 60)  # 120 prompt tokens > 100
+        s.run_between_steps(lambda: None, 10)
+        with pytest.raises(QueueFull):
+            s.run_between_steps(lambda: None, 1)  # 3 waiting > 2
+        assert s.saturated() and s.num_waiting == 2 and s.queued_tokens == 70
+    finally:
+        gate.set()
