@@ -207,7 +207,7 @@ def test_jobs_are_refused_past_the_waiting_bounds(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     engine = Engine(bundle, 1, 64)
     tok = TextTokenizer(bundle.tokenizer_file, bundle.chat_template, None, None)
-    s = Scheduler(engine, tok, bundle.eos_token_id, 64, 64, max_waiting=2, max_queued_tokens=100)
+    s = Scheduler(engine, tok, bundle.eos_token_ids, 64, 64, max_waiting=2, max_queued_tokens=100)
     with pytest.raises(EngineStopped):
         s.run_between_steps(lambda: None, 1)
     gate = threading.Event()
