@@ -54,7 +54,7 @@ class Generation:
         self.client, self.valid = client, valid
         self.submitted = time.perf_counter()
         self.states: list[RequestState] = []
-        self._events: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()  # (prompt, event), from the engine thread
         self.open = len(valid.prompts) * valid.n  # choices without their final event yet
 
     @property
@@ -86,7 +86,7 @@ class Generation:
                         "timeout_error",
                         code="deadline_exceeded",
                     )
-                getter = getter or asyncio.ensure_future(self._events.get())
+                getter = getter or asyncio.ensure_future(self.inbox.get())
                 waiting: set[asyncio.Future] = {getter} if gone is None else {getter, gone}
                 timeout = left if keepalive is None else min(left, keepalive)
                 done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -140,7 +140,7 @@ class EngineClient:
         """Queues every prompt of the request; all or nothing."""
         loop = asyncio.get_running_loop()
         gen = Generation(self, valid)
-        queue = gen._events  # noqa: SLF001 - the generation's own queue, filled from the engine thread
+        queue = gen.inbox
 
         def sink_for(prompt: int) -> Sink:
             def sink(event: TokenEvent) -> None:

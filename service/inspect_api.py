@@ -42,7 +42,7 @@ Index = Annotated[int, Field(ge=0)]
 
 
 class InspectRequest(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False, extra="ignore")
+    model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
 
     model: str
     prompt: str | list[int] | None = None

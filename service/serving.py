@@ -232,7 +232,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ shapes
 
     def _usage(self, gen: Generation, choices: Iterable[Choice]) -> Usage:
-        prompt = sum(len(p) for p in gen.prompts) * gen.valid.n
+        prompt = sum(len(p) for p in gen.prompts)  # each prompt once, whatever n (as OpenAI and vLLM count)
         completion = sum(len(c.token_ids) for c in choices)
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 
 class TemplateError(ValueError):
@@ -33,6 +34,10 @@ class TextTokenizer:
         (`{{ bos_token }}`), as transformers' `apply_chat_template(tokenize=True)` and vLLM encode it."""
         text = self.apply_chat_template(messages, add_generation_prompt)
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    @property
+    def backend(self) -> Tokenizer:
+        return self._tok
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
@@ -105,15 +110,15 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_tail or [])  # a little prompt context so the first token decodes right
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
+        self._stream = DecodeStream(ids=list(self.ids), skip_special_tokens=True)  # tokenizers' incremental decoder
         self.text = ""  # all decoded completion text so far
         self.emitted = 0  # characters of `text` already sent
 
     def add(self, token_id: int) -> DetokenizedDelta:
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
+        piece = self._stream.step(self.tokenizer.backend, token_id)  # None while a character is incomplete
+        if piece is not None:
+            self.text += piece
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release()
 

@@ -163,3 +163,9 @@ def test_unsupported_chat_fields_are_refused(tiny_server, extra, param, code):
     err = r.json()["error"]
     assert param is None or err["param"] == param, err
     assert code is None or err["code"] == code, err
+
+
+def test_usage_counts_each_prompt_once_whatever_n(tiny_server):
+    body = {"model": "tiny", "prompt": EMOJI, "max_tokens": 3, "n": 3, "ignore_eos": True}
+    usage = httpx.post(tiny_server.v1 + "/completions", json=body, timeout=60).json()["usage"]
+    assert usage == {"prompt_tokens": len(EMOJI_IDS), "completion_tokens": 9, "total_tokens": len(EMOJI_IDS) + 9}

@@ -99,7 +99,7 @@ def test_json_object_mode_and_streaming(default_server):
     c = openai.OpenAI(base_url=default_server.v1, api_key="x", max_retries=0, timeout=300)
     kw = dict(
         model="smollm2-135m",
-        messages=[{"role": "user", "content": "List three fruits as a JSON object."}],
+        messages=[{"role": "user", "content": "Give a person's name and age as a JSON object."}],
         temperature=0.8,
         seed=1,
         max_tokens=300,
