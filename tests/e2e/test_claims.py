@@ -116,7 +116,8 @@ def test_cors_allows_only_the_listed_origins(claims):
 
 @pytest.mark.parametrize("origins", ["*", f"{ORIGIN},*"])
 def test_a_wildcard_cors_origin_is_refused_at_start(q4_bundles, origins):
-    result = run_cli("service", "--bundle", str(q4_bundles("fp32")), "--port", "0", "--cors-origins", origins)
+    bundle = str(q4_bundles("fp32"))
+    result = run_cli("service", "--bundle", bundle, "--port", "0", "--cors-origins", origins, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: cors") and "'*' is refused" in result.stderr
 
