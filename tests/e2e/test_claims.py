@@ -313,9 +313,14 @@ def test_auto_device_takes_a_usable_gpu_or_falls_back_to_cpu_with_a_warning(q4_b
         stop_server(server)
 
 
-def test_device_cuda_without_a_gpu_is_one_clear_error(q4_bundles):
-    if gpu_usable():
-        pytest.skip("a GPU is usable here: --device cuda serves (test_auto_device_... covers that machine)")
+def test_device_cuda_without_a_gpu_is_one_clear_error(q4_bundles, tmp_path):
+    if gpu_usable():  # the other half of the claim, on the machine that has one: it serves on CUDA
+        server = start_server(q4_bundles("fp32"), tmp_path / "cuda.log", "--device", "cuda")
+        try:
+            assert httpx.get(server.url + "/health").json()["device"] == "cuda"
+        finally:
+            stop_server(server)
+        return
     result = run_cli("service", "--bundle", str(q4_bundles("fp32")), "--port", "0", "--device", "cuda", timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
