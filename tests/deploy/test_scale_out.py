@@ -14,8 +14,8 @@ import sys
 import httpx
 import pytest
 
-from tests.e2e.conftest import start_server, stop_server, wait_for
-from tests.helpers import REPO
+from tests.e2e.conftest import start_server, stop_server
+from tests.helpers import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.e2e.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import start_server, stop_server, wait_for
-from tests.helpers import run_cli
+from tests.e2e.conftest import start_server, stop_server
+from tests.helpers import run_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 

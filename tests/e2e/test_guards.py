@@ -12,7 +12,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import start_server, stop_server, wait_for
+from tests.e2e.conftest import start_server, stop_server
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 KEYS = ("key-one", "key-two")

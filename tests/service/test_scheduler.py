@@ -12,7 +12,7 @@ from service.engine import Engine
 from service.sampler import SamplingParams
 from service.scheduler import EngineStopped, GenerationRequest, Scheduler
 from service.tokenizer import TextTokenizer
-from tests.e2e.conftest import wait_for
+from tests.helpers import wait_for
 
 
 class Collector:
