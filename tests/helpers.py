@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,15 @@ CORPUS = [
     "price: $1,234.56 in 2024; x=3.14",
     " leading space and trailing  ",
 ]
+
+
+def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60, poll: float = 0.02) -> None:
+    """Waits for an event the service exposes (a metric, a status, a log line); `timeout` only guards a hang."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
 
 
 def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -38,15 +38,6 @@ class Server:
 LISTENING = re.compile(r"listening on http://127\.0\.0\.1:(\d+)")
 
 
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60, poll: float = 0.02) -> None:
-    """Waits for an event the service exposes (a metric, a status, a log line); `timeout` only guards a hang."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(poll)
-
-
 def start_server(bundle: Path, log: Path, *args: str, timeout: float = 180) -> Server:
     """`python -m service ... --port 0`: the kernel picks a free port and the service names it in its log line
     `listening on http://127.0.0.1:PORT`, written once the bundle is loaded and the socket bound. No port is

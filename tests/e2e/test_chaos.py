@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -49,12 +50,10 @@ def test_a_third_of_32_streams_disconnect_and_nothing_leaks(tiny_server):
     for i in range(32):
         if i not in quitters:
             assert results[i] == expected[i], i  # survivors are untouched by the others leaving
-    deadline = time.time() + 10
-    while (
-        tiny_server.metric("num_requests_running") or tiny_server.metric("num_requests_waiting")
-    ) and time.time() < deadline:
-        time.sleep(0.05)
-    assert tiny_server.metric("num_requests_running") == 0 and tiny_server.metric("num_requests_waiting") == 0
+    wait_for(
+        lambda: tiny_server.metric("num_requests_running") == tiny_server.metric("num_requests_waiting") == 0,
+        "every sequence to leave the batch and the queue",
+    )
     after = httpx.post(tiny_server.v1 + "/completions", json=bodies[0], timeout=60).json()["choices"][0]["text"]
     assert after == expected[0]
 

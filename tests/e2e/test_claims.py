@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.conftest import start_server, stop_server, wait_for
-from tests.helpers import run_cli
+from tests.e2e.conftest import start_server, stop_server
+from tests.helpers import run_cli, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -116,7 +116,8 @@ def test_cors_allows_only_the_listed_origins(claims):
 
 @pytest.mark.parametrize("origins", ["*", f"{ORIGIN},*"])
 def test_a_wildcard_cors_origin_is_refused_at_start(q4_bundles, origins):
-    result = run_cli("service", "--bundle", str(q4_bundles("fp32")), "--port", "0", "--cors-origins", origins)
+    bundle = str(q4_bundles("fp32"))
+    result = run_cli("service", "--bundle", bundle, "--port", "0", "--cors-origins", origins, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: cors") and "'*' is refused" in result.stderr
 
@@ -312,9 +313,14 @@ def test_auto_device_takes_a_usable_gpu_or_falls_back_to_cpu_with_a_warning(q4_b
         stop_server(server)
 
 
-def test_device_cuda_without_a_gpu_is_one_clear_error(q4_bundles):
-    if gpu_usable():
-        pytest.skip("a GPU is usable here: --device cuda serves (test_auto_device_... covers that machine)")
+def test_device_cuda_without_a_gpu_is_one_clear_error(q4_bundles, tmp_path):
+    if gpu_usable():  # the other half of the claim, on the machine that has one: it serves on CUDA
+        server = start_server(q4_bundles("fp32"), tmp_path / "cuda.log", "--device", "cuda")
+        try:
+            assert httpx.get(server.url + "/health").json()["device"] == "cuda"
+        finally:
+            stop_server(server)
+        return
     result = run_cli("service", "--bundle", str(q4_bundles("fp32")), "--port", "0", "--device", "cuda", timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

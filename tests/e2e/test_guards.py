@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
 import signal
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -11,6 +13,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import start_server, stop_server
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.e2e
 KEYS = ("key-one", "key-two")
@@ -93,10 +96,17 @@ def test_request_ids_are_echoed_or_made(guarded):
     with httpx.Client(base_url=guarded.url, timeout=30, headers=auth) as h:
         assert h.get("/health", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
         made = h.get("/health").headers["x-request-id"]
-        assert len(made) == 32
-        assert h.get("/health", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"] != "bad id"
+        assert re.fullmatch(r"[0-9a-f]{32}", made)
+        replaced = h.get("/health", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", replaced) and replaced != made
+        prompt = "a secret prompt 7f3e9c"
+        served = h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert served.status_code == 200
+        completion = served.json()["choices"][0]["text"]
     log = guarded.log.read_text()
-    assert "abc-123 GET /health 200" in log and "x" * 50 not in log  # ids are logged, prompts are not
+    assert "abc-123 GET /health 200" in log and f"{replaced} GET /health 200" in log  # ids are logged
+    assert f"{served.headers['x-request-id']} POST /v1/completions 200" in log
+    assert "7f3e9c" not in log and (len(completion.strip()) < 4 or completion not in log)  # prompts are not
 
 
 def test_overload_gets_429_quickly_and_accepted_requests_complete(guarded):
@@ -104,35 +114,44 @@ def test_overload_gets_429_quickly_and_accepted_requests_complete(guarded):
     auth = {"Authorization": f"Bearer {KEYS[0]}"}
     body = {"model": "tiny", "prompt": "a long one", "max_tokens": 200, "ignore_eos": True}
 
+    answered = []  # (status, number of accepted requests finished before this answer came)
+    lock, start = threading.Lock(), threading.Barrier(12)
+
     def call(_):
-        t = time.perf_counter()
+        start.wait()  # all twelve at once
         r = httpx.post(guarded.v1 + "/completions", json=body, headers=auth, timeout=120)
-        return r, time.perf_counter() - t
+        with lock:
+            answered.append((r.status_code, sum(1 for status, _ in answered if status == 200)))
+        return r
 
     with ThreadPoolExecutor(12) as pool:
         results = list(pool.map(call, range(12)))
-    refused = [(r, t) for r, t in results if r.status_code == 429]
-    accepted = [r for r, _ in results if r.status_code == 200]
+    refused = [r for r in results if r.status_code == 429]
+    accepted = [r for r in results if r.status_code == 200]
     assert refused and accepted and len(refused) + len(accepted) == 12
-    for r, _ in refused:
-        assert r.headers["retry-after"] == "1" and r.json()["error"]["type"] == "rate_limit_error"
+    for r in refused:
+        err = r.json()["error"]
+        assert r.headers["retry-after"] == "1" and err["type"] == "rate_limit_error" and err["code"] == "overloaded"
     assert all(r.json()["choices"][0]["finish_reason"] == "length" for r in accepted)
-    assert max(t for _, t in refused) < 2.0  # refused at once, not after waiting
-    assert guarded.metric("num_requests_waiting") == 0 and guarded.metric("num_requests_running") == 0
+    # refused at once, not after waiting: every refusal came before the first accepted request finished
+    assert all(done == 0 for status, done in answered if status == 429)
+    wait_for(lambda: guarded.metric("num_requests_running") == 0, "the accepted requests to retire")
+    assert guarded.metric("num_requests_waiting") == 0
 
 
-def test_deadline_ends_a_request_with_a_clear_error(tiny_bundle, tmp_path):
-    server = start_server(tiny_bundle, tmp_path / "deadline.log", "--request-timeout", "0.05", "--max-model-len", "256")
+def test_deadline_ends_a_request_with_a_clear_error(default_bundle, tmp_path):
+    """A 0.05 s deadline against 1000 tokens of the default model: a step costs over a millisecond on any
+    machine, so the request cannot finish in time; what is tested is how it ends."""
+    server = start_server(
+        default_bundle, tmp_path / "deadline.log", "--request-timeout", "0.05", "--max-model-len", "1100"
+    )
     try:
-        body = {"model": "tiny", "prompt": "go on", "max_tokens": 240, "ignore_eos": True}
-        r = httpx.post(server.v1 + "/completions", json=body, timeout=30)
+        body = {"model": "smollm2-135m", "prompt": "go on", "max_tokens": 1000, "ignore_eos": True}
+        r = httpx.post(server.v1 + "/completions", json=body, timeout=60)
         assert_error(r, 504, "deadline_exceeded")
-        stream = httpx.post(server.v1 + "/completions", json={**body, "stream": True}, timeout=30).text
+        stream = httpx.post(server.v1 + "/completions", json={**body, "stream": True}, timeout=60).text
         assert '"code": "deadline_exceeded"' in stream and stream.rstrip().endswith("data: [DONE]")
-        deadline = time.time() + 5
-        while server.metric("num_requests_running") and time.time() < deadline:
-            time.sleep(0.05)
-        assert server.metric("num_requests_running") == 0
+        wait_for(lambda: server.metric("num_requests_running") == 0, "the timed-out sequences to leave the batch")
     finally:
         stop_server(server)
 
@@ -145,24 +164,22 @@ def test_sigterm_drains_running_streams_and_refuses_new_ones(default_bundle, tmp
         "max_tokens": 60,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "temperature": 0,
     }
     try:
         with httpx.Client(timeout=60) as h, h.stream("POST", server.v1 + "/completions", json=body) as resp:
             lines = resp.iter_lines()
             first = next(line for line in lines if line.startswith("data: "))
-            started = time.time()
             server.process.send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            wait_for(lambda: httpx.get(server.url + "/ready").status_code == 503, "the server to start draining")
             refused = httpx.post(server.v1 + "/completions", json={**body, "stream": False}, timeout=10)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
-            assert httpx.get(server.url + "/ready").status_code == 503
             rest = [first, *(line for line in lines if line)]
         assert rest[-1] == "data: [DONE]"
-        text_chunks = [line for line in rest if line.startswith('data: {"id"')]
-        assert len(text_chunks) >= 55  # the stream ran to its end (a chunk per token, bar split characters)
-        server.process.wait(25)
-        assert time.time() - started < 25
+        usage = json.loads(rest[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 60  # the stream ran to its end
+        server.process.wait(60)  # a hang guard: the drain ends when the stream does
         assert server.process.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
     finally:
         if server.process.poll() is None:

@@ -93,14 +93,34 @@ def test_greedy_equals_torch_reference_alone_and_in_a_busy_batch(default_server,
         )
 
     assert ask(ids, 24) == expected
-    others = [" ".join(["word"] * (3 + 9 * i)) for i in range(15)]
+    others = [(" ".join(["word"] * (3 + 9 * i)), 4 + 3 * i) for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:  # the others in a batch of their own
+        alone = list(pool.map(lambda o: ask(*o), others))
+    started = [threading.Event() for _ in others]
+
+    def ask_streamed(i: int) -> str:
+        prompt, n = others[i]
+        chunks = c.completions.create(
+            model="smollm2-135m",
+            prompt=prompt,
+            max_tokens=n,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        text = []
+        for chunk in chunks:
+            started[i].set()
+            text.append(chunk.choices[0].text)
+        return "".join(text)
+
     with ThreadPoolExecutor(16) as pool:
-        futures = [pool.submit(ask, o, 4 + 3 * i) for i, o in enumerate(others[:8])]
-        time.sleep(0.3)  # the probe joins a running batch; the rest join after it
+        futures = [pool.submit(ask_streamed, i) for i in range(len(others))]
+        assert all(e.wait(120) for e in started)  # every other is running: the probe joins a batch in progress
         probe = pool.submit(ask, ids, 24)
-        futures += [pool.submit(ask, o, 4 + 3 * i) for i, o in enumerate(others[8:])]
+        futures += [pool.submit(ask, o, n) for o, n in others]  # and more join after it
         assert probe.result() == expected
-        assert all(isinstance(f.result(), str) for f in futures)
+        assert [f.result() for f in futures] == alone + alone  # nobody's tokens depend on the batch
 
 
 @pytest.mark.parametrize(
@@ -151,8 +171,10 @@ def test_length_n_seed_echo(tiny_server):
         model="tiny", prompt="abc", max_tokens=5, n=3, temperature=1.0, seed=3, extra_body={"ignore_eos": True}
     )
     assert [ch.text for ch in again.choices] == [ch.text for ch in r.choices]
+    assert len({ch.text for ch in r.choices}) > 1  # each choice samples from its own stream (seed, i)
+    plain = c.completions.create(model="tiny", prompt="Hello there", max_tokens=3, temperature=0)
     echo = c.completions.create(model="tiny", prompt="Hello there", max_tokens=3, echo=True, temperature=0)
-    assert echo.choices[0].text.startswith("Hello there")
+    assert echo.choices[0].text == "Hello there" + plain.choices[0].text
     assert r.id.startswith("cmpl-") and r.object == "text_completion"
 
 
@@ -174,6 +196,7 @@ def test_logprobs_are_valid_and_sorted(tiny_server):
         temperature=0.8,
         seed=1,
     )
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens > 0
     for item in chat.choices[0].logprobs.content:
         tops = [t.logprob for t in item.top_logprobs]
         assert len(tops) == 4 and tops == sorted(tops, reverse=True) and item.logprob <= 0

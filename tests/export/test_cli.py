@@ -8,6 +8,7 @@ import struct
 import pytest
 
 from export.bundle import sha256
+from export.parity import BOUNDS, ParityReport
 from tests.helpers import run_cli, write_gguf_from_hf, write_hf_checkpoint
 
 
@@ -18,8 +19,11 @@ def tiny_llama(tmp_path_factory):
     return directory, hf
 
 
-@pytest.mark.parametrize("extra", [[], ["--dtype", "fp16"], ["--quantize", "int8"]])
-def test_hf_dir_exports_a_verified_bundle(tiny_llama, tmp_path, extra):
+@pytest.mark.parametrize(
+    "extra, variants",
+    [([], ["fp32"]), (["--dtype", "fp16"], ["fp16"]), (["--quantize", "int8"], ["fp32", "int8"])],
+)
+def test_hf_dir_exports_a_verified_bundle(tiny_llama, tmp_path, extra, variants):
     directory, _ = tiny_llama
     out = tmp_path / "bundle"
     result = run_cli("export", "--source", str(directory), "--out", str(out), "--max-context", "128", *extra)
@@ -32,9 +36,13 @@ def test_hf_dir_exports_a_verified_bundle(tiny_llama, tmp_path, extra):
     assert manifest["graph"]["cache"]["attention_op"] == "com.microsoft::GroupQueryAttention"
     for name, meta in manifest["files"].items():
         assert sha256(out / name) == meta["sha256"]
-    first = manifest["parity"][0]
-    if not extra:
-        assert first["variant"] == "fp32" and first["max_abs_diff"] <= 1e-3 and first["top1_agreement"] == 1.0
+    reports = [ParityReport.from_dict(r) for r in manifest["parity"]]
+    assert [r.variant for r in reports] == variants  # the graph as exported, then its quantized form
+    for r in reports:  # each one run here in onnxruntime and within its own bound, as the report line says
+        assert r.verified and r.passed() and r.bound == BOUNDS[r.variant], r.line()
+        assert r.line().strip() in result.stdout and r.line().endswith("ok")
+    if variants == ["fp32"]:
+        assert reports[0].max_abs_diff <= 1e-3 and reports[0].top1_agreement == 1.0
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temp dirs left behind
 
 
@@ -48,18 +56,52 @@ def test_gguf_with_q4_blocks_exports_int4_from_its_own_blocks(tiny_llama, tmp_pa
     )  # fp32 compute: the carried blocks must reproduce fp32 exactly
     assert result.returncode == 0, result.stderr
     assert "carried 14 GGUF-quantized tensors" in result.stdout
-    report = json.loads((out / "manifest.json").read_text())["parity"][-1]
-    assert report["variant"] == "int4-gguf" and report["max_abs_diff"] < 1e-2 and report["top1_agreement"] == 1.0
+    reports = [ParityReport.from_dict(r) for r in json.loads((out / "manifest.json").read_text())["parity"]]
+    assert [r.variant for r in reports] == ["fp32", "int4-gguf"]
+    assert all(r.verified and r.passed() for r in reports)
+    assert reports[-1].max_abs_diff < 1e-2 and reports[-1].top1_agreement == 1.0
+
+
+def outliers_int4_cannot_hold(directory) -> None:
+    """A tiny Llama that int4 re-quantization must ruin: one input channel of every block of 32 is always zero (its
+    norm weight, or the rows that produce it, are zero) and carries a weight of 1000 in every linear. The fp32 graph
+    is unchanged by it (1000 x 0), but each block's 4-bit scale spans 1000, so every other weight rounds to zero."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(directory)
+    hidden = [0, 32]  # zero inputs of q/k/v, gate/up and the unembedding: the norms' channels 0 and 32
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[hidden] = 0.0
+            layer.post_attention_layernorm.weight[hidden] = 0.0
+            layer.self_attn.v_proj.weight[[0, 16]] = 0.0  # o_proj's inputs 0 and 32 (heads 0 and 2 read kv 0, 1)
+            layer.mlp.gate_proj.weight[[0, 32, 64, 96]] = 0.0  # silu(0) = 0: down_proj's inputs 0, 32, 64, 96
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                linear.weight[:, hidden] = 1000.0
+            layer.self_attn.o_proj.weight[:, [0, 32]] = 1000.0
+            layer.mlp.gate_proj.weight[:, hidden] = 1000.0
+            layer.mlp.up_proj.weight[:, hidden] = 1000.0
+            layer.mlp.down_proj.weight[:, [0, 32, 64, 96]] = 1000.0
+        model.model.norm.weight[hidden] = 0.0
+        model.lm_head.weight[:, hidden] = 1000.0
+    model.save_pretrained(directory, safe_serialization=True)
 
 
 def test_a_bound_that_is_missed_fails_the_export(tiny_llama, tmp_path):
-    """Re-quantizing a tiny random model to int4 flips too many of its near-tied argmaxes: no bundle."""
+    """int4 re-quantization of weights it cannot represent: top-1 agreement far below the bound, no bundle."""
+    import shutil
+
     directory, _ = tiny_llama
+    src = tmp_path / "src"
+    shutil.copytree(directory, src)
+    outliers_int4_cannot_hold(src)
     out = tmp_path / "bundle"
-    result = run_cli("export", "--source", str(directory), "--out", str(out), "--quantize", "int4")
+    result = run_cli("export", "--source", str(src), "--out", str(out), "--quantize", "int4")
+    assert "fp32 " in result.stdout and "ok" in result.stdout.split("int4 ")[0]  # fp32 still exact
     assert "int4 " in result.stdout and "FAILED" in result.stdout
     assert result.returncode == 2 and result.stderr.strip().startswith("error: parity check failed")
-    assert not out.exists() and list(tmp_path.iterdir()) == []
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
 
 
 def _assert_clean_failure(result, out, *words):

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from service.app import create_app
 from service.config import Settings
-from tests.e2e.conftest import wait_for
+from tests.helpers import wait_for
 
 
 @dataclass

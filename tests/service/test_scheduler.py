@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -13,14 +12,16 @@ from service.engine import Engine
 from service.sampler import SamplingParams
 from service.scheduler import EngineStopped, GenerationRequest, Scheduler
 from service.tokenizer import IncrementalDetokenizer, TextTokenizer
+from tests.helpers import wait_for
 
 
 class Collector:
     def __init__(self, n: int = 1) -> None:
-        self.events, self.done, self.n = [], threading.Event(), n
+        self.events, self.done, self.started, self.n = [], threading.Event(), threading.Event(), n
 
     def __call__(self, event) -> None:
         self.events.append(event)
+        self.started.set()
         if sum(1 for e in self.events if e.finish_reason) == self.n:
             self.done.set()
 
@@ -94,15 +95,13 @@ def test_cancel_frees_the_slot_within_a_step(make_scheduler):
     state = s.submit(
         GenerationRequest("r", (1, 2, 3), SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)), c
     )
-    deadline = time.time() + 30
-    while not c.events and time.time() < deadline:
-        time.sleep(0.01)
-    assert s.num_running == 1
+    assert c.started.wait(30) and s.num_running == 1
     steps = s.steps
     s.cancel(state)
-    while s.num_running and time.time() < deadline:
-        time.sleep(0.005)
-    assert s.num_running == 0 and s.cache.num_free == 2 and s.steps - steps <= 2
+    wait_for(lambda: s.num_running == 0, "the cancelled sequence to retire")
+    # the step under way when cancel() came, then the one that retires it; with nothing else to run the loop
+    # then idles, so this counts steps, not time
+    assert s.cache.num_free == 2 and s.steps - steps <= 2
 
 
 def test_max_tokens_and_length_finish(make_scheduler):
@@ -166,9 +165,7 @@ def test_a_dead_loop_answers_everyone_and_refuses_new_work(make_scheduler):
     s = make_scheduler(slots=1)
     first = run(s, [1, 2, 3], max_tokens=200, ignore_eos=True)
     second = run(s, [4, 5, 6], max_tokens=5)  # waits for the only slot
-    deadline = time.time() + 30
-    while not first.events and time.time() < deadline:
-        time.sleep(0.01)
+    assert first.started.wait(30)
 
     def die() -> None:
         raise SystemExit("the loop itself breaks")
@@ -176,10 +173,7 @@ def test_a_dead_loop_answers_everyone_and_refuses_new_work(make_scheduler):
     s.step = die  # escapes the per-step handler
     assert first.done.wait(10) and second.done.wait(10)
     assert first.events[-1].finish_reason == second.events[-1].finish_reason == "error"
-    deadline = time.time() + 5
-    while s.alive and time.time() < deadline:
-        time.sleep(0.01)
-    assert not s.alive
+    wait_for(lambda: not s.alive, "the loop to stop")
     with pytest.raises(EngineStopped):
         run(s, [1], max_tokens=1)
 

@@ -1,0 +1,31 @@
+"""The commands docs/EXPORT.md and docs/BENCHMARKS.md quote for engine-only figures still run and print what the
+docs read from them (few steps on a tiny bundle: the figures themselves are not measured here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_engine_alone_reports_prefill_step_time_and_tokens_per_second(q4_bundles):
+    args = ("--prompt-tokens", "16", "--steps", "4", "--rows", "3")
+    result = run_cli("loadtests.engine", "--bundle", str(q4_bundles("int4-gguf")), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["rows"] == 3 and out["prefill_ms"] > 0 and out["ms_per_step"] > 0
+    assert out["tokens_per_s"] == pytest.approx(3 / out["ms_per_step"] * 1e3)
+
+
+def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
+    args = ("--steps", "3", "--prompt-tokens", "8", "--top", "100")
+    result = run_cli("loadtests.profile", "--bundle", str(q4_bundles("int4-gguf")), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert "ms of kernel time per step" in lines[0] and lines[1] == "| op | ms/step | share | nodes |"
+    ops = {line.split(" | ")[0].removeprefix("| ") for line in lines[3:]}
+    assert {"MatMulNBits", "GroupQueryAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
