@@ -6,6 +6,7 @@
 ARG VARIANT=gpu
 
 FROM python:3.11-slim-bookworm AS build
+ARG VARIANT
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
@@ -15,7 +16,8 @@ COPY pyproject.toml Makefile ./
 RUN mkdir export service && touch export/__init__.py service/__init__.py && make setup-export
 COPY export/ export/
 COPY service/ service/
-RUN make export BUNDLE=/bundle
+# The GPU image bakes an fp16 bundle: onnxruntime's CUDA GroupQueryAttention runs fp16/bf16 only.
+RUN make export BUNDLE=/bundle EXPORT_ARGS="$(if [ "$VARIANT" = gpu ]; then echo --dtype fp16; fi)"
 
 # onnxruntime-gpu 1.31 is built against CUDA 13 and cuDNN 9.
 FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS runtime-gpu

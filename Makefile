@@ -8,6 +8,7 @@ BUNDLE ?= bundles/smollm2-135m
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+EXPORT_ARGS ?=
 
 USERS ?= 16
 SPAWN_RATE ?= $(USERS)
@@ -43,7 +44,7 @@ setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
 $(BUNDLE)/manifest.json: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
-	$(BIN)/python -m export --source default --out $(BUNDLE)
+	$(BIN)/python -m export --source default --out $(BUNDLE) $(EXPORT_ARGS)
 
 export: $(BUNDLE)/manifest.json
 
