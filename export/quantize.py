@@ -93,11 +93,52 @@ def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], acc
         graph.node.remove(node)
         for k, new_node in enumerate(new_nodes):
             graph.node.insert(idx + k, new_node)
-        if not any(node.input[1] in n.input for n in graph.node):  # a tied embedding's Gather keeps its table
+        if parts == ["lm_head.weight"]:
+            _embed_from_blocks(graph, node.input[1], prefix, blocks[0])
+        if not any(node.input[1] in n.input for n in graph.node):
             graph.initializer.remove(inits.pop(node.input[1]))
         carried += len(parts)
     save_model(model, dst)
     return carried
+
+
+def _embed_from_blocks(graph: onnx.GraphProto, table: str, prefix: str, block: PackedLinear) -> None:
+    """A tied embedding whose unembedding became an 8-bit MatMulNBits: its Gather reads the same Q8_0 blocks
+    (GatherBlockQuantized, exact: (q - 128) * d is the table's own dequantization), so the table is stored once."""
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == table]
+    if not gathers:
+        return
+    N, K = block.shape
+    shapes = {"qweight": (N, K), "scales": (N, K // BLOCK), "zero_points": (N, K // BLOCK)}
+    for name, shape in shapes.items():
+        graph.initializer.append(numpy_helper.from_array(np.array(shape, np.int64), f"{prefix}.{name}_2d_shape"))
+    for gather in gathers:
+        i = list(graph.node).index(gather)
+        graph.node.remove(gather)
+        new_nodes = [
+            helper.make_node(
+                "Reshape",
+                [f"{prefix}.{name}", f"{prefix}.{name}_2d_shape"],
+                [f"{prefix}.{name}_2d"],
+                name=f"{gather.name}/{name}",
+            )
+            for name in shapes
+        ]
+        new_nodes.append(
+            helper.make_node(
+                "GatherBlockQuantized",
+                [f"{prefix}.qweight_2d", gather.input[1], f"{prefix}.scales_2d", f"{prefix}.zero_points_2d"],
+                list(gather.output),
+                name=gather.name + "BlockQuantized",
+                domain="com.microsoft",
+                bits=8,
+                block_size=BLOCK,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+        )
+        for k, new_node in enumerate(new_nodes):
+            graph.node.insert(i + k, new_node)
 
 
 def _gguf_parts(node: onnx.NodeProto, graph: onnx.GraphProto, accuracy_level: int) -> list[str]:
