@@ -39,13 +39,14 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions) -> ort.Infer
             f"not run (only {'/'.join(CUDA_ATTENTION_DTYPES)}): export with --dtype fp16, or serve with --device cpu"
         )
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    why = ""
     try:
-        return ort.InferenceSession(str(bundle.graph), options, providers=["CUDAExecutionProvider"])
+        session = ort.InferenceSession(str(bundle.graph), options, providers=["CUDAExecutionProvider"])
+        if session.get_providers()[0] == "CUDAExecutionProvider":  # onnxruntime's Python layer may retry on CPU
+            return session
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(
-            f"{bundle.graph}: not every node can run on the CUDA provider ({first}); serve with --device cpu"
-        ) from exc
+        why = f" ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    raise BundleError(f"{bundle.graph}: not every node can run on the CUDA provider{why}; serve with --device cpu")
 
 
 class Engine:
