@@ -6,6 +6,7 @@
 ARG VARIANT=gpu
 
 FROM python:3.11-slim-bookworm AS build
+ARG VARIANT
 RUN apt-get update \
     && apt-get install -y --no-install-recommends make \
     && rm -rf /var/lib/apt/lists/*
@@ -18,7 +19,8 @@ RUN mkdir export service && touch export/__init__.py service/__init__.py \
     && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" PIP_NO_CACHE_DIR=1 make setup-export
 # The export needs export/ only: a change to service/ rebuilds the runtime stage, not the bundle.
 COPY export/ export/
-# fp16 for the GPU (half the weights and KV cache, tensor cores); fp32 for the CPU, where it is the fastest.
+# fp16 for the GPU: onnxruntime's CUDA GroupQueryAttention runs fp16/bf16 only (half the weights and KV cache,
+# tensor cores); fp32 for the CPU, where it is the fastest.
 ARG VARIANT
 RUN make export BUNDLE=/bundle EXPORT_ARGS="$(if [ "$VARIANT" = gpu ]; then echo --dtype fp16; fi)"
 

@@ -9,6 +9,7 @@ EXPORT_ARGS ?=
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
+EXPORT_ARGS ?=
 
 USERS ?= 16
 SPAWN_RATE ?= $(USERS)
@@ -16,7 +17,7 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz inspect \
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz inspect FORCE \
 	docker-base docker-cpu docker-gpu docker-test
 
 $(BIN)/python:
@@ -44,11 +45,14 @@ setup: $(VENV)/.installed
 setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
-# inspect.onnx is the newest file of the default bundle: a bundle exported before it existed is exported again.
-$(BUNDLE)/inspect.onnx: | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
+# A bundle of an older format is exported again (the service refuses it, naming the re-export).
+BUNDLE_CURRENT := $(shell grep -qs '"format_version": 2,' $(BUNDLE)/manifest.json && echo yes)
+$(BUNDLE)/manifest.json: $(if $(BUNDLE_CURRENT),,FORCE) | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
 	$(BIN)/python -m export --source default --out $(BUNDLE) $(EXPORT_ARGS)
 
-export: $(BUNDLE)/inspect.onnx
+export: $(BUNDLE)/manifest.json
+
+FORCE:
 
 serve: setup export
 	$(BIN)/python -m service --bundle $(BUNDLE) --host $(HOST) --port $(PORT)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = "gpt-onnx-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused graph, logits only at `logits_index`, rotary from seqlens_k (1: one logit per position)
 
 
 def sha256(path: Path) -> str:

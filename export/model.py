@@ -13,7 +13,12 @@ exported graph mean the same thing by every input:
   end at seqlens_k, i.e. start at seqlens_k + 1 - S. A chunk with S > 1 after a past needs batch 1.
 
 In the exported graph past and present share one buffer, so a step writes only its new positions in place.
-The torch forward below is the reference for that op and returns updated copies.
+The torch forward (ops.py's references) returns updated copies. Llama's rotary positions are derived from
+seqlens_k inside the op (`ops.positions`), so only GPT-2's learned positions read `position_ids`.
+
+The graph is a handful of onnxruntime's fused operators per layer, each emitted from an `autograd.Function` in
+ops.py whose torch reference sits beside it (norms with the residual add, one packed q/k/v MatMul into attention
+with rotary inside, one gate/up MatMul); logits are computed only at the positions `logits_index` selects.
 """
 
 from __future__ import annotations
@@ -26,27 +31,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from export.config import ModelConfig
+from export.ops import GeluTanh, GroupQueryAttention, NormOp, SiLU, SkipNormOp, Unembed, rotary_reference
+
+# ------------------------------------------------------------------------------------------------------- modules
 
 
 class Norm(nn.Module):
-    """LayerNorm (GPT-2, with bias) or RMSNorm (Llama), computed in fp32 like the references."""
+    """LayerNorm (GPT-2, with bias) or RMSNorm (Llama); with a residual, adds it first and returns the sum too."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.rms = config.family == "llama"
         self.eps = config.norm_eps
-        self.shape = (config.d_model,)  # a Python constant: a traced x.shape[-1] would export as a dynamic Gather
         self.weight = nn.Parameter(torch.ones(config.d_model))
         self.bias = None if self.rms else nn.Parameter(torch.zeros(config.d_model))
 
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        x = x.float()
-        if self.rms:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-            return self.weight * x.to(dtype)
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x, self.shape, self.weight.float(), bias, self.eps).to(dtype)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(norm(residual + x), residual + x); without a residual, (norm(x), None): the sum is x itself."""
+        if residual is None:
+            return NormOp.apply(x, self.weight, self.bias, self.eps, self.rms), None
+        return SkipNormOp.apply(x, residual, self.weight, self.bias, self.eps, self.rms)
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:
@@ -69,62 +73,39 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
     return inv_freq
 
 
-class RotaryEmbedding(nn.Module):
-    """Llama's rotary positions in the half-split (rotate_half) layout of Hugging Face checkpoints."""
+class RotaryTables(nn.Module):
+    """Llama's rotary cos/sin tables, (T_max, D/2) each: GroupQueryAttention's `cos_cache` and `sin_cache`."""
 
-    cos: Tensor  # (T_max, D/2)
+    cos: Tensor
     sin: Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inv_freq = rope_inv_freq(config)  # (D/2,)
-        angles = torch.outer(torch.arange(config.max_context, dtype=torch.float64), inv_freq)  # (T, D/2)
+        angles = torch.outer(torch.arange(config.max_context, dtype=torch.float64), rope_inv_freq(config))  # (T, D/2)
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor:
-        # x: (B, S, H, D); position_ids: (B, S)
-        cos = self.cos[position_ids].unsqueeze(2)  # (B, S, 1, D/2)
-        sin = self.sin[position_ids].unsqueeze(2)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-        return out.to(x.dtype)
+
+# q/k/v and gate/up run as one MatMul each; the parts keep their checkpoint names (so loading stays a rename table)
+# and the export folds their concatenation into one weight. quantize.py reads this table to pack a GGUF's blocks.
+PACKED: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
 
 
-def gqa_reference(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    seqlens_k: Tensor,
-    total_len: Tensor,
-    n_head: int,
-    n_kv_head: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """GroupQueryAttention's semantics in torch. q: (B, S, H*D); k, v: (B, S, H_kv*D); caches (B, H_kv, T_max, D)."""
-    B, S, _ = q.shape
-    D = k_cache.shape[-1]
-    total = seqlens_k.long() + 1  # (B,) each row's length after this step
-    first_prompt = S == int(total_len)
-    past = torch.zeros_like(total) if first_prompt else total - S  # (B,) where this step's positions start
+class PackedLinear(nn.Module):
+    """Several projections of one input as one MatMul, outputs side by side; the weights live on the parent."""
 
-    pos = past[:, None] + torch.arange(S)  # (B, S)
-    index = pos[:, None, :, None].expand(B, n_kv_head, S, D)
-    k_cache = k_cache.scatter(2, index, k.view(B, S, n_kv_head, D).transpose(1, 2).to(k_cache.dtype))
-    v_cache = v_cache.scatter(2, index, v.view(B, S, n_kv_head, D).transpose(1, 2).to(v_cache.dtype))
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.parts = PACKED[name]
 
-    T = int(total_len)
-    keys = k_cache[:, :, :T].repeat_interleave(n_head // n_kv_head, dim=1).float()  # (B, H, T, D)
-    values = v_cache[:, :, :T].repeat_interleave(n_head // n_kv_head, dim=1).float()
-    queries = q.view(B, S, n_head, D).transpose(1, 2).float()  # (B, H, S, D)
-
-    j = torch.arange(T)
-    allowed = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < total[:, None, None])  # (B, S, T)
-    scores = queries @ keys.transpose(-1, -2) / math.sqrt(D)  # (B, H, S, T)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ values  # (B, H, S, D)
-    return out.transpose(1, 2).reshape(B, S, n_head * D).to(q.dtype), k_cache, v_cache
+    def forward(self, x: Tensor, parent: nn.Module) -> Tensor:
+        linears = [getattr(parent, p) for p in self.parts]
+        weight = torch.cat([lin.weight for lin in linears])  # (N_total, C)
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        return F.linear(x, weight, bias)
 
 
 def causal_attention(
@@ -149,34 +130,6 @@ def causal_attention(
     return out.transpose(1, 2).reshape(B, S, n_head * D).to(q.dtype), probs
 
 
-class GroupQueryAttention(torch.autograd.Function):
-    """Runs `gqa_reference` in torch; exports as one `com.microsoft::GroupQueryAttention` node."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, k_cache, v_cache, seqlens_k, total_len, n_head, n_kv_head):  # type: ignore[override]
-        return gqa_reference(q, k, v, k_cache, v_cache, seqlens_k, total_len, n_head, n_kv_head)
-
-    @staticmethod
-    def symbolic(g, q, k, v, k_cache, v_cache, seqlens_k, total_len, n_head, n_kv_head):  # type: ignore[no-untyped-def]
-        out, k_out, v_out = g.op(
-            "com.microsoft::GroupQueryAttention",
-            q,
-            k,
-            v,
-            k_cache,
-            v_cache,
-            seqlens_k,
-            total_len,
-            num_heads_i=n_head,
-            kv_num_heads_i=n_kv_head,
-            outputs=3,
-        )
-        out.setType(q.type())  # the exporter cannot infer a contrib op's outputs: same as query and the caches
-        k_out.setType(k_cache.type())
-        v_out.setType(v_cache.type())
-        return out, k_out, v_out
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -187,49 +140,60 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.d_model, kv_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.rotary = RotaryEmbedding(config) if config.family == "llama" else None
+        self.qkv_proj = PackedLinear("qkv_proj")
 
     def forward(
-        self, x: Tensor, position_ids: Tensor, seqlens_k: Tensor, total_len: Tensor, k_cache: Tensor, v_cache: Tensor
+        self,
+        x: Tensor,
+        rope: RotaryTables | None,
+        seqlens_k: Tensor,
+        total_len: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = self.project(x, position_ids)
+        qkv = self.qkv_proj(x, self)  # (B, S, (H + 2 H_kv) * D)
+        cos, sin = (rope.cos, rope.sin) if rope is not None else (None, None)
         y, k_cache, v_cache = GroupQueryAttention.apply(
-            q, k, v, k_cache, v_cache, seqlens_k, total_len, self.n_head, self.n_kv_head
+            qkv, k_cache, v_cache, seqlens_k, total_len, cos, sin, self.n_head, self.n_kv_head
         )
         return self.o_proj(y), k_cache, v_cache
 
-    def project(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        B, S, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, S, H*D), (B, S, H_kv*D) x2
-        if self.rotary is not None:
-            q = self.rotary(q.view(B, S, self.n_head, self.head_dim), position_ids).view(B, S, -1)
-            k = self.rotary(k.view(B, S, self.n_kv_head, self.head_dim), position_ids).view(B, S, -1)
-        return q, k, v
+    def inspect(self, x: Tensor, rope: RotaryTables | None, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """A whole prompt without a cache, attention explicit: the output and the probabilities (B, H, S, S).
 
-    def inspect(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """A whole prompt without a cache: the output and the probabilities (B, H, S, S)."""
-        q, k, v = self.project(x, position_ids)
-        y, probs = causal_attention(q, k, v, position_ids, self.n_head, self.n_kv_head)
+        The same packed q/k/v weight as the serving graph, so the inspection graph shares it on disk."""
+        B, S, _ = x.shape
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv_proj(x, self).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        if rope is not None:
+            q = rotary_reference(q.reshape(B, S, H, D), rope.cos, rope.sin, position_ids).reshape(B, S, -1)
+            k = rotary_reference(k.reshape(B, S, H_kv, D), rope.cos, rope.sin, position_ids).reshape(B, S, -1)
+        y, probs = causal_attention(q, k, v, position_ids, H, H_kv)
         return self.o_proj(y), probs
 
 
 class MLP(nn.Module):
-    """GPT-2: down(gelu_tanh(up(x))); Llama: down(silu(gate(x)) * up(x))."""
+    """GPT-2: down(gelu_tanh(up(x))); Llama: down(silu(gate(x)) * up(x)), gate and up as one MatMul."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gated = config.family == "llama"
+        self.gated, self.d_ff = config.family == "llama", config.d_ff  # a Python int: one Split, no Shape chain
         self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias)
         self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.bias) if self.gated else None
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.bias)
+        self.gate_up_proj = PackedLinear("gate_up_proj") if self.gated else None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_proj is not None:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x, self).split([self.d_ff, self.d_ff], dim=-1)  # (B, S, F) each
+            return self.down_proj(SiLU.apply(gate) * up)
+        return self.down_proj(GeluTanh.apply(self.up_proj(x)))
 
 
 class Block(nn.Module):
+    """Pre-norm block. The residual add is fused into the next norm: each block takes the previous sublayer's output
+    `x` still to be added to `residual` (None for the first block, whose x is the embedding) and returns its MLP's."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.attn_norm = Norm(config)
@@ -238,18 +202,29 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: Tensor, position_ids: Tensor, seqlens_k: Tensor, total_len: Tensor, k_cache: Tensor, v_cache: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        a, k_cache, v_cache = self.attn(self.attn_norm(x), position_ids, seqlens_k, total_len, k_cache, v_cache)
-        x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, k_cache, v_cache
+        self,
+        x: Tensor,
+        residual: Tensor | None,
+        rope: RotaryTables | None,
+        seqlens_k: Tensor,
+        total_len: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        h, total = self.attn_norm(x, residual)
+        residual = x if total is None else total
+        a, k_cache, v_cache = self.attn(h, rope, seqlens_k, total_len, k_cache, v_cache)
+        h, total = self.mlp_norm(a, residual)
+        return self.mlp(h), cast(Tensor, total), k_cache, v_cache
 
-    def inspect(self, x: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        a, probs = self.attn.inspect(self.attn_norm(x), position_ids)
-        x = x + a
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, probs
+    def inspect(
+        self, x: Tensor, residual: Tensor | None, rope: RotaryTables | None, position_ids: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        h, total = self.attn_norm(x, residual)
+        residual = x if total is None else total
+        a, probs = self.attn.inspect(h, rope, position_ids)
+        h, total = self.mlp_norm(a, residual)
+        return self.mlp(h), cast(Tensor, total), probs
 
 
 class GPT(nn.Module):
@@ -258,6 +233,7 @@ class GPT(nn.Module):
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embeddings = nn.Embedding(config.max_context, config.d_model) if config.family == "gpt2" else None
+        self.rope = RotaryTables(config) if config.family == "llama" else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = Norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -267,19 +243,27 @@ class GPT(nn.Module):
     def forward(
         self,
         input_ids: Tensor,  # (B, S) int64
-        position_ids: Tensor,  # (B, S) int64
+        position_ids: Tensor | None,  # (B, S) int64: GPT-2's learned positions; Llama's come from seqlens_k
         seqlens_k: Tensor,  # (B,) int32: total length after this step - 1
         total_sequence_length: Tensor,  # () int32: max over rows of seqlens_k + 1
+        logits_index: Tensor,  # (N,) int64: rows of the flattened (B*S) positions whose logits are computed
         *cache: Tensor,  # 2 * n_layer buffers, (B, H_kv, T_max, D): layer 0 key, layer 0 value, layer 1 key, ...
     ) -> tuple[Tensor, ...]:
         x = self.tok_embeddings(input_ids)  # (B, S, C)
-        if self.pos_embeddings is not None:
+        if self.pos_embeddings is not None and position_ids is not None:
             x = x + self.pos_embeddings(position_ids)
+        residual: Tensor | None = None
         present: list[Tensor] = []
         for i, block in enumerate(self.blocks):
-            x, k, v = block(x, position_ids, seqlens_k, total_sequence_length, cache[2 * i], cache[2 * i + 1])
+            x, residual, k, v = block(
+                x, residual, self.rope, seqlens_k, total_sequence_length, cache[2 * i], cache[2 * i + 1]
+            )
             present += [k, v]
-        logits = self.lm_head(self.norm(x)).float()  # (B, S, V), fp32 whatever the weights' dtype
+        x, _ = self.norm(x, residual)  # (B, S, C)
+        x = x.reshape(-1, self.config.d_model)[logits_index]  # (N, C): only the positions whose logits are read
+        logits = Unembed.apply(x, self.lm_head.weight)  # (N, V)
+        if logits.dtype != torch.float32:  # fp32 logits whatever the weights' dtype
+            logits = logits.float()
         return (logits, *present)
 
     def inspect(self, input_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -289,12 +273,14 @@ class GPT(nn.Module):
         x = self.tok_embeddings(input_ids)  # (1, S, C)
         if self.pos_embeddings is not None:
             x = x + self.pos_embeddings(position_ids)
+        residual: Tensor | None = None
         probs: list[Tensor] = []
         for block in self.blocks:
-            x, p = cast(Block, block).inspect(x, position_ids)
+            x, residual, p = cast(Block, block).inspect(x, residual, self.rope, position_ids)
             probs.append(p[0])
-        logits = self.lm_head(self.norm(x)).float()  # (1, S, V)
-        return logits, torch.stack(probs)
+        x, _ = self.norm(x, residual)  # (1, S, C)
+        logits = Unembed.apply(x[0], self.lm_head.weight).float()  # (S, V)
+        return logits[None], torch.stack(probs)
 
 
 class KVCache:
@@ -321,9 +307,10 @@ def prefill(model: GPT, cache: KVCache, prompts: list[list[int]]) -> Tensor:
         input_ids[b, : len(p)] = torch.tensor(p)
     position_ids = torch.arange(S).expand(len(prompts), S)  # (B, S)
     seqlens_k = (lengths - 1).to(torch.int32)
-    out = model(input_ids, position_ids, seqlens_k, torch.tensor(S, dtype=torch.int32), *cache.buffers)
+    every = torch.arange(len(prompts) * S)  # logits at every position
+    out = model(input_ids, position_ids, seqlens_k, torch.tensor(S, dtype=torch.int32), every, *cache.buffers)
     cache.update(out[1:])
-    return out[0]
+    return out[0].view(len(prompts), S, -1)
 
 
 @torch.no_grad()
@@ -331,6 +318,6 @@ def decode_one_token(model: GPT, cache: KVCache, tokens: Tensor, lengths: Tensor
     """One new token per row; `lengths` (B,) are the positions each row already holds. Returns logits (B, V)."""
     seqlens_k = lengths.to(torch.int32)  # total after the step (lengths + 1) minus one
     total = torch.tensor(int(lengths.max()) + 1, dtype=torch.int32)
-    out = model(tokens[:, None], lengths[:, None].long(), seqlens_k, total, *cache.buffers)
+    out = model(tokens[:, None], lengths[:, None].long(), seqlens_k, total, torch.arange(len(tokens)), *cache.buffers)
     cache.update(out[1:])
-    return out[0][:, 0]
+    return out[0]

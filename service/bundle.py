@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 FORMAT = "gpt-onnx-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused graph, logits only at `logits_index`, rotary from seqlens_k (1: one logit per position)
 
 
 class BundleError(Exception):
@@ -39,6 +39,7 @@ class Bundle:
     head_dim: int
     max_context: int
     cache_dtype: str  # "float32" | "float16"
+    input_names: tuple[str, ...]  # the graph's inputs besides the cache (position_ids only for learned positions)
     dtype: str
     quantization: str
     bos_token_id: int | None
@@ -75,7 +76,10 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
     if m.get("format") != FORMAT:
         raise BundleError(f"{manifest_path}: format is {m.get('format')!r}, expected {FORMAT!r}")
     if m.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: format_version is {m.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise BundleError(
+            f"{manifest_path}: format_version is {m.get('format_version')!r}, expected {FORMAT_VERSION} "
+            "(re-export the bundle with this version's `python -m export`)"
+        )
     for name, meta in m.get("files", {}).items():
         f = path / name
         if not f.is_file():
@@ -100,6 +104,7 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
             head_dim=cache["head_dim"],
             max_context=m["max_context"],
             cache_dtype=m["graph"]["inputs"]["past_key_values.0.key"]["dtype"],
+            input_names=tuple(n for n in m["graph"]["inputs"] if not n.startswith("past_key_values.")),
             dtype=m["dtype"],
             quantization=m["quantization"],
             bos_token_id=m["tokenizer"].get("bos_token_id"),

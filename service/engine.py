@@ -1,7 +1,9 @@
 """The onnxruntime session: providers, IO binding, and one call: forward(arrays) -> logits.
 
-The engine sees arrays and cache rows, never requests. Token ids, positions and lengths go in from the host;
-the KV cache stays where it lives (device memory on CUDA) and is updated in place; only logits come back.
+The engine sees arrays and cache rows, never requests. Token ids, lengths and the positions whose logits are read
+go in from the host; the KV cache stays where it lives (device memory on CUDA) and is updated in place; only the
+selected logits come back. On CUDA every node must run on the device: a bundle whose attention cannot (fp32:
+onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only) is refused at start rather than served slowly.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from service.kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 
+CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")  # onnxruntime's CUDA GroupQueryAttention kernels
+
 
 def choose_providers(device: str) -> tuple[list[str], str]:
     """(providers for the session, device name for buffers). `auto` takes CUDA when onnxruntime-gpu offers it."""
@@ -25,6 +29,24 @@ def choose_providers(device: str) -> tuple[list[str], str]:
     if device == "cuda":
         raise BundleError(f"--device cuda, but onnxruntime offers only {available}")
     return ["CPUExecutionProvider"], "cpu"
+
+
+def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions) -> ort.InferenceSession:
+    """The session on the CUDA provider alone, every node on the device, or one line saying why it cannot be."""
+    if bundle.cache_dtype not in CUDA_ATTENTION_DTYPES:
+        raise BundleError(
+            f"{bundle.path}: its GroupQueryAttention is {bundle.cache_dtype}, which onnxruntime's CUDA provider does "
+            f"not run (only {'/'.join(CUDA_ATTENTION_DTYPES)}): export with --dtype fp16, or serve with --device cpu"
+        )
+    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    why = ""
+    try:
+        session = ort.InferenceSession(str(bundle.graph), options, providers=["CUDAExecutionProvider"])
+        if session.get_providers()[0] == "CUDAExecutionProvider":  # onnxruntime's Python layer may retry on CPU
+            return session
+    except Exception as exc:
+        why = f" ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+    raise BundleError(f"{bundle.graph}: not every node can run on the CUDA provider{why}; serve with --device cpu")
 
 
 class Engine:
@@ -52,6 +74,9 @@ class Engine:
                 raise BundleError("--device cuda, but onnxruntime-gpu found no usable GPU or CUDA libraries")
             log.warning("onnxruntime-gpu found no usable GPU or CUDA libraries; using the CPU provider")
             self.device = "cpu"
+        if self.device == "cuda":
+            del self.session
+            self.session = _cuda_only_session(bundle, options)
         self.providers = self.session.get_providers()
         log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
         self.cache = KVCache(
@@ -61,22 +86,33 @@ class Engine:
             "KV cache: %d slots x %d positions, %.0f MiB on %s", slots, max_len, self.cache.bytes / 2**20, self.device
         )
         self.binding = self.session.io_binding()
+        self.takes_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
 
     def forward(
-        self, input_ids: np.ndarray, position_ids: np.ndarray, seqlens_k: np.ndarray, lo: int, hi: int
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        seqlens_k: np.ndarray,
+        lo: int,
+        hi: int,
+        logits_index: np.ndarray,
     ) -> np.ndarray:
         """One graph call over cache rows [lo, hi).
 
         input_ids, position_ids (B, S) int64 with B = hi - lo; seqlens_k (B,) int32 = each row's total length
-        after this step minus one. Returns logits (B, S, V) float32 on the host.
+        after this step minus one; logits_index (N,) = the positions whose logits are wanted, as row * S + column.
+        Returns logits (N, V) float32 on the host. (Only learned-position graphs read position_ids; rotary ones
+        derive positions from seqlens_k.)
         """
         b = self.binding
         b.clear_binding_inputs()
         b.clear_binding_outputs()
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-        b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
+        if self.takes_positions:
+            b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         b.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
+        b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
         b.bind_output("logits", "cpu")  # first output bound = get_outputs()[0]
         self.cache.bind(b, lo, hi)
         self.session.run_with_iobinding(b)
@@ -89,7 +125,8 @@ class Engine:
         for prompt, want in zip(self.bundle.golden_prompts, expected):
             n = len(prompt)
             ids = np.array([prompt], dtype=np.int64)
-            logits = self.forward(ids, np.arange(n)[None], np.array([n - 1], dtype=np.int32), 0, 1)[0, -1]
+            last = np.array([n - 1])
+            logits = self.forward(ids, np.arange(n)[None], last.astype(np.int32), 0, 1, last)[0]
             worst = max(worst, float(np.abs(logits - want).max()))
         if not worst <= self.bundle.golden_atol:
             raise BundleError(

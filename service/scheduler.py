@@ -264,13 +264,15 @@ class Scheduler:
             start = seq.prefilled
             chunk = seq.prompt[start : start + budget]  # (S,)
             S = len(chunk)
+            wanted = np.arange(S) if seq.state.request.prompt_logprobs else np.array([S - 1])  # logits only where read
             logits = self.engine.forward(
                 chunk[None],
                 np.arange(start, start + S)[None],
                 np.array([start + S - 1], np.int32),
                 seq.slot,
                 seq.slot + 1,
-            )[0]  # (S, V)
+                wanted,
+            )  # (S or 1, V)
             if seq.state.request.prompt_logprobs:
                 self._collect_prompt_logprobs(seq, logits, start)
             seq.prefilled += S
@@ -289,10 +291,11 @@ class Scheduler:
         input_ids = np.zeros((hi - lo, 1), np.int64)  # (B, 1); rows not decoding get a dummy token
         for slot in rows:
             input_ids[slot - lo, 0] = self.running[slot].output[-1]
-        logits = self.engine.forward(input_ids, lengths[:, None], lengths.astype(np.int32), lo, hi)  # (B, 1, V)
+        wanted = np.array(rows) - lo  # rows riding along get no logits
+        logits = self.engine.forward(input_ids, lengths[:, None], lengths.astype(np.int32), lo, hi, wanted)  # (R, V)
         for slot in rows:
             self.cache.lengths[slot] += 1
-        return [(self.running[slot], logits[slot - lo, 0]) for slot in rows]
+        return [(self.running[slot], logits[i]) for i, slot in enumerate(rows)]
 
     def _sample(self, batch: list[tuple[Sequence, np.ndarray]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
         out = []

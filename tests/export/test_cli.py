@@ -32,7 +32,7 @@ def test_hf_dir_exports_a_verified_bundle(tiny_llama, tmp_path, extra, variants)
         assert f"] {phase}" in result.stdout
     assert "parity report" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["max_context"] == 128
+    assert manifest["format_version"] == 2 and manifest["max_context"] == 128
     assert manifest["graph"]["cache"]["attention_op"] == "com.microsoft::GroupQueryAttention"
     for name, meta in manifest["files"].items():
         assert sha256(out / name) == meta["sha256"]

@@ -15,7 +15,7 @@ from export.parity import OrtRunner
 
 def test_manifest_is_complete_and_checksummed(default_bundle):
     m = json.loads((default_bundle / "manifest.json").read_text())
-    assert m["format"] == "gpt-onnx-bundle" and m["format_version"] == 1
+    assert m["format"] == "gpt-onnx-bundle" and m["format_version"] == 2
     assert m["name"] == "smollm2-135m" and m["model"]["family"] == "llama" and m["model"]["n_kv_head"] == 3
     assert m["tokenizer"]["eos_token_id"] == 2 and "<|im_start|>" in m["tokenizer"]["chat_template"]
     assert m["parity"][0]["variant"] == "fp32" and m["parity"][0]["max_abs_diff"] <= 1e-3

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from export.checkpoints import build_model, load_hf_dir
-from export.model import KVCache, decode_one_token, gqa_reference, prefill
+from export.model import KVCache, decode_one_token, prefill
+from export.ops import gqa_reference
 from tests.helpers import FAMILIES, write_hf_checkpoint
 
 ATOL = 1e-4

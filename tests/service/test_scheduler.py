@@ -217,3 +217,26 @@ def test_jobs_are_refused_past_the_waiting_bounds(tiny_bundle):
         assert s.saturated() and s.num_waiting == 2 and s.queued_tokens == 70
     finally:
         gate.set()
+
+
+def test_prompt_logprobs_read_every_position_and_match_one_full_prefill(make_scheduler, tiny_bundle):
+    """Echo with logprobs asks the graph for every prompt position's logits (others get the last one only)."""
+    from service.sampler import log_softmax
+
+    prompt = list(range(500, 540))
+    s = make_scheduler(chunk=16)  # three chunks: positions continue across them
+    c = Collector()
+    params = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1)
+    s.submit(GenerationRequest("r", tuple(prompt), params, prompt_logprobs=True), c)
+    assert c.done.wait(60)
+    got = c.events[0].prompt_logprobs
+    assert got is not None and len(got) == len(prompt) and got[0] is None
+
+    engine = Engine(load_bundle(tiny_bundle), 1, 64)
+    n = len(prompt)
+    every = engine.forward(np.array([prompt]), np.arange(n)[None], np.array([n - 1], np.int32), 0, 1, np.arange(n))
+    last = engine.forward(np.array([prompt]), np.arange(n)[None], np.array([n - 1], np.int32), 0, 1, np.array([n - 1]))
+    np.testing.assert_allclose(last[0], every[-1], atol=1e-5)
+    for i in range(1, n):
+        want = log_softmax(every[i - 1])[prompt[i]]
+        assert got[i].token_id == prompt[i] and abs(got[i].logprob - want) < 1e-4
