@@ -86,12 +86,29 @@ def _key(dtype: int, dims: list[int], data: bytes) -> tuple[int, tuple[int, ...]
     return dtype, tuple(dims), hashlib.sha256(data).hexdigest()
 
 
+def _constants_to_initializers(graph: onnx.ModelProto) -> None:
+    """Large Constant nodes (Llama's rotary tables) become initializers, so they are shared like the weights."""
+    keep = []
+    for node in graph.graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is not None and len(numpy_helper.to_array(value).tobytes()) >= 1024:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del graph.graph.node[:]
+    graph.graph.node.extend(keep)
+
+
 def share_weights(graph: onnx.ModelProto, serving: Path) -> tuple[onnx.ModelProto, int]:
     """Points every large initializer of `graph` at the identical tensor in the serving graph's external data file.
 
     Returns the graph and how many tensors it shares. Raises if a large tensor has no twin there, so the bundle
     never carries a second copy of a weight.
     """
+    _constants_to_initializers(graph)
     served = onnx.load(str(serving), load_external_data=False)
     location = serving.name + ".data"
     twins: dict[tuple[int, tuple[int, ...], str], onnx.TensorProto] = {}

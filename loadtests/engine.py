@@ -34,16 +34,17 @@ def measure(bundle_dir: Path, rows: int, prompt_tokens: int, steps: int, threads
         prompt = rng.integers(100, bundle.vocab_size, prompt_tokens)[None]  # (1, P)
         positions = np.arange(prompt_tokens)[None]
         start = time.perf_counter()
-        logits = engine.forward(prompt, positions, np.array([prompt_tokens - 1], np.int32), slot, slot + 1)
+        seqlens = np.array([prompt_tokens - 1], np.int32)
+        logits = engine.forward(prompt, positions, seqlens, slot, slot + 1, np.array([prompt_tokens - 1]))  # (1, V)
         prefills.append(time.perf_counter() - start)
-        last[slot, 0] = int(logits[0, -1].argmax())
+        last[slot, 0] = int(logits[0].argmax())
     times = []
     for t in range(steps):
         length = prompt_tokens + t  # positions already written in every row
         positions = np.full((rows, 1), length, np.int64)
         start = time.perf_counter()
-        logits = engine.forward(last, positions, np.full(rows, length, np.int32), 0, rows)  # (B, 1, V)
-        last = logits[:, -1].argmax(-1)[:, None]
+        logits = engine.forward(last, positions, np.full(rows, length, np.int32), 0, rows, np.arange(rows))  # (B, V)
+        last = logits.argmax(-1)[:, None]
         times.append(time.perf_counter() - start)
     step = statistics.median(times)
     return {

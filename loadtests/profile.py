@@ -38,12 +38,14 @@ def profile(bundle_dir: Path, steps: int, prompt_tokens: int) -> tuple[dict[str,
         n = ids.shape[1]
         feed = {
             "input_ids": ids,
-            "position_ids": np.arange(start, start + n)[None],
+            "position_ids": np.arange(start, start + n)[None],  # read by learned-position (GPT-2) graphs only
             "seqlens_k": np.array([start + n - 1], np.int32),
             "total_sequence_length": np.array(start + n, np.int32),
+            "logits_index": np.array([n - 1]),  # the last position's logits: (1, V)
             **past,
         }
-        out = session.run(None, feed)
+        inputs = {i.name for i in session.get_inputs()}
+        out = session.run(None, {k: v for k, v in feed.items() if k in inputs})
         for name, value in zip([o.name for o in session.get_outputs()][1:], out[1:]):
             past[name.replace("present", "past_key_values")] = value
         return out[0]
@@ -51,7 +53,7 @@ def profile(bundle_dir: Path, steps: int, prompt_tokens: int) -> tuple[dict[str,
     rng = np.random.default_rng(0)
     logits = run(rng.integers(100, manifest["model"]["vocab_size"], prompt_tokens)[None], 0)
     for t in range(steps):
-        logits = run(logits[:, -1].argmax(-1)[:, None], prompt_tokens + t)
+        logits = run(logits.argmax(-1)[:, None], prompt_tokens + t)
     trace_file = Path(session.end_profiling())
     trace = json.loads(trace_file.read_text())
     shutil.rmtree(trace_file.parent)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from export.bundle import sha256
+from service.bundle import FORMAT_VERSION
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -53,8 +54,9 @@ def test_a_changed_weight_fails_its_checksum(bundle):
 
 
 def test_an_unknown_format_version_is_refused(bundle):
-    rewrite_manifest(bundle, lambda m: m.update(format_version=2))
-    assert_refused(serve(bundle), "manifest.json", "format_version is 2, expected 1")
+    rewrite_manifest(bundle, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    expected = f"format_version is {FORMAT_VERSION + 1}, expected {FORMAT_VERSION}"
+    assert_refused(serve(bundle), "manifest.json", expected)
 
 
 def test_golden_outputs_this_machine_does_not_reproduce_are_refused(bundle):
