@@ -92,99 +92,59 @@ def hf_config(family: str, vocab: int, **overrides):
     """A tiny transformers config of one family variant (random weights are enough to compare implementations)."""
     from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-    small = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
     if family in ("gpt2", "gpt2-untied"):
-        return GPT2Config(
-            **{
-                **dict(
-                    vocab_size=vocab,
-                    n_positions=1024,  # transformers' GGUF reader assumes GPT-2's 1024
-                    n_embd=64,
-                    n_layer=2,
-                    n_head=4,
-                    bos_token_id=0,
-                    eos_token_id=0,
-                    tie_word_embeddings=family == "gpt2",
-                ),
-                **overrides,
-            }
+        gpt2 = dict(
+            vocab_size=vocab,
+            n_positions=1024,  # transformers' GGUF reader assumes GPT-2's 1024
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=0,
+            eos_token_id=0,
+            tie_word_embeddings=family == "gpt2",
         )
-    if family == "llama":  # Llama 2 layout
-        return LlamaConfig(
-            **{
-                **dict(
-                    vocab_size=vocab,
-                    **small,
-                    num_key_value_heads=2,
-                    max_position_embeddings=1024,
-                    rms_norm_eps=1e-5,
-                    bos_token_id=1,
-                    eos_token_id=2,
-                    tie_word_embeddings=False,
-                ),
-                **overrides,
-            }
-        )
-    if family == "llama3":  # rope scaling of type llama3 (a short original context so it changes short prompts)
-        return LlamaConfig(
-            **{
-                **dict(
-                    vocab_size=vocab,
-                    **small,
-                    num_key_value_heads=2,
-                    max_position_embeddings=1024,
-                    rms_norm_eps=1e-5,
-                    rope_theta=500000.0,
-                    rope_scaling={
-                        "rope_type": "llama3",
-                        "factor": 8.0,
-                        "low_freq_factor": 1.0,
-                        "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 64,
-                    },
-                    bos_token_id=3,
-                    eos_token_id=[4, 2, 7],  # a list, as Llama 3 Instruct's <|end_of_text|>, <|eom_id|>, <|eot_id|>
-                    tie_word_embeddings=False,
-                ),
-                **overrides,
-            }
-        )
-    if family == "qwen2":  # biases on q/k/v, tied embeddings (as Qwen2.5 at small sizes)
-        return Qwen2Config(
-            **{
-                **dict(
-                    vocab_size=vocab,
-                    **small,
-                    num_key_value_heads=2,
-                    max_position_embeddings=1024,
-                    rms_norm_eps=1e-6,
-                    rope_theta=1000000.0,
-                    bos_token_id=0,
-                    eos_token_id=2,
-                    tie_word_embeddings=True,
-                ),
-                **overrides,
-            }
-        )
-    if family == "mistral":  # the Llama layout with a sliding window that does not bind at this context
-        return MistralConfig(
-            **{
-                **dict(
-                    vocab_size=vocab,
-                    **small,
-                    head_dim=16,
-                    num_key_value_heads=2,
-                    max_position_embeddings=1024,
-                    sliding_window=1024,
-                    rms_norm_eps=1e-5,
-                    bos_token_id=1,
-                    eos_token_id=2,
-                    tie_word_embeddings=False,
-                ),
-                **overrides,
-            }
-        )
-    raise ValueError(family)
+        return GPT2Config(**{**gpt2, **overrides})
+    llama2 = dict(  # the Llama layout every other variant starts from
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    variants = {
+        "llama": (LlamaConfig, {}),
+        # rope scaling of type llama3 (a short original context, so that it changes short prompts), a list of eos
+        # ids as Llama 3 Instruct's <|end_of_text|>, <|eom_id|>, <|eot_id|>
+        "llama3": (
+            LlamaConfig,
+            dict(
+                rope_theta=500000.0,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                },
+                bos_token_id=3,
+                eos_token_id=[4, 2, 7],
+            ),
+        ),
+        # biases on q/k/v, tied embeddings (as Qwen2.5 at small sizes)
+        "qwen2": (Qwen2Config, dict(rms_norm_eps=1e-6, rope_theta=1000000.0, bos_token_id=0, tie_word_embeddings=True)),
+        # the Llama layout with a sliding window that does not bind at this context
+        "mistral": (MistralConfig, dict(head_dim=16, sliding_window=1024)),
+    }
+    if family not in variants:
+        raise ValueError(family)
+    cls, changes = variants[family]
+    return cls(**{**llama2, **changes, **overrides})
 
 
 def write_hf_checkpoint(
