@@ -103,9 +103,11 @@ def test_request_ids_are_echoed_or_made(guarded):
         served = h.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0})
         assert served.status_code == 200
         completion = served.json()["choices"][0]["text"]
+    # The access line is written once the response has been sent: wait for it rather than race it.
+    served_line = f"{served.headers['x-request-id']} POST /v1/completions 200"
+    wait_for(lambda: served_line in guarded.log.read_text(), "the completion's access-log line")
     log = guarded.log.read_text()
     assert "abc-123 GET /health 200" in log and f"{replaced} GET /health 200" in log  # ids are logged
-    assert f"{served.headers['x-request-id']} POST /v1/completions 200" in log
     assert "7f3e9c" not in log and (len(completion.strip()) < 4 or completion not in log)  # prompts are not
 
 
