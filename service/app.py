@@ -14,7 +14,6 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from tokenizers import Tokenizer
 
 from service import errors
 from service.bundle import Bundle, load_bundle
@@ -56,11 +55,7 @@ def build_runtime(settings: Settings) -> Runtime:
     engine = Engine(bundle, settings.max_num_seqs, max_len, settings.device, settings.intra_op_threads)
     if settings.verify_golden:
         log.info("golden outputs reproduce (max |dlogit| %.2e)", engine.check_golden())
-    vocab = Tokenizer.from_file(str(bundle.tokenizer_file))
-    token = lambda i: vocab.id_to_token(i) if i is not None else None  # noqa: E731
-    tokenizer = TextTokenizer(
-        bundle.tokenizer_file, bundle.chat_template, token(bundle.bos_token_id), token(bundle.eos_token_id)
-    )
+    tokenizer = TextTokenizer.from_bundle(bundle)
     grammars = Grammars(bundle.tokenizer_file, bundle.eos_token_ids, bundle.vocab_size)
     scheduler = Scheduler(
         engine,

@@ -6,11 +6,14 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
+
+if TYPE_CHECKING:
+    from service.bundle import Bundle
 
 
 class TemplateError(ValueError):
@@ -24,6 +27,14 @@ class TextTokenizer:
         if chat_template:
             self._template = template_environment().from_string(chat_template)
         self.bos_token, self.eos_token = bos_token, eos_token
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle) -> TextTokenizer:
+        """The bundle's tokenizer and chat template, with its bos/eos tokens named for the template."""
+        tok = cls(bundle.tokenizer_file, bundle.chat_template, None, None)
+        name = lambda i: None if i is None else tok._tok.id_to_token(i)  # noqa: E731
+        tok.bos_token, tok.eos_token = name(bundle.bos_token_id), name(bundle.eos_token_id)
+        return tok
 
     def encode(self, text: str) -> list[int]:
         """A completion prompt: the tokenizer's own special tokens (a BOS post-processor) are added."""

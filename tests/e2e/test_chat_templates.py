@@ -104,11 +104,7 @@ def test_manifest_records_every_stop_id(chat_bundle):
 
 def test_prompt_ids_equal_transformers_apply_chat_template(chat_bundle):
     name, src, bundle = chat_bundle
-    b = load_bundle(bundle)
-    vocab = json.loads(b.tokenizer_file.read_text())
-    by_id = {t["id"]: t["content"] for t in vocab["added_tokens"]}
-    tokenizer = TextTokenizer(b.tokenizer_file, b.chat_template, by_id.get(b.bos_token_id), by_id.get(b.eos_token_id))
-    ours = tokenizer.encode_chat(MESSAGES)
+    ours = TextTokenizer.from_bundle(load_bundle(bundle)).encode_chat(MESSAGES)
     assert ours == transformers_chat_ids(src)
     if name == "llama3":
         assert ours[0] == 3 and ours[1] != 3  # one BOS: the template's, not the post-processor's too
