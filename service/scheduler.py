@@ -2,18 +2,30 @@
 
 Design note. Every engine step reads top to bottom:
 
-    retire cancelled -> admit -> prefill -> decode -> sample -> emit -> retire finished
+    retire cancelled -> admit -> plan -> place -> prefill -> decode -> sample -> emit -> retire finished
 
-Each sequence owns one KV-cache slot from admission to retirement. Waiting sequences are admitted FIFO whenever a
-slot is free, without waiting for the batch to drain. Prefill runs at most `prefill_chunk` prompt tokens per step
-(one sequence at a time, batch 1, continuing where the last chunk stopped), so running streams keep getting a token
-every step while long prompts are read. Decode runs every sequence that is past its prompt in one graph call over
-the contiguous slot range that holds them; slots in that range that are not decoding (free, or mid-prefill) ride
-along with a dummy token written at their own next position, which their next real write overwrites. Nothing in
-the cache is ever copied or compacted.
+Admission. Waiting sequences are admitted FIFO whenever a cache slot is free, without waiting for the batch to
+drain. Each sequence owns one slot from admission to retirement. On admission the prefix cache
+(service/prefix_cache.py) finds the longest prefix of the prompt whose keys and values some slot already holds (a
+finished sequence's slot kept as an entry, or a running sequence's written positions): an entry's slot is taken
+over as it is; from a running slot the prefix is copied into the new one. Either way those positions are not
+computed again.
 
-The scheduler sees plain frozen dataclasses and numpy arrays; it knows nothing of HTTP or pydantic. Results leave
-through each request's `sink` (called on this thread; the HTTP layer hands them to its event loop).
+A token budget per step (`max_num_batched_tokens`, vLLM's name). Every decoding sequence gets its one token first;
+prompt chunks fill what is left. Continuing prompts (already partly in the cache) run one per graph call, because
+onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty; fresh
+prompts start together in one call, right-padded to a common chunk length S chosen to fill the budget with the
+most real tokens. A padded row writes throwaway keys past its own length, which its next real write overwrites.
+
+No idle rows. A graph call binds one contiguous range of cache rows, so before the calls the scheduler places
+the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
+valid positions on the CPU; device to device on CUDA) with whatever holds the slot it needs: another sequence, a
+prefix-cache entry, or nothing. In a steady batch nothing moves; when a stream in the middle ends, the last one
+moves into its place once.
+
+Sampling runs over the whole batch at once (service/sampler.py). The scheduler sees plain frozen dataclasses and
+numpy arrays; it knows nothing of HTTP or pydantic. Results leave through each request's `sink` (called on this
+thread; the HTTP layer hands them to its event loop).
 """
 
 from __future__ import annotations
@@ -29,7 +41,8 @@ import numpy as np
 
 from service.engine import Engine
 from service.grammar import Grammars
-from service.sampler import log_softmax, sample, top_logprobs
+from service.prefix_cache import PrefixCache
+from service.sampler import Row, logprobs_batch, sample_batch
 from service.sequence import (
     GenerationRequest,
     RequestState,
@@ -70,19 +83,21 @@ class Scheduler:
         tokenizer: TextTokenizer,
         eos_token_ids: tuple[int, ...],
         max_model_len: int,
-        prefill_chunk: int,
+        max_num_batched_tokens: int,
         max_waiting: int = 1024,
         max_queued_tokens: int = 1 << 30,
         grammars: Grammars | None = None,
+        prefix_cache: bool = True,
     ) -> None:
         self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, frozenset(eos_token_ids)
         self.grammars = grammars
-        self.max_model_len, self.prefill_chunk, self.max_waiting = max_model_len, prefill_chunk, max_waiting
+        self.max_model_len, self.budget, self.max_waiting = max_model_len, max_num_batched_tokens, max_waiting
         self.max_queued_tokens = max_queued_tokens
         self.queued_tokens = 0  # prompt tokens of sequences not yet admitted
         self._queue_lock = threading.Lock()
         self._failed = False
         self.cache = engine.cache
+        self.prefix = PrefixCache(self.cache.slots, prefix_cache)
         self._incoming: queue.SimpleQueue[Sequence] = queue.SimpleQueue()
         self.waiting: deque[Sequence] = deque()
         self._jobs: queue.SimpleQueue[tuple[Job, int]] = queue.SimpleQueue()  # (job, prompt tokens it holds)
@@ -200,9 +215,13 @@ class Scheduler:
     def step(self) -> None:
         self._retire(self._cancelled())
         self._admit()
-        prefilled = self._prefill()  # [(sequence, logits (V,))] whose prompt completed this step
-        decoded = self._decode()  # [(sequence, logits (V,))] one new position each
-        tokens = self._sample(prefilled + decoded)
+        decoding = [s for s in self.running.values() if s.decoding]
+        continuing, fresh = self._plan_prefill(self.budget - len(decoding))
+        self._place(decoding, 0)
+        self._place([seq for seq, _ in fresh], len(decoding))
+        prefilled = [*self._prefill_each(continuing), *self._prefill_together(fresh)]
+        decoded = self._decode(decoding)
+        tokens = self._sample(prefilled + decoded)  # [(sequence, logits (V,))] -> [(sequence, token, logprob)]
         finished = self._emit(tokens)
         self._retire(finished)
         self.steps += 1
@@ -240,79 +259,166 @@ class Scheduler:
 
     def _admit(self) -> None:
         self._admit_incoming()
-        while self.waiting and self.cache.num_free:
+        while self.waiting and len(self.running) < self.cache.slots:
             seq = self.waiting.popleft()
+            self._dequeued(seq)
             if seq.state.cancelled:
-                self._dequeued(seq)
                 self._finish(seq, "cancelled")
                 continue
-            slot = self.cache.allocate()
-            if slot is None:  # cannot happen while num_free > 0; keep the sequence rather than lose it
-                self.waiting.appendleft(seq)
-                break
-            self._dequeued(seq)
-            seq.slot, seq.admitted = slot, time.perf_counter()
+            free = [slot for slot in range(self.cache.slots) if slot not in self.running]
+            source, n = None, 0
+            if not seq.state.request.prompt_logprobs:  # those need the logits of every prompt position
+                written = {slot: s.written() for slot, s in self.running.items()}
+                source, n = self.prefix.lookup(seq.prompt, written)
+            slot = source if source in free else self.prefix.victim(free)
+            self.prefix.drop(slot)
+            if source is not None:
+                self.cache.copy(source, slot, n)
+            self.cache.lengths[slot] = n
+            seq.slot, seq.prefilled, seq.admitted = slot, n, time.perf_counter()
             self.running[slot] = seq
 
-    def _prefill(self) -> list[tuple[Sequence, np.ndarray]]:
-        budget, done = self.prefill_chunk, []
-        for seq in sorted(
-            (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0.0
-        ):
-            if budget <= 0:
-                break
+    def _plan_prefill(self, budget: int) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+        """Which prompts get how many tokens this step, within `budget` tokens: (continuing, fresh), each a list
+        of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts share one call,
+        right-padded to the chunk length that fits the most real tokens (every row of it costs S tokens)."""
+        pending = sorted(
+            (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0
+        )
+        if budget <= 0 or not pending:
+            return [], []
+        written = {slot: s.written() for slot, s in self.running.items()}
+        for seq in pending:  # a second look: another prompt may have written this one's prefix since admission
+            if not seq.prefilled and not seq.state.request.prompt_logprobs:
+                source, n = self.prefix.lookup(seq.prompt, written, again=True)
+                if source is not None:
+                    self.cache.copy(source, seq.slot, n)
+                    seq.prefilled = n
+        continuing = []
+        for seq in pending:
+            if seq.prefilled and budget > 0:
+                chunk = min(len(seq.prompt) - seq.prefilled, budget)
+                continuing.append((seq, chunk))
+                budget -= chunk
+        fresh = [s for s in pending if not s.prefilled]
+        if budget <= 0 or not fresh:
+            return continuing, []
+        best: tuple[int, int] = (0, 0)  # (real tokens, -S)
+        for S in sorted({min(len(s.prompt), budget) for s in fresh}):
+            rows = fresh[: budget // S]
+            best = max(best, (sum(min(len(s.prompt), S) for s in rows), -S))
+        S = -best[1]
+        return continuing, [(s, min(len(s.prompt), S)) for s in fresh[: budget // S]]
+
+    def _place(self, group: list[Sequence], lo: int) -> None:
+        """Moves the sequences of `group` into slots [lo, lo + len(group)), swapping with whatever is there."""
+        hi = lo + len(group)
+        members = {s.slot for s in group}
+        holes = [slot for slot in range(lo, hi) if slot not in members]
+        for seq, hole in zip([s for s in group if not lo <= s.slot < hi], holes):
+            self._swap(seq.slot, hole)
+
+    def _swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b)
+        self.prefix.swap(a, b)
+        sa, sb = self.running.pop(a, None), self.running.pop(b, None)
+        if sa is not None:
+            sa.slot, self.running[b] = b, sa
+        if sb is not None:
+            sb.slot, self.running[a] = a, sb
+
+    def _prefill_each(self, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, np.ndarray]]:
+        """Continuing prompts, one graph call each (batch 1, S new tokens after `prefilled`)."""
+        done = []
+        for seq, S in chunks:
             start = seq.prefilled
-            chunk = seq.prompt[start : start + budget]  # (S,)
-            S = len(chunk)
             wanted = np.arange(S) if seq.state.request.prompt_logprobs else np.array([S - 1])  # logits only where read
             logits = self.engine.forward(
-                chunk[None],
+                seq.prompt[None, start : start + S],
                 np.arange(start, start + S)[None],
                 np.array([start + S - 1], np.int32),
                 seq.slot,
                 seq.slot + 1,
                 wanted,
             )  # (S or 1, V)
-            if seq.state.request.prompt_logprobs:
-                self._collect_prompt_logprobs(seq, logits, start)
-            seq.prefilled += S
-            self.cache.lengths[seq.slot] = seq.prefilled
-            budget -= S
-            if seq.prefilled == len(seq.prompt):
-                done.append((seq, logits[-1]))
+            done += self._prefilled(seq, S, logits)
         return done
 
-    def _decode(self) -> list[tuple[Sequence, np.ndarray]]:
-        rows = sorted(s.slot for s in self.running.values() if s.decoding)
-        if not rows:
+    def _prefill_together(self, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, np.ndarray]]:
+        """Fresh prompts (empty past) in one graph call over their contiguous slots, right-padded to S."""
+        if not chunks:
             return []
-        lo, hi = rows[0], rows[-1] + 1
-        lengths = self.cache.lengths[lo:hi].copy()  # (B,) positions already written per row
-        input_ids = np.zeros((hi - lo, 1), np.int64)  # (B, 1); rows not decoding get a dummy token
-        for slot in rows:
-            input_ids[slot - lo, 0] = self.running[slot].output[-1]
-        wanted = np.array(rows) - lo  # rows riding along get no logits
-        logits = self.engine.forward(input_ids, lengths[:, None], lengths.astype(np.int32), lo, hi, wanted)  # (R, V)
-        for slot in rows:
-            self.cache.lengths[slot] += 1
-        return [(self.running[slot], logits[i]) for i, slot in enumerate(rows)]
+        chunks = sorted(chunks, key=lambda c: c[0].slot)
+        B, S, lo = len(chunks), max(c for _, c in chunks), chunks[0][0].slot
+        assert [seq.slot for seq, _ in chunks] == list(range(lo, lo + B)), "placed contiguously"
+        input_ids = np.zeros((B, S), np.int64)  # (B, S) right-padded
+        wanted = []
+        for r, (seq, c) in enumerate(chunks):
+            input_ids[r, :c] = seq.prompt[:c]
+            wanted.append(r * S + (np.arange(c) if seq.state.request.prompt_logprobs else np.array([c - 1])))
+        logits = self.engine.forward(
+            input_ids, np.tile(np.arange(S), (B, 1)), np.full(B, S - 1, np.int32), lo, lo + B, np.concatenate(wanted)
+        )  # (sum of wanted, V)
+        done, at = [], 0
+        for (seq, c), w in zip(chunks, wanted):
+            done += self._prefilled(seq, c, logits[at : at + len(w)])
+            at += len(w)
+        return done
+
+    def _prefilled(self, seq: Sequence, S: int, logits: np.ndarray) -> list[tuple[Sequence, np.ndarray]]:
+        """Books S more prompt tokens of seq as written; its last logits when its prompt is complete."""
+        if seq.state.request.prompt_logprobs:
+            self._collect_prompt_logprobs(seq, logits, seq.prefilled)
+        seq.prefilled += S
+        self.cache.lengths[seq.slot] = seq.prefilled
+        return [(seq, logits[-1])] if seq.prefilled == len(seq.prompt) else []
+
+    def _decode(self, decoding: list[Sequence]) -> list[tuple[Sequence, np.ndarray]]:
+        """One new token for each decoding sequence, all in one graph call over slots [0, D)."""
+        if not decoding:
+            return []
+        seqs = sorted(decoding, key=lambda s: s.slot)
+        D = len(seqs)
+        assert [s.slot for s in seqs] == list(range(D)), "placed in [0, D)"
+        lengths = self.cache.lengths[:D].copy()  # (D,) positions already written per row
+        input_ids = np.array([[s.output[-1]] for s in seqs], np.int64)  # (D, 1)
+        logits = self.engine.forward(
+            input_ids, lengths[:, None], lengths.astype(np.int32), 0, D, np.arange(D)
+        )  # (D, V)
+        self.cache.lengths[:D] += 1
+        return list(zip(seqs, logits))
 
     def _sample(self, batch: list[tuple[Sequence, np.ndarray]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        out = []
-        for seq, logits in batch:
-            if not np.isfinite(logits).all():
+        if not batch:
+            return []
+        logits = np.stack([lg for _, lg in batch])  # (N, V)
+        finite = np.isfinite(logits).all(axis=1)  # (N,)
+        rows, keep = [], []
+        for i, (seq, _) in enumerate(batch):
+            if not finite[i]:
                 self._finish(seq, "error", error="the model produced non-finite logits")
                 continue
-            p = seq.params
-            allowed = seq.constraint.allowed(logits.size) if seq.constraint is not None else None
+            allowed = seq.constraint.allowed(logits.shape[1]) if seq.constraint is not None else None
             if allowed is not None and not allowed.any():
                 self._finish(seq, "error", error="the response format's grammar allows no further token")
                 continue
-            banned = seq.stop.banned(len(seq.output))
-            token = sample(logits, p, seq.rng, seq.counts, seq.prompt, banned, allowed)
-            lp = self._logprob(logits, token, p.logprobs) if p.logprobs is not None else None
-            out.append((seq, token, lp))
-        return out
+            rows.append(Row(seq.params, seq.rng, seq.counts, seq.prompt, seq.stop.banned(len(seq.output)), allowed))
+            keep.append(i)
+        if not keep:
+            return []
+        logits = logits[keep]
+        tokens = sample_batch(logits, rows)  # (N,)
+        lps: list[TokenLogprob | None] = [None] * len(keep)
+        want = [j for j, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            k = max(rows[j].params.logprobs or 0 for j in want)
+            chosen, top_ids, top_lps = logprobs_batch(logits[want], tokens[want], k)
+            text = self.tokenizer.token_text
+            for m, j in enumerate(want):
+                kj = rows[j].params.logprobs or 0
+                top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[m, :kj], top_lps[m, :kj]))
+                lps[j] = TokenLogprob(int(tokens[j]), text(int(tokens[j])), float(chosen[m]), top)
+        return [(batch[i][0], int(tokens[j]), lps[j]) for j, i in enumerate(keep)]
 
     def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> list[Sequence]:
         """Each sequence takes its token and says whether it ended (its stop criteria); its event goes out."""
@@ -324,11 +430,16 @@ class Scheduler:
         return finished
 
     def _retire(self, sequences: list[Sequence]) -> None:
-        """Frees each sequence's slot (and so its cache positions); one cancelled by its client is told after."""
+        """Frees each sequence's slot; its written positions stay as a prefix-cache entry unless it failed. One
+        cancelled by its client is told after."""
         for seq in sequences:
             if self.running.get(seq.slot) is seq:
                 del self.running[seq.slot]
-                self.cache.free(seq.slot)
+                if seq.finish_reason == "error":
+                    self.cache.lengths[seq.slot] = 0
+                else:
+                    self.cache.lengths[seq.slot] = seq.length
+                    self.prefix.keep(seq.slot, seq.written())
             if seq.finish_reason is None:  # cancelled by its client: the slot is free when this event goes out
                 self._finish(seq, "cancelled")
 
@@ -344,16 +455,16 @@ class Scheduler:
             log.exception("request %s: delivering an event failed", seq.state.request.request_id)
             seq.state.cancelled = True
 
-    def _logprob(self, logits: np.ndarray, token: int, k: int) -> TokenLogprob:
-        lps = log_softmax(logits)
-        top = tuple((i, self.tokenizer.token_text(i), lp) for i, lp in top_logprobs(lps, k))
-        return TokenLogprob(token, self.tokenizer.token_text(token), float(lps[token]), top)
-
     def _collect_prompt_logprobs(self, seq: Sequence, logits: np.ndarray, start: int) -> None:
         if start == 0:
             seq.prompt_logprobs.append(None)  # the first prompt token has no context
         k = seq.params.logprobs or 0
-        for i in range(len(logits)):
-            pos = start + i + 1
-            if pos < len(seq.prompt):
-                seq.prompt_logprobs.append(self._logprob(logits[i], int(seq.prompt[pos]), k))
+        n = min(len(logits), len(seq.prompt) - start - 1)  # the last position predicts the first output token
+        if n <= 0:
+            return
+        targets = seq.prompt[start + 1 : start + 1 + n]
+        chosen, top_ids, top_lps = logprobs_batch(logits[:n], targets, k)
+        text = self.tokenizer.token_text
+        for i in range(n):
+            top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[i], top_lps[i]))
+            seq.prompt_logprobs.append(TokenLogprob(int(targets[i]), text(int(targets[i])), float(chosen[i]), top))

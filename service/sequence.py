@@ -117,6 +117,11 @@ class Sequence:
         """Positions in the cache after this sequence's last written token."""
         return self.prefilled + max(len(self.output) - 1, 0)
 
+    def written(self) -> np.ndarray:
+        """The token ids whose keys and values this sequence's slot holds: positions [0, length)."""
+        out = np.asarray(self.output[: self.length - self.prefilled], dtype=np.int64)
+        return np.concatenate([self.prompt[: self.prefilled], out])
+
     def append(self, token: int, logprob: TokenLogprob | None) -> TokenEvent:
         """Takes one sampled token; returns its event, which ends the sequence when a stop criterion fires."""
         self.output.append(token)

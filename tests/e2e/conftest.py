@@ -84,8 +84,8 @@ def tiny_server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
         "256",
         "--max-num-seqs",
         "8",
-        "--prefill-chunk",
-        "32",
+        "--max-num-batched-tokens",
+        "48",
     )
     yield server
     stop_server(server)

@@ -1,0 +1,84 @@
+"""The automatic prefix cache on a real server: the same answers with and without it (greedy and seeded
+sampling), its counters on /metrics, a match that ends inside a 16-token block, and eviction when every slot
+is wanted. Two servers on the tiny bundle with two cache slots each, one started with --no-prefix-cache."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Server, start_server, stop_server
+
+SYSTEM = list(range(300, 340))  # a 40-token "system prompt" shared by several requests
+SAMPLED = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_bundle, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
+    logs = tmp_path_factory.mktemp("prefix-logs")
+    args = ("--max-model-len", "256", "--max-num-seqs", "2")
+    on = start_server(tiny_bundle, logs / "on.log", *args)
+    off = start_server(tiny_bundle, logs / "off.log", *args, "--no-prefix-cache")
+    yield on, off
+    stop_server(on)
+    stop_server(off)
+
+
+def complete(server: Server, prompt: list[int], **params) -> tuple[str, list[str]]:
+    """The completion's text and its tokens (from the logprobs object)."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0}
+    r = httpx.post(server.v1 + "/completions", json={**body, **params}, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return choice["text"], choice["logprobs"]["tokens"]
+
+
+def counters(server: Server) -> tuple[float, float]:
+    return server.metric("prefix_cache_queries_total"), server.metric("prefix_cache_hits_total")
+
+
+def test_answers_are_the_same_with_and_without_the_cache_and_hits_are_counted(servers):
+    on, off = servers
+    q0, h0 = counters(on)
+    first = SYSTEM + [401, 402, 403]
+    assert complete(on, first) == complete(off, first)
+    q1, h1 = counters(on)
+    assert q1 - q0 == len(first) and h1 == h0  # nothing cached yet
+
+    second = SYSTEM + [501, 502]  # the same system prompt, another user turn
+    assert complete(on, second) == complete(off, second)
+    q2, h2 = counters(on)
+    assert q2 - q1 == len(second) and h2 - h1 == len(SYSTEM)
+
+    # a multi-turn chat resends its history: the previous prompt and answer, then a new turn
+    text = complete(on, second)[0]
+    answer = httpx.post(on.url + "/tokenize", json={"model": "tiny", "prompt": text}).json()["tokens"]
+    turn = second + answer + [601]
+    h_before = counters(on)[1]
+    assert complete(on, turn, **SAMPLED) == complete(off, turn, **SAMPLED)
+    assert counters(on)[1] - h_before >= len(second)
+
+
+def test_a_match_that_ends_inside_a_block_is_reused(servers):
+    on, off = servers
+    base = list(range(900, 950))
+    complete(on, base)
+    partial = base[:21] + [77, 78, 79]  # shares 21 tokens: one full block of 16 and 5 of the next
+    h = counters(on)[1]
+    assert complete(on, partial, **SAMPLED) == complete(off, partial, **SAMPLED)
+    assert counters(on)[1] - h == 21
+
+
+def test_least_recently_used_entry_is_evicted_when_every_slot_is_wanted(servers):
+    on, off = servers
+    a, b, c = ([k] * 30 + list(range(k, k + 10)) for k in (1000, 2000, 3000))
+    for p in (a, b, c):  # two slots: c takes the slot of a, the least recently used
+        assert complete(on, p) == complete(off, p)
+    h = counters(on)[1]
+    assert complete(on, a) == complete(off, a)
+    assert counters(on)[1] == h  # a was evicted
+    h = counters(on)[1]
+    assert complete(on, c, **SAMPLED) == complete(off, c, **SAMPLED)
+    assert counters(on)[1] - h == len(c) - 2  # c is still cached: all but the last two prompt tokens are reused
