@@ -1,0 +1,97 @@
+"""Scheduler-level step profile: where a step's time goes with the real scheduler, no HTTP.
+
+    python -m loadtests.scheduler_profile --bundle bundles/smollm2-135m
+
+Drives service.scheduler.Scheduler step by step on this thread (its loop is not started) and reports, per case,
+the median decode-only step (every stream past its prompt): its wall time, the time inside
+`session.run_with_iobinding` ("graph") and the rest ("host": binding, logits to numpy, sampling, detokenizing,
+emitting). Cases:
+  batch 1 / batch 16, greedy and sampled (temperature 0.8, top-p 0.95, top-k 50, frequency penalty 0.3, seeded)
+  two streams in slots 0 and 1, and two streams left in slots 0 and 15 after 14 short ones between them ended
+Prints one JSON line per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+PROMPT, OUTPUT = 128, 128
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.scheduler_profile")
+    p.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-135m"))
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args()
+
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.sampler import SamplingParams
+    from service.scheduler import GenerationRequest, Scheduler
+    from service.tokenizer import TextTokenizer
+
+    bundle = load_bundle(args.bundle, verify_checksums=False)
+    engine = Engine(bundle, slots=16, max_len=PROMPT + OUTPUT + 8, device="cpu", threads=args.threads)
+    tokenizer = TextTokenizer.from_bundle(bundle)
+    graph_s = [0.0]
+    run = engine.session.run_with_iobinding
+
+    def timed_run(binding):  # type: ignore[no-untyped-def]
+        t = time.perf_counter()
+        run(binding)
+        graph_s[0] += time.perf_counter() - t
+
+    engine.session.run_with_iobinding = timed_run  # type: ignore[method-assign]
+    rng = np.random.default_rng(0)
+    greedy = SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(
+        max_tokens=OUTPUT, temperature=0.8, top_p=0.95, top_k=50, frequency_penalty=0.3, seed=1, ignore_eos=True
+    )
+
+    def case(name: str, params: list[SamplingParams], rows: int) -> None:
+        """Runs the requests to the end; the median over decode-only steps with `rows` streams decoding."""
+        s = Scheduler(engine, tokenizer, bundle.eos_token_ids, PROMPT + OUTPUT + 8, 1024, prefix_cache=False)
+        for i, sp in enumerate(params):
+            ids = tuple(int(t) for t in rng.integers(300, 20000, PROMPT))
+            s.submit(GenerationRequest(f"r{i}", ids, sp), lambda event: None)
+        s.step()  # admits everything
+        counted = []
+        while s.running:
+            decode_only = all(q.decoding for q in s.running.values())
+            n = len(s.running)
+            graph_s[0] = 0.0
+            t = time.perf_counter()
+            s.step()
+            wall = time.perf_counter() - t
+            if decode_only and n == rows:
+                counted.append((wall, graph_s[0]))
+        step = statistics.median(w for w, _ in counted)
+        graph = statistics.median(g for _, g in counted)
+        out = {
+            "case": name,
+            "rows": rows,
+            "steps": len(counted),
+            "step_ms": round(step * 1e3, 2),
+            "graph_ms": round(graph * 1e3, 2),
+            "host_ms": round((step - graph) * 1e3, 2),
+            "host_share": round((step - graph) / step, 3),
+        }
+        print(json.dumps(out), flush=True)
+
+    short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    case("batch 1 greedy", [greedy], 1)
+    case("batch 1 sampled", [sampled], 1)
+    case("batch 16 greedy", [greedy] * 16, 16)
+    case("batch 16 sampled", [sampled] * 16, 16)
+    case("2 streams, slots 0 and 1", [greedy] * 2, 2)
+    case("2 streams, slots 0 and 15 (the 14 between ended)", [greedy] + [short] * 14 + [greedy], 2)
+
+
+if __name__ == "__main__":
+    main()
