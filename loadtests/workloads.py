@@ -14,7 +14,7 @@ W2_STREAMS = 16
 W3_REQUESTS, W3_RUNNING = 64, 16
 # W4, a chat service: 16 users at once, each sending CHAT_ROUNDS requests one after another, every one the same
 # 1,000-token system prompt plus a 32-token user turn of its own, 64 tokens answered.
-CHAT_USERS, CHAT_ROUNDS, CHAT_SYSTEM_TOKENS, CHAT_TURN_TOKENS, CHAT_OUTPUT_TOKENS = 16, 2, 1000, 32, 64
+CHAT_USERS, CHAT_ROUNDS, CHAT_SYSTEM_TOKENS, CHAT_TURN_TOKENS, CHAT_OUTPUT_TOKENS = 16, 4, 1000, 32, 64
 
 
 def chat_prompt(user: int, round_: int) -> list[int]:

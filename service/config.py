@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     max_num_seqs: int = Field(16, ge=1, le=1024, description="sequences decoded together (cache slots)")
     max_model_len: int = Field(2048, ge=16, description="longest prompt + completion (capped by the bundle)")
     max_num_batched_tokens: int = Field(
-        1024, ge=16, description="tokens per engine step: every decoding sequence's one, then prompt chunks"
+        2048, ge=16, description="tokens per engine step: every decoding sequence's one, then prompt chunks"
     )
     prefix_cache: CliImplicitFlag[bool] = Field(
         True, description="reuse the cached keys and values of a prompt's longest computed prefix (--no-prefix-cache)"

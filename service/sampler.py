@@ -145,7 +145,8 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
         tokens[s[plain]] = np.minimum(pick, V - 1)
     nucleus = np.nonzero(top_p < 1.0)[0]
     if len(nucleus):
-        C = min(V, TOP_P_CANDIDATES)
+        k_n = top_k[nucleus]
+        C = min(V, int(k_n.max()) if k_n.all() else TOP_P_CANDIDATES)  # with top-k, its k tokens hold all the mass
         p = probs[nucleus]
         cand = np.argpartition(-p, C - 1, axis=1)[:, :C] if C < V else np.tile(np.arange(V), (len(nucleus), 1))
         for j, row in enumerate(nucleus):
