@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
 
+    from loadtests.step_profile import time_graph
     from service.bundle import load_bundle
     from service.engine import Engine
     from service.sampler import SamplingParams
@@ -40,15 +41,7 @@ def main() -> None:
     bundle = load_bundle(args.bundle, verify_checksums=False)
     engine = Engine(bundle, slots=16, max_len=PROMPT + OUTPUT + 8, device="cpu", threads=args.threads)
     tokenizer = TextTokenizer.from_bundle(bundle)
-    graph_s = [0.0]
-    run = engine.session.run_with_iobinding
-
-    def timed_run(binding):  # type: ignore[no-untyped-def]
-        t = time.perf_counter()
-        run(binding)
-        graph_s[0] += time.perf_counter() - t
-
-    engine.session.run_with_iobinding = timed_run  # type: ignore[method-assign]
+    graph_s = time_graph(engine.session)
     rng = np.random.default_rng(0)
     greedy = SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)
     sampled = SamplingParams(

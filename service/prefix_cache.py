@@ -69,7 +69,7 @@ class PrefixCache:
                 continue
             same = tokens[:n] == prompt[:n]
             n = n if same.all() else int(np.argmin(same))
-            if n > best_n or (n == best_n and slot in self.entries):  # a tie goes to an entry: no copy needed
+            if n > best_n:  # entries come first, so a tie goes to an entry: no copy needed
                 best, best_n = slot, n
         self.queries += 0 if again else len(prompt)
         if best_n < MIN_MATCH:
