@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TOP_P_CANDIDATES = 1024  # top-p sorts only this many most likely tokens, unless they hold less than top_p
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -117,7 +115,14 @@ def apply_penalties(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
 
 
 def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
-    """logits (N, V) float32 -> token ids (N,) int64."""
+    """logits (N, V) float32 -> token ids (N,) int64.
+
+    Greedy rows take the argmax. The others draw from softmax(logits / temperature) restricted by top-k (ties with
+    the k-th value kept), min-p and top-p (the smallest most-likely-first set holding top_p of the mass, with the
+    tokens tied to its last one), by inverse CDF in vocabulary order with one uniform number. The work runs on as
+    few tokens as are exact: a top-k row on its k largest logits (found through the maxima of blocks of BLOCK
+    tokens), a top-p row without top-k sorts only the tokens of one probability bucket (_cut_nucleus).
+    """
     N, V = logits.shape
     logits = apply_penalties(logits, rows)
     tokens = np.argmax(logits, axis=1)  # (N,) greedy rows are done
@@ -125,41 +130,127 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     if not len(s):
         return tokens
     temp = np.array([rows[i].params.temperature for i in s], np.float32)
-    z = logits[s] / temp[:, None]  # (Ns, V)
-    top_k = np.array([rows[i].params.top_k if 0 < rows[i].params.top_k < V else 0 for i in s])
-    if top_k.any():
-        K = int(top_k.max())
-        largest = -np.sort(-np.partition(z, V - K, axis=1)[:, V - K :], axis=1)  # (Ns, K) descending
-        kth = np.where(top_k > 0, largest[np.arange(len(s)), np.maximum(top_k, 1) - 1], -np.inf)
-        z = np.where(z < kth[:, None], -np.inf, z)
-    probs = np.exp(z - z.max(axis=1, keepdims=True))  # (Ns, V) unnormalized; the most likely token has 1.0
-    min_p = np.array([rows[i].params.min_p for i in s], np.float32)
-    if min_p.any():
-        probs = np.where(probs < min_p[:, None], 0.0, probs).astype(np.float32)  # min_p x the top probability
+    z = (logits if len(s) == N else logits[s]) / temp[:, None]  # (Ns, V)
     u = np.array([rows[i].rng.random() for i in s])  # one draw per row, from the row's own generator
+    top_k = np.array([rows[i].params.top_k if 0 < rows[i].params.top_k < V else 0 for i in s])
+    min_p = np.array([rows[i].params.min_p for i in s], np.float32)
     top_p = np.array([rows[i].params.top_p for i in s])
-    plain = np.nonzero(top_p >= 1.0)[0]
-    if len(plain):
-        cdf = np.cumsum(probs[plain], axis=1, dtype=np.float64)  # (Np, V)
-        pick = np.array([np.searchsorted(c, ui * c[-1], side="right") for c, ui in zip(cdf, u[plain])])
-        tokens[s[plain]] = np.minimum(pick, V - 1)
+    k_rows = np.nonzero(top_k)[0]
+    if len(k_rows):
+        ids, zk = _top_k_candidates(z[k_rows], top_k[k_rows])  # (Nk, C) each
+        p = np.exp(zk - zk.max(axis=1, keepdims=True))  # (Nk, C) unnormalized; the most likely has 1.0
+        p = np.where(p < min_p[k_rows, None], 0.0, p)  # min_p x the top probability
+        tokens[s[k_rows]] = _draw(ids, p, top_p[k_rows], u[k_rows])
+    full = np.nonzero(top_k == 0)[0]
+    if len(full):
+        tokens[s[full]] = _draw_full(z[full], min_p[full], top_p[full], u[full])
+    return tokens
+
+
+BLOCK = 64  # top-k finds a row's k largest logits among the k blocks of this many tokens with the largest maxima
+ONE_BITS = 0x3F800000  # float32 1.0 as bits
+NUCLEUS_BUCKETS = (ONE_BITS >> 20) + 1  # top-p sorts only the tokens of the probability bucket reaching its mass
+
+
+def _top_k_candidates(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """z (N, V), k (N,) >= 1 -> (ids, values), each (N, C): every token within its row's top k (ties at the k-th
+    value included), the other columns' values -inf. Exact: the K largest values of a row lie in the K blocks
+    whose maxima are largest; a tie with a k-th value outside the candidates sends the rows to a full scan."""
+    N, V = z.shape
+    K = int(k.max())
+    nb = -(-V // BLOCK)
+    if K * 4 >= nb:  # a small vocabulary or a large k: one partition of the whole row
+        ids = np.argpartition(-z, K - 1, axis=1)[:, :K]  # (N, K)
+    else:
+        zb = z if V == nb * BLOCK else np.pad(z, ((0, 0), (0, nb * BLOCK - V)), constant_values=-np.inf)
+        zb = zb.reshape(N, nb, BLOCK)
+        bmax = zb.max(axis=2)  # (N, nb)
+        blocks = np.argpartition(-bmax, K - 1, axis=1)[:, :K]  # (N, K) the blocks with the largest maxima
+        in_blocks = (blocks[:, :, None] * BLOCK + np.arange(BLOCK)).reshape(N, K * BLOCK)  # (N, K * BLOCK)
+        vals = np.take_along_axis(zb, blocks[:, :, None], axis=1).reshape(N, K * BLOCK)
+        ids = np.take_along_axis(in_blocks, np.argpartition(-vals, K - 1, axis=1)[:, :K], axis=1)  # (N, K)
+    zk = np.take_along_axis(z, ids, axis=1)  # (N, K)
+    kth = -np.sort(-zk, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
+    ties = np.count_nonzero(z >= kth[:, None], axis=1) > np.count_nonzero(zk >= kth[:, None], axis=1)
+    if ties.any():  # values equal to the k-th beyond the K candidates: every row takes all tokens at or above it
+        wide = [np.nonzero(z[r] >= kth[r])[0] for r in range(N)]
+        ids = np.full((N, max(map(len, wide))), -1, np.int64)  # (N, C), -1 = padding, never drawn
+        for r, w in enumerate(wide):
+            ids[r, : len(w)] = w
+        zk = np.where(ids >= 0, np.take_along_axis(z, np.maximum(ids, 0), axis=1), -np.inf)
+    return ids, np.where(zk >= kth[:, None], zk, -np.inf)
+
+
+def _nucleus_floor(q: np.ndarray, total: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """q (N, C) a superset of each row's most likely probabilities, total (N,) its row's whole mass -> (N,) the
+    probability of the last token of the smallest most-likely-first set holding top_p of the mass."""
+    q = -np.sort(-q, axis=1)  # (N, C) descending
+    cum = np.cumsum(q, axis=1, dtype=np.float64)
+    keep = np.minimum((cum < (top_p * total)[:, None]).sum(axis=1), q.shape[1] - 1)
+    return q[np.arange(len(q)), keep]
+
+
+def _draw(ids: np.ndarray, p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One token per row from candidate ids (N, C) with unnormalized probabilities p (N, C) (0 = excluded)."""
+    N, C = ids.shape
+    nucleus = top_p < 1.0
+    if nucleus.any():
+        floor = _nucleus_floor(p[nucleus], p[nucleus].sum(axis=1, dtype=np.float64), top_p[nucleus])
+        p[nucleus] = np.where(p[nucleus] >= floor[:, None], p[nucleus], 0.0)
+    order = np.argsort(ids, axis=1)  # vocabulary order
+    p, ids = np.take_along_axis(p, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    cum = np.cumsum(p, axis=1, dtype=np.float64)  # (N, C)
+    pick = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), _last_positive(p, C))
+    return ids[np.arange(N), pick]
+
+
+def _last_positive(p: np.ndarray, end: np.ndarray | int) -> np.ndarray:
+    """p (N, C) -> (N,) the last column before `end` with p > 0: where a draw that rounding carried past the
+    last bin lands."""
+    N, C = p.shape
+    positive = (p > 0) & (np.arange(C) < np.reshape(end, (-1, 1)))
+    return C - 1 - np.argmax(positive[:, ::-1], axis=1)
+
+
+def _cut_nucleus(p: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """p (N, V) unnormalized, the top 1.0 -> p with every token below its row's top-p cut set to 0. Exact without
+    sorting the row: tokens fall into buckets of an eighth of an octave of probability (the float's bits); the
+    buckets above the one where the cumulative mass crosses top_p are all in, and only that bucket's tokens are
+    sorted to find the cut."""
+    p = p.astype(np.float32, copy=False)
+    bucket = (ONE_BITS - p.view(np.int32)) >> 20  # (N, V) exponent and top 3 mantissa bits; 0 = the top token
+    cut = np.zeros(len(p), np.float32)
+    for r in range(len(p)):
+        need = top_p[r] * p[r].sum(dtype=np.float64)
+        cum = np.cumsum(np.bincount(bucket[r], p[r], NUCLEUS_BUCKETS))  # mass up to each bucket, likeliest first
+        cross = min(int((cum < need).sum()), NUCLEUS_BUCKETS - 1)  # the bucket where top_p is reached
+        q = -np.sort(-p[r, bucket[r] == cross])  # that bucket's tokens, most likely first
+        above = cum[cross - 1] if cross > 0 else 0.0
+        cut[r] = q[min(int((above + np.cumsum(q, dtype=np.float64) < need).sum()), len(q) - 1)]
+    return np.where(p >= cut[:, None], p, np.float32(0.0))
+
+
+def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Rows without top-k, z (N, V): min-p and top-p cut, then a draw by a CDF over blocks of BLOCK tokens, then
+    within the block."""
+    N, V = z.shape
+    p = np.exp(z - z.max(axis=1, keepdims=True))  # (N, V) unnormalized; the most likely token has 1.0
+    if min_p.any():
+        p = np.where(p < min_p[:, None], 0.0, p).astype(np.float32)  # min_p x the top probability
     nucleus = np.nonzero(top_p < 1.0)[0]
     if len(nucleus):
-        k_n = top_k[nucleus]
-        C = min(V, int(k_n.max()) if k_n.all() else TOP_P_CANDIDATES)  # with top-k, its k tokens hold all the mass
-        p = probs[nucleus]
-        cand = np.argpartition(-p, C - 1, axis=1)[:, :C] if C < V else np.tile(np.arange(V), (len(nucleus), 1))
-        for j, row in enumerate(nucleus):
-            total = p[j].sum(dtype=np.float64)
-            order = cand[j][np.argsort(-p[j, cand[j]], kind="stable")]
-            cum = np.cumsum(p[j, order], dtype=np.float64)
-            if cum[-1] < top_p[row] * total:  # the candidates hold too little mass: sort the whole row
-                order = np.argsort(-p[j], kind="stable")
-                cum = np.cumsum(p[j, order], dtype=np.float64)
-            keep = int(np.searchsorted(cum, top_p[row] * total)) + 1  # smallest set reaching top_p
-            kept = cum[:keep]
-            tokens[s[row]] = order[min(int(np.searchsorted(kept, u[row] * kept[-1], side="right")), keep - 1)]
-    return tokens
+        p[nucleus] = _cut_nucleus(p[nucleus], top_p[nucleus])
+    nb = -(-V // BLOCK)
+    pb = p if V == nb * BLOCK else np.pad(p, ((0, 0), (0, nb * BLOCK - V)))
+    pb = pb.reshape(N, nb, BLOCK)
+    cb = np.cumsum(pb.sum(axis=2, dtype=np.float64), axis=1)  # (N, nb) mass up to each block's end
+    target = u * cb[:, -1]
+    blk = np.minimum((cb <= target[:, None]).sum(axis=1), nb - 1)  # the block the draw falls in
+    before = np.where(blk > 0, cb[np.arange(N), blk - 1], 0.0)
+    inside = pb[np.arange(N), blk]  # (N, BLOCK)
+    within = before[:, None] + np.cumsum(inside, axis=1, dtype=np.float64)
+    at = np.minimum((within <= target[:, None]).sum(axis=1), _last_positive(inside, BLOCK))
+    return np.minimum(blk * BLOCK + at, V - 1)
 
 
 def logprobs_batch(logits: np.ndarray, chosen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from service.sampler import Row, SamplingParams, log_softmax, logprobs_batch, sample_batch, top_logprobs
+from service.sampler import Row, SamplingParams, _cut_nucleus, log_softmax, logprobs_batch, sample_batch, top_logprobs
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, 2.9], dtype=np.float32)
 NONE = np.zeros(0, dtype=np.int64)
@@ -96,3 +97,70 @@ def test_batched_logprobs_match_the_row_by_row_ones():
         lps = log_softmax(logits[i])
         assert np.isclose(chosen[i], lps[token])
         assert [t for t, _ in top_logprobs(lps, 5)] == list(top_ids[i])
+
+
+def reference_support(logits, params):
+    """The tokens a row may draw, by full sorts: top-k (ties kept), min-p, then top-p (ties with the last kept)."""
+    z = logits.astype(np.float64) / params.temperature
+    p = np.exp(z - z.max())
+    if params.top_k:
+        p[z < np.sort(z)[::-1][params.top_k - 1]] = 0.0
+    if params.min_p:
+        p[p < params.min_p * p.max()] = 0.0
+    if params.top_p < 1.0:
+        q = np.sort(p)[::-1]
+        cum = np.cumsum(q)
+        p[p < q[min(int((cum < params.top_p * p.sum()).sum()), len(q) - 1)]] = 0.0
+    return p / p.sum()
+
+
+@pytest.mark.parametrize("V", [16384, 3001])  # 16384: top-k goes through blocks
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=1, temperature=0.8, top_k=50),
+        SamplingParams(max_tokens=1, temperature=0.8, top_k=50, top_p=0.9),
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9),
+        SamplingParams(max_tokens=1, temperature=1.3, top_p=0.5, min_p=0.01),
+        SamplingParams(max_tokens=1, temperature=0.7),
+        SamplingParams(max_tokens=1, temperature=1.0, min_p=0.2),
+    ],
+)
+def test_batched_draws_follow_the_exact_distribution(V, params):
+    """Many rows of one distribution in one batch: the tokens stay in the exact support and their frequencies
+    follow its probabilities (the sampler looks at blocks and buckets of tokens; the reference sorts whole rows)."""
+    logits = np.random.default_rng(V).normal(size=V).astype(np.float32) * 2.5
+    logits[:200] += 4.0  # a head of likely tokens, as a model's logits have
+    ref = reference_support(logits, params)
+    N = 2000
+    rows = [Row(params, np.random.default_rng([3, i]), {}, NONE) for i in range(N)]
+    drawn = sample_batch(np.tile(logits, (N, 1)), rows)
+    assert ref[drawn].min() > 0, "a token outside the support was drawn"
+    freq = np.bincount(drawn, minlength=V) / N
+    support = np.nonzero(ref)[0]
+    assert np.abs(freq - ref).max() < 5 * np.sqrt(ref.max() / N) + 1e-9
+    # total variation over the support, coarse enough for 2,000 draws
+    assert 0.5 * np.abs(freq[support] - ref[support]).sum() < 0.05 + 0.5 * np.sqrt(len(support) / N)
+
+
+def test_ties_at_the_top_k_and_top_p_cuts_are_kept():
+    V = 4096
+    logits = np.zeros(V, np.float32)
+    logits[[5, 700, 3000, 4000]] = 2.0  # four tokens tied at the top, in different blocks
+    logits[[1, 2]] = 3.0
+    rows = [Row(SamplingParams(max_tokens=1, top_k=3), np.random.default_rng(i), {}, NONE) for i in range(400)]
+    assert set(sample_batch(np.tile(logits, (400, 1)), rows).tolist()) == {1, 2, 5, 700, 3000, 4000}
+    rows = [Row(SamplingParams(max_tokens=1, top_p=0.004), np.random.default_rng(i), {}, NONE) for i in range(100)]
+    assert set(sample_batch(np.tile(logits, (100, 1)), rows).tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_the_nucleus_cut_keeps_exactly_the_reference_nucleus(top_p):
+    rng = np.random.default_rng(int(top_p * 1000))
+    z = rng.normal(size=(8, 5000)).astype(np.float32) * rng.uniform(0.5, 6.0, size=(8, 1)).astype(np.float32)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    cut = _cut_nucleus(p, np.full(8, top_p))
+    for r in range(8):
+        ref = reference_support(np.log(p[r]), SamplingParams(max_tokens=1, top_p=top_p))
+        assert np.array_equal(cut[r] > 0, ref > 0)
+        assert np.array_equal(cut[r][cut[r] > 0], p[r][cut[r] > 0])
