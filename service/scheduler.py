@@ -2,7 +2,8 @@
 
 Design note. Every engine step reads top to bottom:
 
-    retire cancelled -> admit -> plan -> place -> prefill -> decode -> sample -> emit -> retire finished
+    retire cancelled -> admit -> plan -> place -> for each graph call: (decode | prefill) -> sample -> emit
+    -> retire finished
 
 Admission. Waiting sequences are admitted FIFO whenever a cache slot is free, without waiting for the batch to
 drain. Each sequence owns one slot from admission to retirement. On admission the prefix cache
@@ -14,8 +15,10 @@ computed again.
 A token budget per step (`max_num_batched_tokens`, vLLM's name). Every decoding sequence gets its one token first;
 prompt chunks fill what is left. Continuing prompts (already partly in the cache) run one per graph call, because
 onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty; fresh
-prompts start together in one call, right-padded to a common chunk length S chosen to fill the budget with the
-most real tokens. A padded row writes throwaway keys past its own length, which its next real write overwrites.
+prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
+tokens, in calls of at most PREFILL_CALL_TOKENS. A padded row writes throwaway keys past its own length, which its
+next real write overwrites. The decode call runs first, then the prompt calls; each call's tokens are sampled and
+sent before the next call starts, so a prompt's first token never waits for the prefill of the prompts after it.
 
 No idle rows. A graph call binds one contiguous range of cache rows, so before the calls the scheduler places
 the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
@@ -59,6 +62,10 @@ __all__ = ["EngineStopped", "GenerationRequest", "QueueFull", "RequestState", "S
 log = logging.getLogger(__name__)
 
 PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output token decodes in context
+# Fresh prompts are prefilled together in calls of at most this many (padded) tokens, each call's first tokens sent
+# before the next call: 4 rows of 128 tokens prefill as fast per token as 16 in one call (docs/BENCHMARKS.md), and
+# the first of a burst of prompts no longer waits for the last one's prefill.
+PREFILL_CALL_TOKENS = 512
 
 
 Job = Callable[[], None]  # work for the engine thread between two steps (an inspection); must not raise
@@ -219,11 +226,14 @@ class Scheduler:
         continuing, fresh = self._plan_prefill(self.budget - len(decoding))
         self._place(decoding, 0)
         self._place([seq for seq, _ in fresh], len(decoding))
-        prefilled = [*self._prefill_each(continuing), *self._prefill_together(fresh)]
-        decoded = self._decode(decoding)
-        tokens = self._sample(prefilled + decoded)  # [(sequence, logits (V,))] -> [(sequence, token, logprob)]
-        finished = self._emit(tokens)
-        self._retire(finished)
+        # One graph call at a time, its tokens sampled and sent before the next call runs: a stream's token
+        # never waits for another sequence's call. (sequence, logits (V,)) -> (sequence, token, logprob) -> event
+        self._emit(self._sample(self._decode(decoding)))
+        for seq, S in continuing:
+            self._emit(self._sample(self._prefill_one(seq, S)))
+        for group in _prefill_calls(fresh):
+            self._emit(self._sample(self._prefill_together(group)))
+        self._retire([s for s in self.running.values() if s.finish_reason])
         self.steps += 1
 
     def _run_job(self) -> None:
@@ -327,28 +337,22 @@ class Scheduler:
         if sb is not None:
             sb.slot, self.running[a] = a, sb
 
-    def _prefill_each(self, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, np.ndarray]]:
-        """Continuing prompts, one graph call each (batch 1, S new tokens after `prefilled`)."""
-        done = []
-        for seq, S in chunks:
-            start = seq.prefilled
-            wanted = np.arange(S) if seq.state.request.prompt_logprobs else np.array([S - 1])  # logits only where read
-            logits = self.engine.forward(
-                seq.prompt[None, start : start + S],
-                np.arange(start, start + S)[None],
-                np.array([start + S - 1], np.int32),
-                seq.slot,
-                seq.slot + 1,
-                wanted,
-            )  # (S or 1, V)
-            done += self._prefilled(seq, S, logits)
-        return done
+    def _prefill_one(self, seq: Sequence, S: int) -> list[tuple[Sequence, np.ndarray]]:
+        """A continuing prompt: S new tokens after its `prefilled` ones, batch 1."""
+        start = seq.prefilled
+        wanted = np.arange(S) if seq.state.request.prompt_logprobs else np.array([S - 1])  # logits only where read
+        logits = self.engine.forward(
+            seq.prompt[None, start : start + S],
+            np.arange(start, start + S)[None],
+            np.array([start + S - 1], np.int32),
+            seq.slot,
+            seq.slot + 1,
+            wanted,
+        )  # (S or 1, V)
+        return self._prefilled(seq, S, logits)
 
     def _prefill_together(self, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, np.ndarray]]:
         """Fresh prompts (empty past) in one graph call over their contiguous slots, right-padded to S."""
-        if not chunks:
-            return []
-        chunks = sorted(chunks, key=lambda c: c[0].slot)
         B, S, lo = len(chunks), max(c for _, c in chunks), chunks[0][0].slot
         assert [seq.slot for seq, _ in chunks] == list(range(lo, lo + B)), "placed contiguously"
         input_ids = np.zeros((B, S), np.int64)  # (B, S) right-padded
@@ -420,14 +424,10 @@ class Scheduler:
                 lps[j] = TokenLogprob(int(tokens[j]), text(int(tokens[j])), float(chosen[m]), top)
         return [(batch[i][0], int(tokens[j]), lps[j]) for j, i in enumerate(keep)]
 
-    def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> list[Sequence]:
-        """Each sequence takes its token and says whether it ended (its stop criteria); its event goes out."""
-        finished = [s for s in self.running.values() if s.finish_reason]  # failed while sampling
+    def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> None:
+        """Each sequence takes its token and learns whether it ended (its stop criteria); its event goes out."""
         for seq, token, lp in tokens:
             self._send(seq, seq.append(token, lp))
-            if seq.finish_reason:
-                finished.append(seq)
-        return finished
 
     def _retire(self, sequences: list[Sequence]) -> None:
         """Frees each sequence's slot; its written positions stay as a prefix-cache entry unless it failed. One
@@ -468,3 +468,13 @@ class Scheduler:
         for i in range(n):
             top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[i], top_lps[i]))
             seq.prompt_logprobs.append(TokenLogprob(int(targets[i]), text(int(targets[i])), float(chosen[i]), top))
+
+
+def _prefill_calls(fresh: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+    """Splits the step's fresh prompts (placed in consecutive slots) into graph calls of at most
+    PREFILL_CALL_TOKENS padded tokens (at least one row each), in slot order."""
+    if not fresh:
+        return []
+    fresh = sorted(fresh, key=lambda c: c[0].slot)
+    rows = max(1, PREFILL_CALL_TOKENS // max(c for _, c in fresh))
+    return [fresh[i : i + rows] for i in range(0, len(fresh), rows)]
