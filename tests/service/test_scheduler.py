@@ -259,6 +259,24 @@ def test_fresh_prompts_prefilled_together_give_the_tokens_each_gives_alone(make_
     assert any(rows > 1 and S > 1 for rows, S in calls), f"no batched prefill among {calls}"
 
 
+def test_a_prompt_first_token_is_sent_before_the_next_prefill_call_of_the_step(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    s = Scheduler(Engine(bundle, 8, 256), TextTokenizer(bundle.tokenizer_file, None, None, None), (), 256, 1024)
+    s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+    calls, seen = [], []
+    real = s.engine.forward
+    s.engine.forward = lambda ids, *a: calls.append(ids.shape) or real(ids, *a)
+    for i in range(8):  # 8 x 100 tokens: more than one prefill call (PREFILL_CALL_TOKENS)
+        prompt = tuple(range(20 + i, 120 + i))
+        s.submit(
+            GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0)),
+            lambda e, i=i: seen.append((i, len(calls))),
+        )
+    s.step()
+    assert [shape for shape in calls] == [(5, 100), (3, 100)]
+    assert sorted(seen) == [(i, 1 if i < 5 else 2) for i in range(8)], "first tokens waited for a later call"
+
+
 def test_decode_computes_only_decoding_rows_after_middle_streams_end(make_scheduler):
     s = make_scheduler(slots=16, prefix_cache=False)
     probe = list(range(400, 420))
