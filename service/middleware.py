@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -98,6 +99,9 @@ class SizeLimitMiddleware:
         await self.app(scope, _replay([body], receive), send)
 
 
+BURST_DEFER_S = 0.1  # the longest an admitted request defers its work to the gate checks of later arrivals
+
+
 class AdmissionGate:
     """429 at once, before the body is read or anything is tokenized, while `limit` generation requests are already
     in flight (running or waiting for a slot). Under a burst the refused are answered in microseconds instead of
@@ -107,17 +111,41 @@ class AdmissionGate:
     def __init__(self, app: ASGIApp, limit: int, paths: tuple[str, ...]) -> None:
         self.app, self.limit, self.paths = app, limit, paths
         self.in_flight = 0
+        self.arrivals = 0  # generation requests that reached the gate, refused or not
+        self._quiet: asyncio.Event | None = None  # set when the current burst is over
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def _after_the_burst(self) -> None:
+        """Waits until an event-loop pass brings no new request, for at most BURST_DEFER_S: in a burst, the requests
+        behind reach the gate, and the refused get their answer, before the admitted start their work. One watcher
+        task per burst, however many requests wait on it."""
+        if self._quiet is None:
+            self._quiet = asyncio.Event()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._quiet))
+        await self._quiet.wait()
+
+    async def _watch(self, quiet: asyncio.Event) -> None:
+        until = time.perf_counter() + BURST_DEFER_S
+        while True:
+            seen = self.arrivals
+            await asyncio.sleep(0)
+            if self.arrivals == seen or time.perf_counter() > until:
+                break
+        self._quiet = None
+        quiet.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
+        self.arrivals += 1
         if self.in_flight >= self.limit:
             message = f"server busy: {self.in_flight} requests are running or waiting (limit {self.limit})"
             await _error(send, 429, message, "overloaded", "rate_limit_error", [(b"retry-after", b"1")])
             return
         self.in_flight += 1
         try:
+            await self._after_the_burst()
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1

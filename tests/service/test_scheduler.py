@@ -219,6 +219,27 @@ def test_jobs_are_refused_past_the_waiting_bounds(tiny_bundle):
         gate.set()
 
 
+def test_requests_bound_for_free_slots_do_not_count_against_the_waiting_bound(tiny_bundle):
+    """Between a retirement and the next step's admission, the gate (max-num-seqs + max-waiting-requests in flight)
+    and the scheduler agree: a request that will take a free slot is not refused as waiting."""
+    from service.scheduler import QueueFull
+
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, bundle.chat_template, None, None)
+    s = Scheduler(Engine(bundle, 2, 64), tok, bundle.eos_token_ids, 64, 64, max_waiting=2)
+    gate = threading.Event()
+    s._thread = threading.Thread(target=gate.wait)  # alive but admitting nothing: everything stays queued
+    s._thread.start()
+    request = GenerationRequest("r", (5, 6, 7), SamplingParams(max_tokens=4))
+    try:
+        for _ in range(4):  # 2 free slots + 2 waiting
+            s.submit(request, lambda e: None)
+        with pytest.raises(QueueFull):
+            s.submit(request, lambda e: None)
+    finally:
+        gate.set()
+
+
 def test_prompt_logprobs_read_every_position_and_match_one_full_prefill(make_scheduler, tiny_bundle):
     """Echo with logprobs asks the graph for every prompt position's logits (others get the last one only)."""
     from service.sampler import log_softmax
