@@ -130,20 +130,21 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     if not len(s):
         return tokens
     temp = np.array([rows[i].params.temperature for i in s], np.float32)
-    z = (logits if len(s) == N else logits[s]) / temp[:, None]  # (Ns, V)
     u = np.array([rows[i].rng.random() for i in s])  # one draw per row, from the row's own generator
     top_k = np.array([rows[i].params.top_k if 0 < rows[i].params.top_k < V else 0 for i in s])
     min_p = np.array([rows[i].params.min_p for i in s], np.float32)
     top_p = np.array([rows[i].params.top_p for i in s])
     k_rows = np.nonzero(top_k)[0]
-    if len(k_rows):
-        ids, zk = _top_k_candidates(z[k_rows], top_k[k_rows])  # (Nk, C) each
+    if len(k_rows):  # the top k of logits / temperature are the top k of the logits: scale only those
+        ids, zk = _top_k_candidates(logits[s[k_rows]], top_k[k_rows])  # (Nk, C) each
+        zk = zk / temp[k_rows, None]
         p = np.exp(zk - zk.max(axis=1, keepdims=True))  # (Nk, C) unnormalized; the most likely has 1.0
         p = np.where(p < min_p[k_rows, None], 0.0, p)  # min_p x the top probability
         tokens[s[k_rows]] = _draw(ids, p, top_p[k_rows], u[k_rows])
     full = np.nonzero(top_k == 0)[0]
     if len(full):
-        tokens[s[full]] = _draw_full(z[full], min_p[full], top_p[full], u[full])
+        z = (logits if len(full) == N else logits[s[full]]) / temp[full, None]  # (Nf, V)
+        tokens[s[full]] = _draw_full(z, min_p[full], top_p[full], u[full])
     return tokens
 
 
@@ -155,23 +156,33 @@ NUCLEUS_BUCKETS = (ONE_BITS >> 20) + 1  # top-p sorts only the tokens of the pro
 def _top_k_candidates(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """z (N, V), k (N,) >= 1 -> (ids, values), each (N, C): every token within its row's top k (ties at the k-th
     value included), the other columns' values -inf. Exact: the K largest values of a row lie in the K blocks
-    whose maxima are largest; a tie with a k-th value outside the candidates sends the rows to a full scan."""
+    (of BLOCK tokens, strided) whose maxima are largest; a tie with a k-th value outside the candidates sends the
+    rows to a full scan."""
     N, V = z.shape
     K = int(k.max())
     nb = -(-V // BLOCK)
     if K * 4 >= nb:  # a small vocabulary or a large k: one partition of the whole row
         ids = np.argpartition(-z, K - 1, axis=1)[:, :K]  # (N, K)
+        zk = np.take_along_axis(z, ids, axis=1)  # (N, K)
+        kth = -np.sort(-zk, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
+        ties = np.count_nonzero(z >= kth[:, None], axis=1) > np.count_nonzero(zk >= kth[:, None], axis=1)
     else:
-        zb = z if V == nb * BLOCK else np.pad(z, ((0, 0), (0, nb * BLOCK - V)), constant_values=-np.inf)
-        zb = zb.reshape(N, nb, BLOCK)
-        bmax = zb.max(axis=2)  # (N, nb)
+        zp = z if V == nb * BLOCK else np.pad(z, ((0, 0), (0, nb * BLOCK - V)), constant_values=-np.inf)
+        zs = zp.reshape(N, BLOCK, nb)  # block b = tokens b, b + nb, b + 2 nb, ...: a strided max is one fast pass
+        bmax = zs.max(axis=1)  # (N, nb)
         blocks = np.argpartition(-bmax, K - 1, axis=1)[:, :K]  # (N, K) the blocks with the largest maxima
-        in_blocks = (blocks[:, :, None] * BLOCK + np.arange(BLOCK)).reshape(N, K * BLOCK)  # (N, K * BLOCK)
-        vals = np.take_along_axis(zb, blocks[:, :, None], axis=1).reshape(N, K * BLOCK)
-        ids = np.take_along_axis(in_blocks, np.argpartition(-vals, K - 1, axis=1)[:, :K], axis=1)  # (N, K)
-    zk = np.take_along_axis(z, ids, axis=1)  # (N, K)
-    kth = -np.sort(-zk, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
-    ties = np.count_nonzero(z >= kth[:, None], axis=1) > np.count_nonzero(zk >= kth[:, None], axis=1)
+        in_blocks = (blocks[:, None, :] + nb * np.arange(BLOCK)[None, :, None]).reshape(N, BLOCK * K)  # token ids
+        vals = np.take_along_axis(zs, blocks[:, None, :], axis=2).reshape(N, BLOCK * K)
+        top = np.partition(vals, BLOCK * K - K, axis=1)[:, BLOCK * K - K :]  # (N, K) the K largest, unordered
+        kth = -np.sort(-top, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
+        left_out = np.ones((N, nb), bool)
+        np.put_along_axis(left_out, blocks, False, axis=1)
+        ties = (left_out & (bmax >= kth[:, None])).any(axis=1)  # a value at or above the k-th in a block left out
+        r, c = np.nonzero(vals >= kth[:, None])  # each row's candidates (its top k and the ties), row-major
+        ids = np.full((N, int(np.bincount(r, minlength=N).max())), -1, np.int64)  # (N, C), -1 = padding
+        zk = np.full(ids.shape, -np.inf, z.dtype)
+        col = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
+        ids[r, col], zk[r, col] = in_blocks[r, c], vals[r, c]
     if ties.any():  # values equal to the k-th beyond the K candidates: every row takes all tokens at or above it
         wide = [np.nonzero(z[r] >= kth[r])[0] for r in range(N)]
         ids = np.full((N, max(map(len, wide))), -1, np.int64)  # (N, C), -1 = padding, never drawn

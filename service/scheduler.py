@@ -68,6 +68,7 @@ PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output t
 PREFILL_CALL_TOKENS = 512
 
 
+Ready = tuple[list[Sequence], np.ndarray]  # sequences that take a token now, and their logits (N, V)
 Job = Callable[[], None]  # work for the engine thread between two steps (an inspection); must not raise
 
 
@@ -342,7 +343,7 @@ class Scheduler:
         if sb is not None:
             sb.slot, self.running[a] = a, sb
 
-    def _prefill_one(self, seq: Sequence, S: int) -> list[tuple[Sequence, np.ndarray]]:
+    def _prefill_one(self, seq: Sequence, S: int) -> Ready:
         """A continuing prompt: S new tokens after its `prefilled` ones, batch 1."""
         start = seq.prefilled
         wanted = np.arange(S) if seq.state.request.prompt_logprobs else np.array([S - 1])  # logits only where read
@@ -354,9 +355,10 @@ class Scheduler:
             seq.slot + 1,
             wanted,
         )  # (S or 1, V)
-        return self._prefilled(seq, S, logits)
+        complete = self._prefilled(seq, S, logits)
+        return ([seq], logits[-1:]) if complete else ([], logits[:0])
 
-    def _prefill_together(self, chunks: list[tuple[Sequence, int]]) -> list[tuple[Sequence, np.ndarray]]:
+    def _prefill_together(self, chunks: list[tuple[Sequence, int]]) -> Ready:
         """Fresh prompts (empty past) in one graph call over their contiguous slots, right-padded to S."""
         B, S, lo = len(chunks), max(c for _, c in chunks), chunks[0][0].slot
         assert [seq.slot for seq, _ in chunks] == list(range(lo, lo + B)), "placed contiguously"
@@ -368,24 +370,27 @@ class Scheduler:
         logits = self.engine.forward(
             input_ids, np.tile(np.arange(S), (B, 1)), np.full(B, S - 1, np.int32), lo, lo + B, np.concatenate(wanted)
         )  # (sum of wanted, V)
-        done, at = [], 0
+        done, last, at = [], [], 0
         for (seq, c), w in zip(chunks, wanted):
-            done += self._prefilled(seq, c, logits[at : at + len(w)])
             at += len(w)
-        return done
+            if self._prefilled(seq, c, logits[at - len(w) : at]):
+                done.append(seq)
+                last.append(at - 1)
+        return done, logits[last]
 
-    def _prefilled(self, seq: Sequence, S: int, logits: np.ndarray) -> list[tuple[Sequence, np.ndarray]]:
-        """Books S more prompt tokens of seq as written; its last logits when its prompt is complete."""
+    def _prefilled(self, seq: Sequence, S: int, logits: np.ndarray) -> bool:
+        """Books S more prompt tokens of seq as written; whether its prompt is complete (its last logits then give
+        its first token)."""
         if seq.state.request.prompt_logprobs:
             self._collect_prompt_logprobs(seq, logits, seq.prefilled)
         seq.prefilled += S
         self.cache.lengths[seq.slot] = seq.prefilled
-        return [(seq, logits[-1])] if seq.prefilled == len(seq.prompt) else []
+        return seq.prefilled == len(seq.prompt)
 
-    def _decode(self, decoding: list[Sequence]) -> list[tuple[Sequence, np.ndarray]]:
+    def _decode(self, decoding: list[Sequence]) -> Ready:
         """One new token for each decoding sequence, all in one graph call over slots [0, D)."""
         if not decoding:
-            return []
+            return [], np.zeros((0, 0), np.float32)
         seqs = sorted(decoding, key=lambda s: s.slot)
         D = len(seqs)
         assert [s.slot for s in seqs] == list(range(D)), "placed in [0, D)"
@@ -395,15 +400,16 @@ class Scheduler:
             input_ids, lengths[:, None], lengths.astype(np.int32), 0, D, np.arange(D)
         )  # (D, V)
         self.cache.lengths[:D] += 1
-        return list(zip(seqs, logits))
+        return seqs, logits
 
-    def _sample(self, batch: list[tuple[Sequence, np.ndarray]]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        if not batch:
+    def _sample(self, ready: Ready) -> list[tuple[Sequence, int, TokenLogprob | None]]:
+        """(sequences, their logits (N, V)) -> (sequence, token, logprob) for each that can take a token."""
+        seqs, logits = ready
+        if not seqs:
             return []
-        logits = np.stack([lg for _, lg in batch])  # (N, V)
-        finite = np.isfinite(logits).all(axis=1)  # (N,)
+        finite = np.asarray(np.isfinite(logits).all(axis=1))  # (N,)
         rows, keep = [], []
-        for i, (seq, _) in enumerate(batch):
+        for i, seq in enumerate(seqs):
             if not finite[i]:
                 self._finish(seq, "error", error="the model produced non-finite logits")
                 continue
@@ -415,7 +421,8 @@ class Scheduler:
             keep.append(i)
         if not keep:
             return []
-        logits = logits[keep]
+        if len(keep) < len(seqs):
+            logits = logits[keep]
         tokens = sample_batch(logits, rows)  # (N,)
         lps: list[TokenLogprob | None] = [None] * len(keep)
         want = [j for j, r in enumerate(rows) if r.params.logprobs is not None]
@@ -427,7 +434,7 @@ class Scheduler:
                 kj = rows[j].params.logprobs or 0
                 top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[m, :kj], top_lps[m, :kj]))
                 lps[j] = TokenLogprob(int(tokens[j]), text(int(tokens[j])), float(chosen[m]), top)
-        return [(batch[i][0], int(tokens[j]), lps[j]) for j, i in enumerate(keep)]
+        return [(seqs[i], int(tokens[j]), lps[j]) for j, i in enumerate(keep)]
 
     def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> None:
         """Each sequence takes its token and learns whether it ended (its stop criteria); its event goes out."""
