@@ -184,10 +184,10 @@ def _top_k_candidates(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndar
         col = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
         ids[r, col], zk[r, col] = in_blocks[r, c], vals[r, c]
     if ties.any():  # values equal to the k-th beyond the K candidates: every row takes all tokens at or above it
-        wide = [np.nonzero(z[r] >= kth[r])[0] for r in range(N)]
+        wide = [np.nonzero(z[row] >= kth[row])[0] for row in range(N)]
         ids = np.full((N, max(map(len, wide))), -1, np.int64)  # (N, C), -1 = padding, never drawn
-        for r, w in enumerate(wide):
-            ids[r, : len(w)] = w
+        for row, w in enumerate(wide):
+            ids[row, : len(w)] = w
         zk = np.where(ids >= 0, np.take_along_axis(z, np.maximum(ids, 0), axis=1), -np.inf)
     return ids, np.where(zk >= kth[:, None], zk, -np.inf)
 
