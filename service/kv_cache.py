@@ -37,7 +37,9 @@ class KVCache:
         rows = (slots + 1, kv_heads, max_len, head_dim)  # + one scratch row
         self.scratch = slots
         if device == "cpu":
-            self.arrays: list[np.ndarray] | None = [np.zeros(rows, self.np_dtype) for _ in range(2 * n_layer)]
+            # np.full, not np.zeros: every page is written now, at start, rather than faulted in during a request
+            # (a first touch of a slot's rows cost 100+ ms of page faults in a prefill or a slot move)
+            self.arrays: list[np.ndarray] | None = [np.full(rows, 0, self.np_dtype) for _ in range(2 * n_layer)]
             self.buffers = [ort.OrtValue.ortvalue_from_numpy(a) for a in self.arrays]  # shares the numpy memory
         else:
             self.arrays = None
@@ -85,6 +87,11 @@ class KVCache:
         if a == b:
             return
         na, nb = int(self.lengths[a]), int(self.lengths[b])
+        if na == 0 or nb == 0:  # one side holds nothing: one copy, no scratch
+            src, dst, n = (b, a, nb) if na == 0 else (a, b, na)
+            self.copy(src, dst, n)
+            self.lengths[src] = 0
+            return
         self.copy(a, self.scratch, na)
         self.copy(b, a, nb)
         self.copy(self.scratch, b, na)
