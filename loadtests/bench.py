@@ -257,23 +257,30 @@ def memory_bandwidth_gbs() -> float:
     return (a.nbytes + b.nbytes) / best / 1e9
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
 def machine() -> dict:
-    cpu = platform.machine()
+    cpu, flags = platform.machine(), []
     for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
+        if line.startswith("model name") and cpu == platform.machine():
             cpu = line.split(":", 1)[1].strip()
-            break
+        if line.startswith("flags") and not flags:
+            flags = [f for f in line.split(":", 1)[1].split() if f in SIMD_FLAGS]
     mem = next(
         int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
     )
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1)}
+    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1)}
 
 
 def weight_bytes(bundle: Path) -> int:
-    """Bytes a decode step reads: the graph's weights less the embedding table (a Gather reads one row of it)."""
+    """Bytes a decode step reads: the graph's weights, less an untied input embedding table (its Gather reads one
+    row). A tied table is read whole every step, by the unembedding."""
     m = json.loads((bundle / "manifest.json").read_text())
     total = sum(v["bytes"] for k, v in m["files"].items() if k.startswith("model.onnx"))
-    return total - m["model"]["vocab_size"] * m["model"]["d_model"] * 4
+    if m["model"]["tie_embeddings"]:
+        return total
+    return total - m["model"]["vocab_size"] * m["model"]["d_model"] * 4  # the fp32 input table
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -360,8 +367,11 @@ def _ms(w: dict | None, a: str, b: str) -> str:
 
 
 def table(report: dict) -> str:
-    s, bw = report["systems"], report["memory_read_gbs"]
+    s, bw, m = report["systems"], report["memory_read_gbs"], report["machine"]
     rows = [
+        f"{report['date']}, {m['cores']} x {m['cpu']} ({', '.join(m['flags'])}), {m['memory_gib']} GiB, "
+        f"read bandwidth {bw:.1f} GB/s",
+        "",
         "| system | W1 TTFT (ms) | W1 decode tok/s | W1 floor tok/s | W2 tok/s | W2 TTFT p50/p99 (ms) | "
         "W2 ITL p50/p99 (ms) | W3 tok/s | W3 p99 e2e (s) | W4 TTFT p50/p99 (ms) |",
         "|" + "---|" * 10,
