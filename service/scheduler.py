@@ -26,7 +26,7 @@ valid positions on the CPU; device to device on CUDA) with whatever holds the sl
 prefix-cache entry, or nothing. In a steady batch nothing moves; when a stream in the middle ends, the last one
 moves into its place once.
 
-Sampling runs over the whole batch at once (service/sampler.py). The scheduler sees plain frozen dataclasses and
+Sampling runs over all rows of a call at once (service/sampler.py). The scheduler sees plain frozen dataclasses and
 numpy arrays; it knows nothing of HTTP or pydantic. Results leave through each request's `sink` (called on this
 thread; the HTTP layer hands them to its event loop).
 """
@@ -232,8 +232,8 @@ class Scheduler:
         continuing, fresh = self._plan_prefill(self.budget - len(decoding))
         self._place(decoding, 0)
         self._place([seq for seq, _ in fresh], len(decoding))
-        # One graph call at a time, its tokens sampled and sent before the next call runs: a stream's token
-        # never waits for another sequence's call. (sequence, logits (V,)) -> (sequence, token, logprob) -> event
+        # One graph call at a time, its tokens sampled and sent before the next call runs: a stream's token never
+        # waits for another sequence's call. (sequences, logits (N, V)) -> [(sequence, token, logprob)] -> events
         self._emit(self._sample(self._decode(decoding)))
         for seq, S in continuing:
             self._emit(self._sample(self._prefill_one(seq, S)))
@@ -296,8 +296,8 @@ class Scheduler:
 
     def _plan_prefill(self, budget: int) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         """Which prompts get how many tokens this step, within `budget` tokens: (continuing, fresh), each a list
-        of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts share one call,
-        right-padded to the chunk length that fits the most real tokens (every row of it costs S tokens)."""
+        of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts, right-padded to
+        the chunk length that fits the most real tokens (every row of it costs S tokens), split into calls later."""
         pending = sorted(
             (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0
         )
