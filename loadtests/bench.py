@@ -257,6 +257,7 @@ def memory_bandwidth_gbs() -> float:
     return (a.nbytes + b.nbytes) / best / 1e9
 
 
+COMMAND = " ".join(["python -m loadtests.bench", *sys.argv[1:]])  # for the results, without this checkout's path
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        "command": COMMAND,
         "memory_read_gbs": memory_bandwidth_gbs(),
         "systems": {},
     }
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def budget_curve(args: argparse.Namespace, budgets: list[int]) -> int:
     """W2 on ours (fp32) once per token budget, one server each, in one run: the curve behind the default."""
-    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": COMMAND}
     rows = ["| --max-num-batched-tokens | W2 tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |", "|---|---|---|---|"]
     for b in budgets:
         w2 = bench_ours(args.bundle, args.threads, "--max-num-batched-tokens", str(b), which=("W2",))["W2"]
