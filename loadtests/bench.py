@@ -257,8 +257,12 @@ def memory_bandwidth_gbs() -> float:
     return (a.nbytes + b.nbytes) / best / 1e9
 
 
-COMMAND = " ".join(["python -m loadtests.bench", *sys.argv[1:]])  # for the results, without this checkout's path
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+
+
+def command() -> str:
+    """How this run was started, for the results: the module, not this checkout's path."""
+    return " ".join(["python -m loadtests.bench", *sys.argv[1:]])
 
 
 def machine() -> dict:
@@ -302,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
-        "command": COMMAND,
+        "command": command(),
         "memory_read_gbs": memory_bandwidth_gbs(),
         "systems": {},
     }
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def budget_curve(args: argparse.Namespace, budgets: list[int]) -> int:
     """W2 on ours (fp32) once per token budget, one server each, in one run: the curve behind the default."""
-    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": COMMAND}
+    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command()}
     rows = ["| --max-num-batched-tokens | W2 tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |", "|---|---|---|---|"]
     for b in budgets:
         w2 = bench_ours(args.bundle, args.threads, "--max-num-batched-tokens", str(b), which=("W2",))["W2"]
