@@ -209,7 +209,7 @@ def llama_f32_gguf(q4: Path, out: Path) -> Path:
     return f32
 
 
-def bench_llama(gguf: Path, threads: int) -> dict:
+def bench_llama(gguf: Path, threads: int, which: tuple[str, ...] = ("W1", "W2", "W4")) -> dict:
     """llama-server with 16 parallel slots of MAX_MODEL_LEN each, prompt cache reuse on, this machine's cores."""
     port = free_port()
     t = str(threads or os.cpu_count() or 1)
@@ -220,7 +220,7 @@ def bench_llama(gguf: Path, threads: int) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, url, "/health", f"llama-server on {gguf.name}")
-        return asyncio.run(run_workloads(url, ("W1", "W2", "W4")))  # W3: 64 at once, beyond its slots
+        return asyncio.run(run_workloads(url, which))  # not W3 by default: 64 at once, beyond its slots
     finally:
         proc.terminate()
         proc.wait(30)
@@ -266,7 +266,7 @@ def command() -> str:
 
 
 def machine() -> dict:
-    cpu, flags = platform.machine(), []
+    cpu, flags = platform.machine(), list[str]()
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name") and cpu == platform.machine():
             cpu = line.split(":", 1)[1].strip()
@@ -299,10 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
+    p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget_curve:
         return budget_curve(args, [int(b) for b in args.budget_curve.split(",")])
+    if args.w1_rounds:
+        return w1_rounds(args, args.w1_rounds)
     report: dict = {
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
@@ -363,6 +366,39 @@ def budget_curve(args: argparse.Namespace, budgets: list[int]) -> int:
         )
         print(rows[-1], file=sys.stderr)
     (args.out / "budget-curve.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(rows))
+    return 0
+
+
+def w1_rounds(args: argparse.Namespace, rounds: int) -> int:
+    """W1 alone, ours and llama.cpp alternating in each precision, `rounds` times: single-stream ratios that the
+    machine's drift between the systems' turns in a full run does not skew. Medians over the rounds."""
+    from export.checkpoints import default_gguf_path
+
+    q4 = default_gguf_path()
+    pairs = {
+        "fp32": (args.bundle, llama_f32_gguf(q4, args.out)),
+        "int4": (args.int4_bundle, q4),
+    }
+    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command()}
+    rows = ["| round | precision | ours decode tok/s (TTFT ms) | llama.cpp decode tok/s (TTFT ms) |", "|---" * 4 + "|"]
+    for r in range(rounds):
+        for precision, (bundle, gguf) in pairs.items():
+            ours = bench_ours(bundle, args.threads, which=("W1",))["W1"]
+            peer = bench_llama(gguf, args.threads, which=("W1",))["W1"]
+            report.setdefault(precision, []).append({"ours": ours, "llama.cpp": peer})
+            rows.append(
+                f"| {r + 1} | {precision} | {ours['decode_tps']:.1f} ({ours['ttft_s'] * 1e3:.0f}) | "
+                f"{peer['decode_tps']:.1f} ({peer['ttft_s'] * 1e3:.0f}) |"
+            )
+            print(rows[-1], file=sys.stderr)
+    for precision in pairs:
+        runs = report[precision]
+        ours_d, peer_d = (median([x[k]["decode_tps"] for x in runs]) for k in ("ours", "llama.cpp"))
+        ours_t, peer_t = (median([x[k]["ttft_s"] for x in runs]) for k in ("ours", "llama.cpp"))
+        ratios = f"decode {ours_d / peer_d:.2f}x, TTFT {ours_t / peer_t:.2f}x of llama.cpp"
+        rows.append(f"| median | {precision} | {ratios} | |")
+    (args.out / "w1-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(rows))
     return 0
 
