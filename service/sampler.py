@@ -136,7 +136,7 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     top_p = np.array([rows[i].params.top_p for i in s])
     k_rows = np.nonzero(top_k)[0]
     if len(k_rows):  # the top k of logits / temperature are the top k of the logits: scale only those
-        ids, zk = _top_k_candidates(logits[s[k_rows]], top_k[k_rows])  # (Nk, C) each
+        ids, zk = _top_k_candidates(logits if len(k_rows) == N else logits[s[k_rows]], top_k[k_rows])  # (Nk, C)
         zk = zk / temp[k_rows, None]
         p = np.exp(zk - zk.max(axis=1, keepdims=True))  # (Nk, C) unnormalized; the most likely has 1.0
         p = np.where(p < min_p[k_rows, None], 0.0, p)  # min_p x the top probability
