@@ -1,10 +1,11 @@
-"""onnxruntime's profiler over single-row decode steps of a bundle: kernel time per step by op type.
+"""onnxruntime's profiler over decode steps of a bundle through the service's Engine: kernel time per op type.
 
-    python -m loadtests.profile --bundle bundles/smollm2-135m-int4 --steps 40
+    python -m loadtests.profile --bundle bundles/smollm2-135m-int4 --steps 40 [--rows 16]
 
-The graph runs with plain `session.run` over numpy caches (export/parity.py's OrtRunner, profiling on): a
-128-token prompt, then `--steps` decode steps of one row. Prints a markdown table (op, ms/step, share, nodes) of
-the `--top` op types and the total; the profiler's own overhead inflates every figure.
+The service's `Engine` (IO binding, the cache buffers bound as past and present) with onnxruntime's profiler on:
+each row prefilled with a 128-token prompt, then `--steps` greedy decode steps over all rows at once. Prints the
+time per session run and the kernels' share of it, then a markdown table (op, ms/step, share, nodes) of the `--top`
+op types; the profiler's own overhead inflates every figure.
 """
 
 from __future__ import annotations
@@ -17,48 +18,36 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+
+from service.bundle import load_bundle
+from service.engine import Engine
+
+Profile = tuple[dict[str, float], dict[str, set[str]], float]
 
 
-def profile(bundle_dir: Path, steps: int, prompt_tokens: int) -> tuple[dict[str, float], dict[str, set[str]], int]:
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    cache = manifest["graph"]["cache"]
-    options = ort.SessionOptions()
-    options.enable_profiling = True
-    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "decode")
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(bundle_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    dtype = np.float16 if manifest["dtype"] == "fp16" else np.float32
-    max_len = prompt_tokens + steps + 1
-    shape = (1, cache["kv_heads"], max_len, cache["head_dim"])  # (B, H_kv, T_max, D)
-    names = [f"past_key_values.{i}.{kind}" for i in range(cache["n_layer"]) for kind in ("key", "value")]
-    past = {name: np.zeros(shape, dtype) for name in names}
-
-    def run(ids: np.ndarray, start: int) -> np.ndarray:
-        n = ids.shape[1]
-        feed = {
-            "input_ids": ids,
-            "position_ids": np.arange(start, start + n)[None],  # read by learned-position (GPT-2) graphs only
-            "seqlens_k": np.array([start + n - 1], np.int32),
-            "total_sequence_length": np.array(start + n, np.int32),
-            "logits_index": np.array([n - 1]),  # the last position's logits: (1, V)
-            **past,
-        }
-        inputs = {i.name for i in session.get_inputs()}
-        out = session.run(None, {k: v for k, v in feed.items() if k in inputs})
-        for name, value in zip([o.name for o in session.get_outputs()][1:], out[1:]):
-            past[name.replace("present", "past_key_values")] = value
-        return out[0]
-
+def profile(bundle_dir: Path, steps: int, prompt_tokens: int, rows: int) -> Profile:
+    """-> (kernel ms per decode step by op type, node names by op type, ms per `model_run` of a decode step)."""
+    bundle = load_bundle(bundle_dir, verify_checksums=False)
+    trace_dir = Path(tempfile.mkdtemp())
+    engine = Engine(bundle, rows, prompt_tokens + steps + 1, "cpu", profile_prefix=str(trace_dir / "decode"))
     rng = np.random.default_rng(0)
-    logits = run(rng.integers(100, manifest["model"]["vocab_size"], prompt_tokens)[None], 0)
-    for t in range(steps):
-        logits = run(logits.argmax(-1)[:, None], prompt_tokens + t)
-    trace_file = Path(session.end_profiling())
+    last = np.zeros((rows, 1), np.int64)  # (B, 1)
+    for slot in range(rows):  # one prompt per row, each its own call
+        prompt = rng.integers(100, bundle.vocab_size, prompt_tokens)[None]  # (1, P)
+        at = np.array([prompt_tokens - 1])  # the last position: its logits, and seqlens_k
+        logits = engine.forward(prompt, np.arange(prompt_tokens)[None], at.astype(np.int32), slot, slot + 1, at)
+        last[slot, 0] = int(logits[0].argmax())
+    lengths = np.full(rows, prompt_tokens)  # (B,) positions written per row
+    for _ in range(steps):  # every row decodes together, as the scheduler's decode call
+        logits = engine.forward(last, lengths[:, None], lengths.astype(np.int32), 0, rows, np.arange(rows))  # (B, V)
+        last[:, 0] = logits.argmax(-1)
+        lengths += 1
+    trace_file = Path(engine.session.end_profiling())
     trace = json.loads(trace_file.read_text())
-    shutil.rmtree(trace_file.parent)
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    trace_file.unlink(missing_ok=True)
     runs = [e for e in trace if e.get("name") == "model_run"]
-    first_decode = runs[1]["ts"] if len(runs) > 1 else 0  # skip the prefill
+    first_decode = runs[rows]["ts"]  # skip the prefills
     per_op: dict[str, float] = defaultdict(float)
     nodes: dict[str, set[str]] = defaultdict(set)
     for e in trace:
@@ -66,7 +55,7 @@ def profile(bundle_dir: Path, steps: int, prompt_tokens: int) -> tuple[dict[str,
             op = e["args"]["op_name"]
             per_op[op] += e["dur"] / 1e3 / steps  # ms per step
             nodes[op].add(e["name"])
-    return per_op, nodes, steps
+    return per_op, nodes, sum(r["dur"] for r in runs[rows:]) / 1e3 / steps
 
 
 def main() -> None:
@@ -74,11 +63,15 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-135m-int4"))
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--rows", type=int, default=1, help="rows decoded together")
     p.add_argument("--top", type=int, default=10)
     args = p.parse_args()
-    per_op, nodes, _ = profile(args.bundle, args.steps, args.prompt_tokens)
+    per_op, nodes, run_ms = profile(args.bundle, args.steps, args.prompt_tokens, args.rows)
     total = sum(per_op.values())
-    print(f"{args.steps} single-row decode steps of {args.bundle}: {total:.1f} ms of kernel time per step")
+    print(
+        f"{args.steps} decode steps of {args.rows} row(s), {args.bundle}: {run_ms:.2f} ms per session run, "
+        f"{total:.2f} ms of it in kernels (the rest: onnxruntime's own work between nodes)"
+    )
     print("| op | ms/step | share | nodes |\n|---|---|---|---|")
     for op, ms in sorted(per_op.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"| {op} | {ms:.2f} | {ms / total:.1%} | {len(nodes[op])} |")

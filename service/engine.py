@@ -50,12 +50,23 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions) -> ort.Infer
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, slots: int, max_len: int, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        slots: int,
+        max_len: int,
+        device: str = "auto",
+        threads: int = 0,
+        profile_prefix: str | None = None,  # onnxruntime's profiler on, its trace file named from this
+    ) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         providers, self.device = choose_providers(device)
         if self.device == "cuda":
             ort.set_default_logger_severity(4)  # a machine without CUDA libraries: our one warning below says it
