@@ -155,49 +155,49 @@ NUCLEUS_BUCKETS = (ONE_BITS >> 20) + 1  # top-p sorts only the tokens of the pro
 
 def _top_k_candidates(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """z (N, V), k (N,) >= 1 -> (ids, values), each (N, C): every token within its row's top k (ties at the k-th
-    value included), the other columns' values -inf. Exact: the K largest values of a row lie in the K blocks
-    (of BLOCK tokens, strided) whose maxima are largest; a tie with a k-th value outside the candidates sends the
+    value included), left-aligned, padding id -1 and value -inf. Exact: the K largest values of a row lie in the K
+    blocks (of BLOCK tokens, strided) whose maxima are largest; a tie with a k-th value in a block left out sends the
     rows to a full scan."""
     N, V = z.shape
     K = int(k.max())
     nb = -(-V // BLOCK)
+    every_id = np.broadcast_to(np.arange(V), z.shape)
     if K * 4 >= nb:  # a small vocabulary or a large k: one partition of the whole row
-        ids = np.argpartition(-z, K - 1, axis=1)[:, :K]  # (N, K)
-        zk = np.take_along_axis(z, ids, axis=1)  # (N, K)
-        kth = -np.sort(-zk, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
-        ties = np.count_nonzero(z >= kth[:, None], axis=1) > np.count_nonzero(zk >= kth[:, None], axis=1)
-    else:
-        zp = z if V == nb * BLOCK else np.pad(z, ((0, 0), (0, nb * BLOCK - V)), constant_values=-np.inf)
-        zs = zp.reshape(N, BLOCK, nb)  # block b = tokens b, b + nb, b + 2 nb, ...: a strided max is one fast pass
-        bmax = zs.max(axis=1)  # (N, nb)
-        blocks = np.argpartition(-bmax, K - 1, axis=1)[:, :K]  # (N, K) the blocks with the largest maxima
-        in_blocks = (blocks[:, None, :] + nb * np.arange(BLOCK)[None, :, None]).reshape(N, BLOCK * K)  # token ids
-        vals = np.take_along_axis(zs, blocks[:, None, :], axis=2).reshape(N, BLOCK * K)
-        top = np.partition(vals, BLOCK * K - K, axis=1)[:, BLOCK * K - K :]  # (N, K) the K largest, unordered
+        top = np.partition(z, V - K, axis=1)[:, V - K :]  # (N, K) the K largest, unordered
         kth = -np.sort(-top, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
-        left_out = np.ones((N, nb), bool)
-        np.put_along_axis(left_out, blocks, False, axis=1)
-        ties = (left_out & (bmax >= kth[:, None])).any(axis=1)  # a value at or above the k-th in a block left out
-        r, c = np.nonzero(vals >= kth[:, None])  # each row's candidates (its top k and the ties), row-major
-        ids = np.full((N, int(np.bincount(r, minlength=N).max())), -1, np.int64)  # (N, C), -1 = padding
-        zk = np.full(ids.shape, -np.inf, z.dtype)
-        col = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
-        ids[r, col], zk[r, col] = in_blocks[r, c], vals[r, c]
-    if ties.any():  # values equal to the k-th beyond the K candidates: every row takes all tokens at or above it
-        wide = [np.nonzero(z[row] >= kth[row])[0] for row in range(N)]
-        ids = np.full((N, max(map(len, wide))), -1, np.int64)  # (N, C), -1 = padding, never drawn
-        for row, w in enumerate(wide):
-            ids[row, : len(w)] = w
-        zk = np.where(ids >= 0, np.take_along_axis(z, np.maximum(ids, 0), axis=1), -np.inf)
-    return ids, np.where(zk >= kth[:, None], zk, -np.inf)
+        return _left_aligned(z >= kth[:, None], every_id, z)
+    zp = z if V == nb * BLOCK else np.pad(z, ((0, 0), (0, nb * BLOCK - V)), constant_values=-np.inf)
+    zs = zp.reshape(N, BLOCK, nb)  # block b = tokens b, b + nb, b + 2 nb, ...: a strided max is one fast pass
+    bmax = zs.max(axis=1)  # (N, nb)
+    blocks = np.argpartition(-bmax, K - 1, axis=1)[:, :K]  # (N, K) the blocks with the largest maxima
+    in_blocks = (blocks[:, None, :] + nb * np.arange(BLOCK)[None, :, None]).reshape(N, BLOCK * K)  # token ids
+    vals = np.take_along_axis(zs, blocks[:, None, :], axis=2).reshape(N, BLOCK * K)
+    top = np.partition(vals, BLOCK * K - K, axis=1)[:, BLOCK * K - K :]  # (N, K) the K largest, unordered
+    kth = -np.sort(-top, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
+    left_out = np.ones((N, nb), bool)
+    np.put_along_axis(left_out, blocks, False, axis=1)
+    if (left_out & (bmax >= kth[:, None])).any():  # a value at or above a k-th in a block left out: ties
+        return _left_aligned(z >= kth[:, None], every_id, z)
+    return _left_aligned(vals >= kth[:, None], in_blocks, vals)
 
 
-def _nucleus_floor(q: np.ndarray, total: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """q (N, C) a superset of each row's most likely probabilities, total (N,) its row's whole mass -> (N,) the
-    probability of the last token of the smallest most-likely-first set holding top_p of the mass."""
+def _left_aligned(mask: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (ids, vals) where mask (N, C') holds, left-aligned in (N, C) arrays, C the most any row has;
+    padding id -1 (never drawn: its value is -inf)."""
+    r, c = np.nonzero(mask)  # row-major
+    out_ids = np.full((len(mask), int(np.bincount(r, minlength=len(mask)).max())), -1, np.int64)
+    out_vals = np.full(out_ids.shape, -np.inf, vals.dtype)
+    col = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
+    out_ids[r, col], out_vals[r, col] = ids[r, c], vals[r, c]
+    return out_ids, out_vals
+
+
+def _nucleus_floor(q: np.ndarray, need: np.ndarray, before: np.ndarray | float = 0.0) -> np.ndarray:
+    """q (N, C) candidates holding enough mass, need (N,) the mass to reach, before (N,) the mass of the tokens
+    already in -> (N,) the probability of the last token of the smallest most-likely-first set reaching need."""
     q = -np.sort(-q, axis=1)  # (N, C) descending
-    cum = np.cumsum(q, axis=1, dtype=np.float64)
-    keep = np.minimum((cum < (top_p * total)[:, None]).sum(axis=1), q.shape[1] - 1)
+    cum = np.reshape(before, (-1, 1)) + np.cumsum(q, axis=1, dtype=np.float64)
+    keep = np.minimum((cum < need[:, None]).sum(axis=1), q.shape[1] - 1)
     return q[np.arange(len(q)), keep]
 
 
@@ -206,7 +206,7 @@ def _draw(ids: np.ndarray, p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> n
     N, C = ids.shape
     nucleus = top_p < 1.0
     if nucleus.any():
-        floor = _nucleus_floor(p[nucleus], p[nucleus].sum(axis=1, dtype=np.float64), top_p[nucleus])
+        floor = _nucleus_floor(p[nucleus], top_p[nucleus] * p[nucleus].sum(axis=1, dtype=np.float64))
         p[nucleus] = np.where(p[nucleus] >= floor[:, None], p[nucleus], 0.0)
     order = np.argsort(ids, axis=1)  # vocabulary order
     p, ids = np.take_along_axis(p, order, axis=1), np.take_along_axis(ids, order, axis=1)
@@ -235,9 +235,8 @@ def _cut_nucleus(p: np.ndarray, top_p: np.ndarray) -> np.ndarray:
         need = top_p[r] * p[r].sum(dtype=np.float64)
         cum = np.cumsum(np.bincount(bucket[r], p[r], NUCLEUS_BUCKETS))  # mass up to each bucket, likeliest first
         cross = min(int((cum < need).sum()), NUCLEUS_BUCKETS - 1)  # the bucket where top_p is reached
-        q = -np.sort(-p[r, bucket[r] == cross])  # that bucket's tokens, most likely first
-        above = cum[cross - 1] if cross > 0 else 0.0
-        cut[r] = q[min(int((above + np.cumsum(q, dtype=np.float64) < need).sum()), len(q) - 1)]
+        above = cum[cross - 1] if cross > 0 else 0.0  # the mass of the buckets wholly in
+        cut[r] = _nucleus_floor(p[r, bucket[r] == cross][None], np.array([need]), above)[0]
     return np.where(p >= cut[:, None], p, np.float32(0.0))
 
 
