@@ -260,18 +260,17 @@ def memory_bandwidth_gbs() -> float:
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 
 
-def command() -> str:
-    """How this run was started, for the results: the module, not this checkout's path."""
-    return " ".join(["python -m loadtests.bench", *sys.argv[1:]])
+def run_header() -> dict:
+    """What every results file starts with: machine, date, and the command (the module, not this checkout's path)."""
+    command = " ".join(["python -m loadtests.bench", *sys.argv[1:]])
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command}
 
 
 def machine() -> dict:
-    cpu, flags = platform.machine(), list[str]()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and cpu == platform.machine():
-            cpu = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = [f for f in line.split(":", 1)[1].split() if f in SIMD_FLAGS]
+    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines())
+    info = {k.strip(): v.strip() for k, v in info.items()}  # the first processor's fields
+    cpu = info.get("model name", platform.machine())
+    flags = [f for f in info.get("flags", "").split() if f in SIMD_FLAGS]
     mem = next(
         int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
     )
@@ -306,13 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         return budget_curve(args, [int(b) for b in args.budget_curve.split(",")])
     if args.w1_rounds:
         return w1_rounds(args, args.w1_rounds)
-    report: dict = {
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": command(),
-        "memory_read_gbs": memory_bandwidth_gbs(),
-        "systems": {},
-    }
+    report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "systems": {}}
     systems = report["systems"]
     systems["ours fp32"] = {**bench_ours(args.bundle, args.threads), "weight_bytes": weight_bytes(args.bundle)}
     systems["ours fp32"]["W4 without prefix cache"] = bench_ours(
@@ -355,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def budget_curve(args: argparse.Namespace, budgets: list[int]) -> int:
     """W2 on ours (fp32) once per token budget, one server each, in one run: the curve behind the default."""
-    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command()}
+    report: dict = run_header()
     rows = ["| --max-num-batched-tokens | W2 tok/s | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) |", "|---|---|---|---|"]
     for b in budgets:
         w2 = bench_ours(args.bundle, args.threads, "--max-num-batched-tokens", str(b), which=("W2",))["W2"]
@@ -380,7 +373,7 @@ def w1_rounds(args: argparse.Namespace, rounds: int) -> int:
         "fp32": (args.bundle, llama_f32_gguf(q4, args.out)),
         "int4": (args.int4_bundle, q4),
     }
-    report: dict = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "command": command()}
+    report: dict = run_header()
     rows = ["| round | precision | ours decode tok/s (TTFT ms) | llama.cpp decode tok/s (TTFT ms) |", "|---" * 4 + "|"]
     for r in range(rounds):
         for precision, (bundle, gguf) in pairs.items():

@@ -113,7 +113,7 @@ class AdmissionGate:
         self.in_flight = 0
         self.arrivals = 0  # generation requests that reached the gate, refused or not
         self._quiet: asyncio.Event | None = None  # set when the current burst is over
-        self._watcher: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None  # held: the event loop keeps only weak references to tasks
 
     async def _after_the_burst(self) -> None:
         """Waits until an event-loop pass brings no new request, for at most BURST_DEFER_S: in a burst, the requests

@@ -118,7 +118,7 @@ class Scheduler:
     # ------------------------------------------------------------------ called from other threads
 
     def saturated(self) -> bool:
-        return self.num_waiting >= self.max_waiting + self.free_slots or self.queued_tokens >= self.max_queued_tokens
+        return self.waiting_room <= 0 or self.queued_tokens >= self.max_queued_tokens
 
     def submit(self, request: GenerationRequest, sink: Sink) -> RequestState:
         """Queues a validated request (service.validation made its limits hold) as n sequences."""
@@ -127,7 +127,7 @@ class Scheduler:
             raise EngineStopped("the engine loop is not running")
         tokens = len(request.prompt_ids) * request.n
         with self._queue_lock:
-            if self.num_waiting + request.n > self.max_waiting + self.free_slots:
+            if request.n > self.waiting_room:
                 raise QueueFull(f"{self.num_waiting} sequences are waiting (limit {self.max_waiting})")
             if self.queued_tokens + tokens > self.max_queued_tokens:
                 raise QueueFull(f"{self.queued_tokens} prompt tokens are waiting (limit {self.max_queued_tokens})")
@@ -167,9 +167,10 @@ class Scheduler:
         return len(self.running)
 
     @property
-    def free_slots(self) -> int:
-        """Slots the next step admits into: sequences bound for them are not left waiting."""
-        return self.cache.slots - len(self.running)
+    def waiting_room(self) -> int:
+        """Sequences that may still queue: max_waiting, plus the free slots the next step admits into (sequences
+        bound for them are not left waiting), less those queued."""
+        return self.max_waiting + self.cache.slots - len(self.running) - self.num_waiting
 
     @property
     def num_waiting(self) -> int:
