@@ -23,29 +23,33 @@ from service.bundle import load_bundle
 from service.engine import Engine
 
 
-def measure(bundle_dir: Path, rows: int, prompt_tokens: int, steps: int, threads: int) -> dict[str, float]:
-    bundle = load_bundle(bundle_dir, verify_checksums=False)
-    max_len = prompt_tokens + steps + 1
-    engine = Engine(bundle, rows, max_len, "auto", threads)
+def drive(engine: Engine, vocab_size: int, rows: int, prompt_tokens: int, steps: int) -> tuple[list[float], ...]:
+    """Prefills each row's slot with its own random prompt (one call each), then runs `steps` greedy decode steps
+    over all rows at once, as the scheduler's decode call does. -> (seconds per prefill, seconds per decode step)."""
     rng = np.random.default_rng(0)
     last = np.zeros((rows, 1), np.int64)  # (B, 1)
-    prefills = []
+    prefills, times = [], []
     for slot in range(rows):
-        prompt = rng.integers(100, bundle.vocab_size, prompt_tokens)[None]  # (1, P)
-        positions = np.arange(prompt_tokens)[None]
+        prompt = rng.integers(100, vocab_size, prompt_tokens)[None]  # (1, P)
+        at = np.array([prompt_tokens - 1])  # the last position: its logits, and seqlens_k
         start = time.perf_counter()
-        seqlens = np.array([prompt_tokens - 1], np.int32)
-        logits = engine.forward(prompt, positions, seqlens, slot, slot + 1, np.array([prompt_tokens - 1]))  # (1, V)
+        logits = engine.forward(prompt, np.arange(prompt_tokens)[None], at.astype(np.int32), slot, slot + 1, at)
         prefills.append(time.perf_counter() - start)
-        last[slot, 0] = int(logits[0].argmax())
-    times = []
-    for t in range(steps):
-        length = prompt_tokens + t  # positions already written in every row
-        positions = np.full((rows, 1), length, np.int64)
+        last[slot, 0] = int(logits[0].argmax())  # logits (1, V)
+    lengths = np.full(rows, prompt_tokens)  # (B,) positions already written in every row
+    for _ in range(steps):
         start = time.perf_counter()
-        logits = engine.forward(last, positions, np.full(rows, length, np.int32), 0, rows, np.arange(rows))  # (B, V)
+        logits = engine.forward(last, lengths[:, None], lengths.astype(np.int32), 0, rows, np.arange(rows))  # (B, V)
         last = logits.argmax(-1)[:, None]
         times.append(time.perf_counter() - start)
+        lengths += 1
+    return prefills, times
+
+
+def measure(bundle_dir: Path, rows: int, prompt_tokens: int, steps: int, threads: int) -> dict[str, float | str]:
+    bundle = load_bundle(bundle_dir, verify_checksums=False)
+    engine = Engine(bundle, rows, prompt_tokens + steps + 1, "auto", threads)
+    prefills, times = drive(engine, bundle.vocab_size, rows, prompt_tokens, steps)
     step = statistics.median(times)
     return {
         "rows": rows,

@@ -17,8 +17,7 @@ import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
+from loadtests.engine import drive
 from service.bundle import load_bundle
 from service.engine import Engine
 
@@ -30,18 +29,7 @@ def profile(bundle_dir: Path, steps: int, prompt_tokens: int, rows: int) -> Prof
     bundle = load_bundle(bundle_dir, verify_checksums=False)
     trace_dir = Path(tempfile.mkdtemp())
     engine = Engine(bundle, rows, prompt_tokens + steps + 1, "cpu", profile_prefix=str(trace_dir / "decode"))
-    rng = np.random.default_rng(0)
-    last = np.zeros((rows, 1), np.int64)  # (B, 1)
-    for slot in range(rows):  # one prompt per row, each its own call
-        prompt = rng.integers(100, bundle.vocab_size, prompt_tokens)[None]  # (1, P)
-        at = np.array([prompt_tokens - 1])  # the last position: its logits, and seqlens_k
-        logits = engine.forward(prompt, np.arange(prompt_tokens)[None], at.astype(np.int32), slot, slot + 1, at)
-        last[slot, 0] = int(logits[0].argmax())
-    lengths = np.full(rows, prompt_tokens)  # (B,) positions written per row
-    for _ in range(steps):  # every row decodes together, as the scheduler's decode call
-        logits = engine.forward(last, lengths[:, None], lengths.astype(np.int32), 0, rows, np.arange(rows))  # (B, V)
-        last[:, 0] = logits.argmax(-1)
-        lengths += 1
+    drive(engine, bundle.vocab_size, rows, prompt_tokens, steps)
     trace_file = Path(engine.session.end_profiling())
     trace = json.loads(trace_file.read_text())
     shutil.rmtree(trace_dir, ignore_errors=True)
