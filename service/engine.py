@@ -3,7 +3,8 @@
 The engine sees arrays and cache rows, never requests. Token ids, lengths and the positions whose logits are read
 go in from the host; the KV cache stays where it lives (device memory on CUDA) and is updated in place; only the
 selected logits come back. On CUDA every node must run on the device: a bundle whose attention cannot (fp32:
-onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only) is refused at start rather than served slowly.
+onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only) is refused at start with `--device cuda` rather than
+served slowly; `--device auto` serves it on the CPU and says so.
 """
 
 from __future__ import annotations
@@ -85,6 +86,15 @@ class Engine:
                 raise BundleError("--device cuda, but onnxruntime-gpu found no usable GPU or CUDA libraries")
             log.warning("onnxruntime-gpu found no usable GPU or CUDA libraries; using the CPU provider")
             self.device = "cpu"
+        if self.device == "cuda" and device == "auto" and bundle.cache_dtype not in CUDA_ATTENTION_DTYPES:
+            log.warning(
+                "%s: %s attention cannot run on onnxruntime's CUDA provider; serving on the CPU "
+                "(export with --dtype fp16 for the GPU)",
+                bundle.path,
+                bundle.cache_dtype,
+            )
+            self.device = "cpu"
+            self.session = ort.InferenceSession(str(bundle.graph), options, providers=["CPUExecutionProvider"])
         if self.device == "cuda":
             del self.session
             self.session = _cuda_only_session(bundle, options)
@@ -96,7 +106,7 @@ class Engine:
         log.info(
             "KV cache: %d slots x %d positions, %.0f MiB on %s", slots, max_len, self.cache.bytes / 2**20, self.device
         )
-        self.binding = self.session.io_binding()
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (lo, hi) -> its cache rows bound once
         self.takes_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
 
     def forward(
@@ -115,19 +125,21 @@ class Engine:
         Returns logits (N, V) float32 on the host. (Only learned-position graphs read position_ids; rotary ones
         derive positions from seqlens_k.)
         """
-        b = self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
+        b = self._bindings.get((lo, hi))
+        if b is None:  # 2 x n_layer cache bindings per row range, made once: rebinding them cost ~0.3 ms a call
+            b = self._bindings[lo, hi] = self.session.io_binding()
+            b.bind_output("logits", "cpu")  # bound first: get_outputs()[0]
+            self.cache.bind(b, lo, hi)
         b.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
         if self.takes_positions:
             b.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, dtype=np.int64))
         b.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
         b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
-        b.bind_output("logits", "cpu")  # first output bound = get_outputs()[0]
-        self.cache.bind(b, lo, hi)
         self.session.run_with_iobinding(b)
-        return b.get_outputs()[0].numpy()
+        logits = b.get_outputs()[0].numpy()  # (N, V)
+        b.bind_output("logits", "cpu")  # in its place: lets this call's (N, V) go, and the next N differ
+        return logits
 
     def check_golden(self) -> float:
         """Prefills the bundle's golden prompts in slot 0; returns the max logit difference. Raises past the bound."""

@@ -117,14 +117,14 @@ class _RowCopier:
         providers = ["CUDAExecutionProvider"] if cache.device == "cuda" else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(model.SerializeToString(), providers=providers)
         self.cache, self.elems = cache, elems
-        self.binding = self.session.io_binding()
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (src, dst) -> its 2 x n_layer rows, bound once
 
     def copy(self, src: int, dst: int) -> None:
-        c, b = self.cache, self.binding
-        b.clear_binding_inputs()
-        b.clear_binding_outputs()
-        for i, buf in enumerate(c.buffers):
-            base = buf.data_ptr()
-            b.bind_input(f"x{i}", c.device, 0, c.np_dtype, [self.elems], base + src * c.row_bytes)
-            b.bind_output(f"y{i}", c.device, 0, c.np_dtype, [self.elems], base + dst * c.row_bytes)
+        c, b = self.cache, self._bindings.get((src, dst))
+        if b is None:
+            b = self._bindings[src, dst] = self.session.io_binding()
+            for i, buf in enumerate(c.buffers):
+                base = buf.data_ptr()
+                b.bind_input(f"x{i}", c.device, 0, c.np_dtype, [self.elems], base + src * c.row_bytes)
+                b.bind_output(f"y{i}", c.device, 0, c.np_dtype, [self.elems], base + dst * c.row_bytes)
         self.session.run_with_iobinding(b)
