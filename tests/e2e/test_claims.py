@@ -296,32 +296,33 @@ def test_auto_device_takes_a_usable_gpu_or_falls_back_to_cpu_with_a_warning(q4_b
 
     # the pinned onnxruntime-gpu lists CUDA on every machine, usable or not: the case `auto` must handle
     assert "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-    server = start_server(q4_bundles("fp32"), tmp_path / "auto.log", "--device", "auto")
-    try:
-        health = httpx.get(server.url + "/health").json()
-        log = server.log.read_text()
-        if gpu_usable():
-            assert health["device"] == "cuda" and health["providers"][0] == "CUDAExecutionProvider"
-        else:
-            assert health["device"] == "cpu" and health["providers"] == ["CPUExecutionProvider"]
-            warnings = [line for line in log.splitlines() if " WARNING " in line and "CPU" in line]
-            assert len(warnings) == 1
-            assert "no usable GPU" in warnings[0] or "falling back to CPU" in warnings[0]
-        body = {"model": "tiny-q4", "prompt": "hi", "max_tokens": 2}
-        assert httpx.post(server.v1 + "/completions", json=body, timeout=60).status_code == 200
-    finally:
-        stop_server(server)
+    gpu = gpu_usable()
+    for variant in ("fp32", "fp16"):
+        server = start_server(q4_bundles(variant), tmp_path / f"auto-{variant}.log", "--device", "auto")
+        try:
+            health = httpx.get(server.url + "/health").json()
+            log = server.log.read_text()
+            if gpu and variant == "fp16":  # every node on the device, the cache too
+                assert health["device"] == "cuda" and health["providers"][0] == "CUDAExecutionProvider"
+            else:  # no GPU, or fp32 attention that onnxruntime's CUDA provider cannot run: the CPU, said once
+                assert health["device"] == "cpu" and health["providers"] == ["CPUExecutionProvider"]
+                warnings = [line for line in log.splitlines() if " WARNING " in line and "CPU" in line]
+                assert len(warnings) == 1
+                expected = ("serving on the CPU",) if gpu else ("no usable GPU", "falling back to CPU")
+                assert any(e in warnings[0] for e in expected), warnings
+            body = {"model": "tiny-q4", "prompt": "hi", "max_tokens": 2}
+            assert httpx.post(server.v1 + "/completions", json=body, timeout=60).status_code == 200
+        finally:
+            stop_server(server)
 
 
 def test_device_cuda_without_a_gpu_is_one_clear_error(q4_bundles, tmp_path):
-    if gpu_usable():  # the other half of the claim, on the machine that has one: it serves on CUDA
-        server = start_server(q4_bundles("fp32"), tmp_path / "cuda.log", "--device", "cuda")
-        try:
-            assert httpx.get(server.url + "/health").json()["device"] == "cuda"
-        finally:
-            stop_server(server)
-        return
-    result = run_cli("service", "--bundle", str(q4_bundles("fp32")), "--port", "0", "--device", "cuda", timeout=120)
+    fp32 = q4_bundles("fp32")
+    result = run_cli("service", "--bundle", str(fp32), "--port", "0", "--device", "cuda", timeout=120)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines == [lines[-1]] and lines[0].startswith("error: --device cuda") and "no usable GPU" in lines[0]
+    assert lines == [lines[-1]] and lines[0].startswith("error: ")
+    if gpu_usable():  # the GPU is there, but an fp32 bundle's attention cannot run on it: refused, not served slowly
+        assert "GroupQueryAttention is float32" in lines[0] and "--dtype fp16" in lines[0]
+    else:
+        assert lines[0].startswith("error: --device cuda") and "no usable GPU" in lines[0]
