@@ -274,7 +274,20 @@ def machine() -> dict:
     mem = next(
         int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
     )
-    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1)}
+    gpu = ""
+    try:  # the card, where there is one (nvidia-smi ships with the driver)
+        query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+        gpu = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        pass
+    return {"cpu": cpu, "flags": flags, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "gpu": gpu}
+
+
+def ours_label(bundle: Path, device: str) -> str:
+    """The row name: the bundle's precision, and the device where it is not the CPU ("ours fp16 (cuda)")."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    precision = m["dtype"] if m["quantization"] == "none" else m["quantization"].split()[0]
+    return f"ours {precision}" + (f" ({device})" if device != "cpu" else "")
 
 
 def weight_bytes(bundle: Path) -> int:
@@ -296,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--int4-bundle", type=Path, default=REPO / "bundles" / "smollm2-135m-int4")
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="ours: the service's --device")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
     p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
@@ -305,19 +319,19 @@ def main(argv: list[str] | None = None) -> int:
         return budget_curve(args, [int(b) for b in args.budget_curve.split(",")])
     if args.w1_rounds:
         return w1_rounds(args, args.w1_rounds)
-    report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "systems": {}}
+    report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "device": args.device, "systems": {}}
     systems = report["systems"]
-    systems["ours fp32"] = {**bench_ours(args.bundle, args.threads), "weight_bytes": weight_bytes(args.bundle)}
-    systems["ours fp32"]["W4 without prefix cache"] = bench_ours(
-        args.bundle, args.threads, "--no-prefix-cache", which=("W4",)
-    )["W4"]
-    print(json.dumps({"ours fp32": systems["ours fp32"]}), file=sys.stderr)
-    if args.int4_bundle.exists():
-        systems["ours int4"] = {
-            **bench_ours(args.int4_bundle, args.threads),
-            "weight_bytes": weight_bytes(args.int4_bundle),
-        }
-        print(json.dumps({"ours int4": systems["ours int4"]}), file=sys.stderr)
+    dev = ("--device", args.device)
+    for bundle, no_cache_too in ((args.bundle, True), (args.int4_bundle, False)):
+        if not bundle.exists():
+            continue
+        name = ours_label(bundle, args.device)
+        systems[name] = {**bench_ours(bundle, args.threads, *dev), "weight_bytes": weight_bytes(bundle)}
+        if no_cache_too:
+            systems[name]["W4 without prefix cache"] = bench_ours(
+                bundle, args.threads, *dev, "--no-prefix-cache", which=("W4",)
+            )["W4"]
+        print(json.dumps({name: systems[name]}), file=sys.stderr)
     if (LLAMA_BIN / "llama-server").exists():
         from export.checkpoints import default_gguf_path
 
@@ -402,9 +416,10 @@ def _ms(w: dict | None, a: str, b: str) -> str:
 
 def table(report: dict) -> str:
     s, bw, m = report["systems"], report["memory_read_gbs"], report["machine"]
+    on_gpu = report.get("device", "cpu") != "cpu"
     rows = [
         f"{report['date']}, {m['cores']} x {m['cpu']} ({', '.join(m['flags'])}), {m['memory_gib']} GiB, "
-        f"read bandwidth {bw:.1f} GB/s",
+        f"read bandwidth {bw:.1f} GB/s" + (f"; GPU {m['gpu']}" if m.get("gpu") else ""),
         "",
         "| system | W1 TTFT (ms) | W1 decode tok/s | W1 floor tok/s | W2 tok/s | W2 TTFT p50/p99 (ms) | "
         "W2 ITL p50/p99 (ms) | W3 tok/s | W3 p99 e2e (s) | W4 TTFT p50/p99 (ms) |",
@@ -414,7 +429,7 @@ def table(report: dict) -> str:
         if not r:
             rows.append(f"| {name} | failed to run (see stderr) |" + " |" * 8)
             continue
-        floor = f"{bw * 1e9 / r['weight_bytes']:.0f}" if r.get("weight_bytes") else ""
+        floor = f"{bw * 1e9 / r['weight_bytes']:.0f}" if r.get("weight_bytes") and not on_gpu else ""
         w1, w2, w3 = r["W1"], r["W2"], r.get("W3") or {"tokens_per_s": float("nan"), "e2e_p99_s": float("nan")}
         itl = f"{w2['itl_p50_s'] * 1e3:.1f} / {w2['itl_p99_s'] * 1e3:.1f}" if "itl_p99_s" in w2 else ""
         rows.append(
@@ -450,9 +465,10 @@ def table(report: dict) -> str:
             f"{ratio(mine, peer, 'W2', 'tokens_per_s')} | {ratio(mine, peer, 'W2', 'ttft_p50_s')} | "
             f"{ratio(mine, peer, 'W2', 'itl_p99_s')} | {ratio(mine, peer, 'W4', 'ttft_p50_s')} |"
         )
-    if s.get("ours fp32", {}).get("W4 without prefix cache"):
-        on, off = s["ours fp32"]["W4"]["ttft_p50_s"], s["ours fp32"]["W4 without prefix cache"]["ttft_p50_s"]
-        rows.append(f"\nW4 TTFT p50, prefix cache on / off (ours fp32): {on / off:.2f}x")
+    for name, r in s.items():
+        if r and r.get("W4 without prefix cache"):
+            on, off = r["W4"]["ttft_p50_s"], r["W4 without prefix cache"]["ttft_p50_s"]
+            rows.append(f"\nW4 TTFT p50, prefix cache on / off ({name}): {on / off:.2f}x")
     return "\n".join(rows)
 
 

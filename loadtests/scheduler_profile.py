@@ -29,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.scheduler_profile")
     p.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-135m"))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = p.parse_args()
 
     from loadtests.step_profile import time_graph
@@ -39,7 +40,7 @@ def main() -> None:
     from service.tokenizer import TextTokenizer
 
     bundle = load_bundle(args.bundle, verify_checksums=False)
-    engine = Engine(bundle, slots=16, max_len=PROMPT + OUTPUT + 8, device="cpu", threads=args.threads)
+    engine = Engine(bundle, slots=16, max_len=PROMPT + OUTPUT + 8, device=args.device, threads=args.threads)
     tokenizer = TextTokenizer.from_bundle(bundle)
     graph_s = time_graph(engine.session)
     rng = np.random.default_rng(0)
