@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-135m"))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args()
 
     from loadtests.step_profile import time_graph
@@ -40,7 +41,14 @@ def main() -> None:
     from service.tokenizer import TextTokenizer
 
     bundle = load_bundle(args.bundle, verify_checksums=False)
-    engine = Engine(bundle, slots=16, max_len=PROMPT + OUTPUT + 8, device=args.device, threads=args.threads)
+    engine = Engine(
+        bundle,
+        slots=16,
+        max_len=PROMPT + OUTPUT + 8,
+        device=args.device,
+        threads=args.threads,
+        cuda_graphs=args.cuda_graphs,
+    )
     tokenizer = TextTokenizer.from_bundle(bundle)
     graph_s = time_graph(engine.session)
     rng = np.random.default_rng(0)

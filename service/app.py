@@ -52,7 +52,14 @@ class Runtime:
 def build_runtime(settings: Settings) -> Runtime:
     bundle = load_bundle(settings.bundle)
     max_len = min(settings.max_model_len, bundle.max_context)
-    engine = Engine(bundle, settings.max_num_seqs, max_len, settings.device, settings.intra_op_threads)
+    engine = Engine(
+        bundle,
+        settings.max_num_seqs,
+        max_len,
+        settings.device,
+        settings.intra_op_threads,
+        cuda_graphs=settings.cuda_graphs,
+    )
     if settings.verify_golden:
         log.info("golden outputs reproduce (max |dlogit| %.2e)", engine.check_golden())
     tokenizer = TextTokenizer.from_bundle(bundle)

@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when onnxruntime finds a GPU")
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads (0: one per core)")
     verify_golden: bool = Field(True, description="check the bundle's golden outputs at start; refuse on mismatch")
+    cuda_graphs: CliImplicitFlag[bool] = Field(
+        True, description="on CUDA, replay decode steps from captured CUDA graphs (--no-cuda-graphs)"
+    )
 
     # batching and the KV cache
     max_num_seqs: int = Field(16, ge=1, le=1024, description="sequences decoded together (cache slots)")

@@ -5,6 +5,14 @@ go in from the host; the KV cache stays where it lives (device memory on CUDA) a
 selected logits come back. On CUDA every node must run on the device: a bundle whose attention cannot (fp32:
 onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only) is refused at start with `--device cuda` rather than
 served slowly; `--device auto` serves it on the CPU and says so.
+
+CUDA graphs. On the GPU a decode step is ~300 small kernels whose launches, not arithmetic, set its time. The
+decode call of D rows (rows [0, D), one token each, every row's logits) is therefore captured once per D as a CUDA
+graph (onnxruntime's `enable_cuda_graph`, one `gpu_graph_id` per D) and replayed: its inputs live in fixed device
+buffers updated in place, its cache rows are bound once, and `total_sequence_length` is the cache length, a bound
+that GroupQueryAttention only checks and sizes its splits by (each row's length comes from `seqlens_k` on the
+device). Every other call runs as usual (`gpu_graph_id` -1). At start the one-row graph is checked against the same
+call run plainly; if capture fails or they differ, graphs are turned off with one warning.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ def choose_providers(device: str) -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
-def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions) -> ort.InferenceSession:
+def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool = False) -> ort.InferenceSession:
     """The session on the CUDA provider alone, every node on the device, or one line saying why it cannot be."""
     if bundle.cache_dtype not in CUDA_ATTENTION_DTYPES:
         raise BundleError(
@@ -42,7 +50,8 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions) -> ort.Infer
     options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     why = ""
     try:
-        session = ort.InferenceSession(str(bundle.graph), options, providers=["CUDAExecutionProvider"])
+        cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if graphs else {})
+        session = ort.InferenceSession(str(bundle.graph), options, providers=[cuda])
         if session.get_providers()[0] == "CUDAExecutionProvider":  # onnxruntime's Python layer may retry on CPU
             return session
     except Exception as exc:
@@ -59,6 +68,7 @@ class Engine:
         device: str = "auto",
         threads: int = 0,
         profile_prefix: str | None = None,  # onnxruntime's profiler on, its trace file named from this
+        cuda_graphs: bool = True,  # on CUDA: decode calls replayed from captured graphs
     ) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
@@ -95,9 +105,10 @@ class Engine:
             )
             self.device = "cpu"
             self.session = ort.InferenceSession(str(bundle.graph), options, providers=["CPUExecutionProvider"])
+        graphs = self.device == "cuda" and cuda_graphs
         if self.device == "cuda":
             del self.session
-            self.session = _cuda_only_session(bundle, options)
+            self.session = _cuda_only_session(bundle, options, graphs)
         self.providers = self.session.get_providers()
         log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
         self.cache = KVCache(
@@ -108,6 +119,20 @@ class Engine:
         )
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (lo, hi) -> its cache rows bound once
         self.takes_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
+        self._plain: ort.RunOptions | None = None  # run options of a call without a graph
+        self.graphs: _DecodeGraphs | None = None
+        if graphs:
+            self._plain = ort.RunOptions()
+            self._plain.add_run_config_entry("gpu_graph_id", "-1")
+            self.graphs = _DecodeGraphs(self)
+            try:
+                worst = self.graphs.check()
+                log.info("CUDA graphs: decode steps replayed (one-row graph within %.2e of the plain call)", worst)
+            except Exception as exc:
+                log.warning("CUDA graphs off: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                self.graphs, self._plain = None, None
+                self._bindings.clear()
+                self.session = _cuda_only_session(bundle, options)  # a fresh session: nothing left of the attempt
 
     def forward(
         self,
@@ -125,6 +150,9 @@ class Engine:
         Returns logits (N, V) float32 on the host. (Only learned-position graphs read position_ids; rotary ones
         derive positions from seqlens_k.)
         """
+        B, S = input_ids.shape
+        if self.graphs is not None and lo == 0 and S == 1 and np.array_equal(logits_index, np.arange(B)):
+            return self.graphs.run(input_ids, position_ids, seqlens_k)
         b = self._bindings.get((lo, hi))
         if b is None:  # 2 x n_layer cache bindings per row range, made once: rebinding them cost ~0.3 ms a call
             b = self._bindings[lo, hi] = self.session.io_binding()
@@ -136,7 +164,7 @@ class Engine:
         b.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, dtype=np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(int(seqlens_k.max()) + 1, dtype=np.int32))
         b.bind_cpu_input("logits_index", np.ascontiguousarray(logits_index, dtype=np.int64))
-        self.session.run_with_iobinding(b)
+        self.session.run_with_iobinding(b, self._plain)
         logits = b.get_outputs()[0].numpy()  # (N, V)
         b.bind_output("logits", "cpu")  # in its place: lets this call's (N, V) go, and the next N differ
         return logits
@@ -156,4 +184,67 @@ class Engine:
                 f"{self.bundle.path / 'golden.npz'}: this machine's logits differ from the bundle's golden outputs by "
                 f"{worst:.3g} (allowed {self.bundle.golden_atol}); refusing to serve (--verify-golden false to skip)"
             )
+        return worst
+
+
+class _DecodeGraphs:
+    """One captured CUDA graph per decode batch size D: the call over rows [0, D) with one new token each and every
+    row's logits. Its inputs and its logits output are fixed device buffers; a step copies the token ids, positions
+    and lengths into them and replays the graph (the first two calls of each D run plainly, the third captures)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.vocab = engine.bundle.vocab_size
+        self.total = np.array(engine.cache.max_len, dtype=np.int32)  # total_sequence_length: the cache length
+        self.by_rows: dict[int, tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]] = {}
+
+    def _make(self, D: int) -> tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]:
+        e = self.engine
+
+        def on_device(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, e.device, 0)
+
+        inputs = {"input_ids": on_device((D, 1), np.int64), "seqlens_k": on_device((D,), np.int32)}
+        if e.takes_positions:
+            inputs["position_ids"] = on_device((D, 1), np.int64)
+        index = ort.OrtValue.ortvalue_from_numpy(np.arange(D, dtype=np.int64), e.device, 0)  # every row's logits
+        logits = on_device((D, self.vocab), np.float32)  # (D, V)
+        b = e.session.io_binding()
+        for name, value in inputs.items():
+            b.bind_ortvalue_input(name, value)
+        b.bind_ortvalue_input("logits_index", index)
+        b.bind_cpu_input("total_sequence_length", self.total)
+        b.bind_ortvalue_output("logits", logits)
+        e.cache.bind(b, 0, D)
+        options = ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(D))
+        inputs["logits_index"] = index  # held: the graph reads its memory
+        return b, inputs, logits, options
+
+    def run(self, input_ids: np.ndarray, position_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
+        """input_ids, position_ids (D, 1) int64; seqlens_k (D,) int32 -> logits (D, V) float32 on the host."""
+        D = len(seqlens_k)
+        if D not in self.by_rows:
+            self.by_rows[D] = self._make(D)
+        b, inputs, logits, options = self.by_rows[D]
+        inputs["input_ids"].update_inplace(np.ascontiguousarray(input_ids, dtype=np.int64))
+        inputs["seqlens_k"].update_inplace(np.ascontiguousarray(seqlens_k, dtype=np.int32))
+        if "position_ids" in inputs:
+            inputs["position_ids"].update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
+        self.engine.session.run_with_iobinding(b, options)
+        return logits.numpy()
+
+    def check(self) -> float:
+        """The one-row graph (two plain calls, the capture, a replay) against the plain call: the first token at
+        position 0 of row 0, rewritten alike by each. Returns the largest logit difference; raises past the bundle's
+        golden bound."""
+        e, ids, zero = self.engine, np.zeros((1, 1), np.int64), np.zeros(1, np.int32)
+        graphs, e.graphs = e.graphs, None
+        try:
+            want = e.forward(ids, ids, zero, 0, 1, np.arange(1))  # (1, V), no graph
+        finally:
+            e.graphs = graphs
+        worst = max(float(np.abs(self.run(ids, ids, zero) - want).max()) for _ in range(4))
+        if not worst <= e.bundle.golden_atol:
+            raise RuntimeError(f"the graph's logits differ from the plain call's by {worst:.3g}")
         return worst

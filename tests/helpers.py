@@ -36,13 +36,17 @@ def wait_for(predicate: Callable[[], object], what: str, timeout: float = 60, po
         time.sleep(poll)
 
 
-def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child `python -m ...`: the repo first on PYTHONPATH, the caller's after."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    full_env = {**os.environ, "PYTHONPATH": path, **(env or {})}
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=REPO,
-        env=full_env,
+        env=child_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

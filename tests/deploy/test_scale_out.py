@@ -4,7 +4,6 @@ through the balancer; then one replica is killed mid-run."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import signal
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import start_server, stop_server
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, child_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +83,7 @@ def served(replica) -> float:
 
 def locust(url, out, duration) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "loadtests.run", "--host", url, "--users", "4", "--spawn-rate", "4"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "LOADTEST_PROMPT_TOKENS": "16", "LOADTEST_OUTPUT_TOKENS": "16"}
+    env = child_env(LOADTEST_PROMPT_TOKENS="16", LOADTEST_OUTPUT_TOKENS="16")
     return subprocess.Popen(
         [*cmd, "--duration", duration, "--out", str(out)],
         cwd=REPO,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import REPO
+from tests.helpers import REPO, child_env
 
 
 @dataclass
@@ -42,7 +41,7 @@ def start_server(bundle: Path, log: Path, *args: str, timeout: float = 180) -> S
     """`python -m service ... --port 0`: the kernel picks a free port and the service names it in its log line
     `listening on http://127.0.0.1:PORT`, written once the bundle is loaded and the socket bound. No port is
     chosen here and released for the server to rebind, so two servers can never race for one."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = child_env()
     cmd = [sys.executable, "-m", "service", "--bundle", str(bundle), "--host", "127.0.0.1", "--port", "0", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
