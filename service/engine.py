@@ -12,7 +12,8 @@ graph (onnxruntime's `enable_cuda_graph`, one `gpu_graph_id` per D) and replayed
 buffers updated in place, its cache rows are bound once, and `total_sequence_length` is the cache length, a bound
 that GroupQueryAttention only checks and sizes its splits by (each row's length comes from `seqlens_k` on the
 device). Every other call runs as usual (`gpu_graph_id` -1). At start the one-row graph is checked against the same
-call run plainly; if capture fails or they differ, graphs are turned off with one warning.
+call run plainly; if capture fails or they differ, graphs are turned off with one warning. Opt-in (`--cuda-graphs`)
+until their speed is measured: docs/BENCHMARKS.md says what has been checked on a GPU so far.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Engine:
         device: str = "auto",
         threads: int = 0,
         profile_prefix: str | None = None,  # onnxruntime's profiler on, its trace file named from this
-        cuda_graphs: bool = True,  # on CUDA: decode calls replayed from captured graphs
+        cuda_graphs: bool = False,  # on CUDA: decode calls replayed from captured graphs
     ) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
