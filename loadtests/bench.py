@@ -11,7 +11,9 @@ the default model's own GGUF (Q4_1) and an F32 GGUF converted from it with `llam
 the same HTTP client on the same workloads. The other peers run in their own virtualenv (.venv-peers, `make
 peers`): Hugging Face transformers `generate()` (fp32, static batches) and onnxruntime-genai (its own builder's
 fp32 and int4 models, generator API). Results go to results/bench/bench.json and a markdown table printed for
-docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget.
+docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget. `--device
+cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers` runs ours on a GPU (the row is named by the
+bundle's precision and the device; the card is recorded).
 """
 
 from __future__ import annotations
