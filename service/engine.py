@@ -130,7 +130,7 @@ class Engine:
                 worst = self.graphs.check()
                 log.info("CUDA graphs: decode steps replayed (one-row graph within %.2e of the plain call)", worst)
             except Exception as exc:
-                log.warning("CUDA graphs off: %s", str(exc).strip().splitlines()[0] if str(exc).strip() else exc)
+                log.warning("CUDA graphs off: %s", _first_line(exc))
                 self.graphs, self._plain = None, None
                 self._bindings.clear()
                 self.session = _cuda_only_session(bundle, options)  # a fresh session: nothing left of the attempt
@@ -153,7 +153,11 @@ class Engine:
         """
         B, S = input_ids.shape
         if self.graphs is not None and lo == 0 and S == 1 and np.array_equal(logits_index, np.arange(B)):
-            return self.graphs.run(input_ids, position_ids, seqlens_k)
+            try:
+                return self.graphs.run(input_ids, position_ids, seqlens_k)
+            except Exception as exc:  # a capture that fails while serving (a new batch size): this call runs plainly
+                log.warning("CUDA graphs off: a decode call of %d row(s) failed: %s", B, _first_line(exc))
+                self.graphs = None
         b = self._bindings.get((lo, hi))
         if b is None:  # 2 x n_layer cache bindings per row range, made once: rebinding them cost ~0.3 ms a call
             b = self._bindings[lo, hi] = self.session.io_binding()
@@ -186,6 +190,10 @@ class Engine:
                 f"{worst:.3g} (allowed {self.bundle.golden_atol}); refusing to serve (--verify-golden false to skip)"
             )
         return worst
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 class _DecodeGraphs:

@@ -33,3 +33,21 @@ def test_reused_bindings_and_the_decode_graph_path_give_the_plain_calls_logits(t
         assert got.shape == (D, bundle.vocab_size)
         np.testing.assert_array_equal(got, want)
         lengths[:D] += 1
+
+
+def test_a_decode_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(tiny_bundle, caplog):
+    bundle = load_bundle(tiny_bundle)
+    plain, engine = Engine(bundle, 2, 32, "cpu"), Engine(bundle, 2, 32, "cpu")
+    engine.graphs = _DecodeGraphs(engine)
+
+    def capture_fails(*args):
+        raise RuntimeError("CUDA failure 2: out of memory\nmore detail")
+
+    engine.graphs.run = capture_fails  # type: ignore[method-assign]
+    ids, zero = np.array([[5]]), np.zeros(1, np.int32)
+    got = engine.forward(ids, ids, zero, 0, 1, np.arange(1))
+    np.testing.assert_array_equal(got, plain.forward(ids, ids, zero, 0, 1, np.arange(1)))
+    assert engine.graphs is None
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "CUDA graphs off: a decode call of 1 row(s) failed: CUDA failure 2: out of memory"
+    ]
