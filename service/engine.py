@@ -12,7 +12,8 @@ graph (onnxruntime's `enable_cuda_graph`, one `gpu_graph_id` per D) and replayed
 buffers updated in place, its cache rows are bound once, and `total_sequence_length` is the cache length, a bound
 that GroupQueryAttention only checks and sizes its splits by (each row's length comes from `seqlens_k` on the
 device). Every other call runs as usual (`gpu_graph_id` -1). At start the one-row graph is checked against the same
-call run plainly; if capture fails or they differ, graphs are turned off with one warning. Opt-in (`--cuda-graphs`)
+call run plainly; if capture fails or they differ, graphs are turned off with one warning, and likewise if a later
+capture (a new batch size, while serving) fails: that call then runs plainly. Opt-in (`--cuda-graphs`)
 until their speed is measured: docs/BENCHMARKS.md says what has been checked on a GPU so far.
 """
 
