@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     for bundle, no_cache_too in ((args.bundle, True), (args.int4_bundle, False)):
         if not bundle.exists():
             continue
-        name = ours_label(bundle, args.device) + (" graphs" if args.cuda_graphs else "")
+        name = ours_label(bundle, args.device) + (" graphs" if args.cuda_graphs and args.device == "cuda" else "")
         systems[name] = {**bench_ours(bundle, args.threads, *dev), "weight_bytes": weight_bytes(bundle)}
         if no_cache_too:
             systems[name]["W4 without prefix cache"] = bench_ours(

@@ -30,6 +30,7 @@ from service.kv_cache import KVCache
 log = logging.getLogger(__name__)
 
 CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")  # onnxruntime's CUDA GroupQueryAttention kernels
+MAX_BINDINGS = 256  # row ranges whose bindings are kept (a range is bound again once the cache is cleared)
 
 
 def choose_providers(device: str) -> tuple[list[str], str]:
@@ -108,6 +109,7 @@ class Engine:
             self.device = "cpu"
             self.session = ort.InferenceSession(str(bundle.graph), options, providers=["CPUExecutionProvider"])
         graphs = self.device == "cuda" and cuda_graphs
+        self._options = options
         if self.device == "cuda":
             del self.session
             self.session = _cuda_only_session(bundle, options, graphs)
@@ -132,9 +134,7 @@ class Engine:
                 log.info("CUDA graphs: decode steps replayed (one-row graph within %.2e of the plain call)", worst)
             except Exception as exc:
                 log.warning("CUDA graphs off: %s", _first_line(exc))
-                self.graphs, self._plain = None, None
-                self._bindings.clear()
-                self.session = _cuda_only_session(bundle, options)  # a fresh session: nothing left of the attempt
+                self._without_graphs()
 
     def forward(
         self,
@@ -158,9 +158,11 @@ class Engine:
                 return self.graphs.run(input_ids, position_ids, seqlens_k)
             except Exception as exc:  # a capture that fails while serving (a new batch size): this call runs plainly
                 log.warning("CUDA graphs off: a decode call of %d row(s) failed: %s", B, _first_line(exc))
-                self.graphs = None
+                self._without_graphs()
         b = self._bindings.get((lo, hi))
         if b is None:  # 2 x n_layer cache bindings per row range, made once: rebinding them cost ~0.3 ms a call
+            if len(self._bindings) >= MAX_BINDINGS:
+                self._bindings.clear()
             b = self._bindings[lo, hi] = self.session.io_binding()
             b.bind_output("logits", "cpu")  # bound first: get_outputs()[0]
             self.cache.bind(b, lo, hi)
@@ -174,6 +176,13 @@ class Engine:
         logits = b.get_outputs()[0].numpy()  # (N, V)
         b.bind_output("logits", "cpu")  # in its place: lets this call's (N, V) go, and the next N differ
         return logits
+
+    def _without_graphs(self) -> None:
+        """Graphs off for good, on a fresh session: nothing of a failed capture is left to break the plain calls."""
+        self.graphs, self._plain = None, None
+        self._bindings.clear()
+        if self.device == "cuda":
+            self.session = _cuda_only_session(self.bundle, self._options)
 
     def check_golden(self) -> float:
         """Prefills the bundle's golden prompts in slot 0; returns the max logit difference. Raises past the bound."""
@@ -200,7 +209,7 @@ def _first_line(exc: Exception) -> str:
 class _DecodeGraphs:
     """One captured CUDA graph per decode batch size D: the call over rows [0, D) with one new token each and every
     row's logits. Its inputs and its logits output are fixed device buffers; a step copies the token ids, positions
-    and lengths into them and replays the graph (the first two calls of each D run plainly, the third captures)."""
+    and lengths into them and replays the graph (onnxruntime captures it after its own warm-up runs of that D)."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -242,12 +251,13 @@ class _DecodeGraphs:
         if "position_ids" in inputs:
             inputs["position_ids"].update_inplace(np.ascontiguousarray(position_ids, dtype=np.int64))
         self.engine.session.run_with_iobinding(b, options)
-        return logits.numpy()
+        out = logits.numpy()  # (D, V): a copy from the device; on the CPU (tests) a view the next step overwrites
+        return out.copy() if self.engine.device == "cpu" else out
 
     def check(self) -> float:
-        """The one-row graph (two plain calls, the capture, a replay) against the plain call: the first token at
-        position 0 of row 0, rewritten alike by each. Returns the largest logit difference; raises past the bundle's
-        golden bound."""
+        """The one-row graph (onnxruntime's warm-up calls, the capture, replays) against the plain call: the first
+        token at position 0 of row 0, rewritten alike by each. Returns the largest logit difference; raises past the
+        bundle's golden bound."""
         e, ids, zero = self.engine, np.zeros((1, 1), np.int64), np.zeros(1, np.int32)
         graphs, e.graphs = e.graphs, None
         try:

@@ -122,6 +122,8 @@ class _RowCopier:
     def copy(self, src: int, dst: int) -> None:
         c, b = self.cache, self._bindings.get((src, dst))
         if b is None:
+            if len(self._bindings) >= 256:  # at most this many (src, dst) pairs kept bound
+                self._bindings.clear()
             b = self._bindings[src, dst] = self.session.io_binding()
             for i, buf in enumerate(c.buffers):
                 base = buf.data_ptr()

@@ -10,29 +10,45 @@ from service.bundle import load_bundle
 from service.engine import Engine, _DecodeGraphs
 
 
+def _prefill(engine: Engine, ids: np.ndarray) -> np.ndarray:
+    B, S = ids.shape  # (B, S) prompts of one length, rows [0, B)
+    wanted = np.arange(B) * S + S - 1
+    return engine.forward(ids, np.tile(np.arange(S), (B, 1)), np.full(B, S - 1, np.int32), 0, B, wanted)
+
+
 def test_reused_bindings_and_the_decode_graph_path_give_the_plain_calls_logits(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     plain, fast = Engine(bundle, 4, 64, "cpu"), Engine(bundle, 4, 64, "cpu")
-    graphs = _DecodeGraphs(fast)
+    fast.graphs = graphs = _DecodeGraphs(fast)  # as on CUDA: forward routes decode calls to it
     assert graphs.check() == 0.0
+    replays = []
+    run = graphs.run
+    graphs.run = lambda *a: replays.append(len(a[2])) or run(*a)  # type: ignore[method-assign]
     rng = np.random.default_rng(0)
     ids = rng.integers(3, bundle.vocab_size, (3, 5))  # (3, 5): three prompts prefilled together
-    for engine in (plain, fast):
-        engine.forward(ids, np.tile(np.arange(5), (3, 1)), np.full(3, 4, np.int32), 0, 3, np.array([4, 9, 14]))
+    np.testing.assert_array_equal(_prefill(fast, ids), _prefill(plain, ids))
     lengths = np.array([5, 5, 5])
-    for step, D in enumerate([3, 3, 2, 3, 1]):  # batch sizes come and go; each keeps its own buffers
+    held = []
+    for D in [3, 3, 2, 3, 1]:  # batch sizes come and go; each keeps its own buffers
         tokens = rng.integers(3, bundle.vocab_size, (D, 1))  # (D, 1)
         n = lengths[:D]
         plain._bindings.clear()  # the reference binds everything afresh each call
         want = plain.forward(tokens, n[:, None], n.astype(np.int32), 0, D, np.arange(D))  # (D, V)
-        got = (
-            graphs.run(tokens, n[:, None], n.astype(np.int32))
-            if step % 2
-            else fast.forward(tokens, n[:, None], n.astype(np.int32), 0, D, np.arange(D))
-        )
+        got = fast.forward(tokens, n[:, None], n.astype(np.int32), 0, D, np.arange(D))
         assert got.shape == (D, bundle.vocab_size)
         np.testing.assert_array_equal(got, want)
+        held.append((got, want.copy()))
         lengths[:D] += 1
+    assert replays == [3, 3, 2, 3, 1]
+    for got, want in held:  # a returned array is the caller's: later steps of the same batch size leave it alone
+        np.testing.assert_array_equal(got, want)
+    # the same rows again with other logits wanted (a row's last only, then all): the plain path, its binding reused
+    tokens, n = rng.integers(3, bundle.vocab_size, (3, 1)), lengths[:3]
+    for wanted in (np.array([2]), np.arange(3)):
+        plain._bindings.clear()
+        want = plain.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, wanted)
+        np.testing.assert_array_equal(fast.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, wanted), want)
+    assert replays[-1] == 3 and len(replays) == 6  # arange(3) took the graph path, [2] did not
 
 
 def test_a_decode_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(tiny_bundle, caplog):
