@@ -163,8 +163,7 @@ def _top_k_candidates(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndar
     nb = -(-V // BLOCK)
     every_id = np.broadcast_to(np.arange(V), z.shape)
     if K * 4 >= nb:  # a small vocabulary or a large k: one partition of the whole row
-        top = np.partition(z, V - K, axis=1)[:, V - K :]  # (N, K) the K largest, unordered
-        kth = -np.sort(-top, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
+        kth = _kth_largest(z, k)
         return _left_aligned(z >= kth[:, None], every_id, z)
     zp = z if V == nb * BLOCK else np.pad(z, ((0, 0), (0, nb * BLOCK - V)), constant_values=-np.inf)
     zs = zp.reshape(N, BLOCK, nb)  # block b = tokens b, b + nb, b + 2 nb, ...: a strided max is one fast pass
@@ -172,13 +171,19 @@ def _top_k_candidates(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndar
     blocks = np.argpartition(-bmax, K - 1, axis=1)[:, :K]  # (N, K) the blocks with the largest maxima
     in_blocks = (blocks[:, None, :] + nb * np.arange(BLOCK)[None, :, None]).reshape(N, BLOCK * K)  # token ids
     vals = np.take_along_axis(zs, blocks[:, None, :], axis=2).reshape(N, BLOCK * K)
-    top = np.partition(vals, BLOCK * K - K, axis=1)[:, BLOCK * K - K :]  # (N, K) the K largest, unordered
-    kth = -np.sort(-top, axis=1)[np.arange(N), k - 1]  # (N,) each row's own k-th largest value
+    kth = _kth_largest(vals, k)
     left_out = np.ones((N, nb), bool)
     np.put_along_axis(left_out, blocks, False, axis=1)
     if (left_out & (bmax >= kth[:, None])).any():  # a value at or above a k-th in a block left out: ties
         return _left_aligned(z >= kth[:, None], every_id, z)
     return _left_aligned(vals >= kth[:, None], in_blocks, vals)
+
+
+def _kth_largest(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """vals (N, C), k (N,) -> (N,) each row's own k-th largest value (one partition for the largest k of all)."""
+    C, K = vals.shape[1], int(k.max())
+    top = np.partition(vals, C - K, axis=1)[:, C - K :]  # (N, K) the K largest, unordered
+    return -np.sort(-top, axis=1)[np.arange(len(vals)), k - 1]
 
 
 def _left_aligned(mask: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -203,7 +208,7 @@ def _nucleus_floor(q: np.ndarray, need: np.ndarray, before: np.ndarray | float =
 
 def _draw(ids: np.ndarray, p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
     """One token per row from candidate ids (N, C) with unnormalized probabilities p (N, C) (0 = excluded)."""
-    N, C = ids.shape
+    N = len(ids)
     nucleus = top_p < 1.0
     if nucleus.any():
         floor = _nucleus_floor(p[nucleus], top_p[nucleus] * p[nucleus].sum(axis=1, dtype=np.float64))
@@ -211,16 +216,13 @@ def _draw(ids: np.ndarray, p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> n
     order = np.argsort(ids, axis=1)  # vocabulary order
     p, ids = np.take_along_axis(p, order, axis=1), np.take_along_axis(ids, order, axis=1)
     cum = np.cumsum(p, axis=1, dtype=np.float64)  # (N, C)
-    pick = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), _last_positive(p, C))
+    pick = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), _last_positive(p))
     return ids[np.arange(N), pick]
 
 
-def _last_positive(p: np.ndarray, end: np.ndarray | int) -> np.ndarray:
-    """p (N, C) -> (N,) the last column before `end` with p > 0: where a draw that rounding carried past the
-    last bin lands."""
-    N, C = p.shape
-    positive = (p > 0) & (np.arange(C) < np.reshape(end, (-1, 1)))
-    return C - 1 - np.argmax(positive[:, ::-1], axis=1)
+def _last_positive(p: np.ndarray) -> np.ndarray:
+    """p (N, C) -> (N,) the last column with p > 0: where a draw that rounding carried past the last bin lands."""
+    return p.shape[1] - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
 
 
 def _cut_nucleus(p: np.ndarray, top_p: np.ndarray) -> np.ndarray:
@@ -259,7 +261,7 @@ def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarra
     before = np.where(blk > 0, cb[np.arange(N), blk - 1], 0.0)
     inside = pb[np.arange(N), blk]  # (N, BLOCK)
     within = before[:, None] + np.cumsum(inside, axis=1, dtype=np.float64)
-    at = np.minimum((within <= target[:, None]).sum(axis=1), _last_positive(inside, BLOCK))
+    at = np.minimum((within <= target[:, None]).sum(axis=1), _last_positive(inside))
     return np.minimum(blk * BLOCK + at, V - 1)
 
 
