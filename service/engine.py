@@ -25,12 +25,11 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError
-from service.kv_cache import KVCache
+from service.kv_cache import MAX_BINDINGS, KVCache
 
 log = logging.getLogger(__name__)
 
 CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")  # onnxruntime's CUDA GroupQueryAttention kernels
-MAX_BINDINGS = 256  # row ranges whose bindings are kept (a range is bound again once the cache is cleared)
 
 
 def choose_providers(device: str) -> tuple[list[str], str]:
@@ -159,6 +158,18 @@ class Engine:
             except Exception as exc:  # a capture that fails while serving (a new batch size): this call runs plainly
                 log.warning("CUDA graphs off: a decode call of %d row(s) failed: %s", B, _first_line(exc))
                 self._without_graphs()
+        return self._forward_plain(input_ids, position_ids, seqlens_k, lo, hi, logits_index)
+
+    def _forward_plain(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        seqlens_k: np.ndarray,
+        lo: int,
+        hi: int,
+        logits_index: np.ndarray,
+    ) -> np.ndarray:
+        """forward without a CUDA graph: the row range's binding, the small inputs bound afresh. -> logits (N, V)"""
         b = self._bindings.get((lo, hi))
         if b is None:  # 2 x n_layer cache bindings per row range, made once: rebinding them cost ~0.3 ms a call
             if len(self._bindings) >= MAX_BINDINGS:
@@ -259,11 +270,7 @@ class _DecodeGraphs:
         token at position 0 of row 0, rewritten alike by each. Returns the largest logit difference; raises past the
         bundle's golden bound."""
         e, ids, zero = self.engine, np.zeros((1, 1), np.int64), np.zeros(1, np.int32)
-        graphs, e.graphs = e.graphs, None
-        try:
-            want = e.forward(ids, ids, zero, 0, 1, np.arange(1))  # (1, V), no graph
-        finally:
-            e.graphs = graphs
+        want = e._forward_plain(ids, ids, zero, 0, 1, np.arange(1))  # (1, V)
         worst = max(float(np.abs(self.run(ids, ids, zero) - want).max()) for _ in range(4))
         if not worst <= e.bundle.golden_atol:
             raise RuntimeError(f"the graph's logits differ from the plain call's by {worst:.3g}")

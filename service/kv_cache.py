@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+MAX_BINDINGS = 256  # IO bindings kept per cache user (row ranges, copy pairs); past it they are made again
 
 
 class KVCache:
@@ -122,7 +123,7 @@ class _RowCopier:
     def copy(self, src: int, dst: int) -> None:
         c, b = self.cache, self._bindings.get((src, dst))
         if b is None:
-            if len(self._bindings) >= 256:  # at most this many (src, dst) pairs kept bound
+            if len(self._bindings) >= MAX_BINDINGS:
                 self._bindings.clear()
             b = self._bindings[src, dst] = self.session.io_binding()
             for i, buf in enumerate(c.buffers):
