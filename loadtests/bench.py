@@ -13,7 +13,8 @@ peers`): Hugging Face transformers `generate()` (fp32, static batches) and onnxr
 fp32 and int4 models, generator API). Results go to results/bench/bench.json and a markdown table printed for
 docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget. `--device
 cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers` runs ours on a GPU (the row is named by the
-bundle's precision and the device; the card is recorded), with `--cuda-graphs` its decode steps from CUDA graphs.
+bundle's precision and the device; the card is recorded), its decode steps from CUDA graphs unless
+`--no-cuda-graphs`.
 """
 
 from __future__ import annotations
@@ -312,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="ours: the service's --device")
-    p.add_argument("--cuda-graphs", action="store_true", help="ours: the service's --cuda-graphs")
+    p.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="ours: the service's --cuda-graphs"
+    )
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
     p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
@@ -324,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         return w1_rounds(args, args.w1_rounds)
     report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "device": args.device, "systems": {}}
     systems = report["systems"]
-    dev = ("--device", args.device, *(["--cuda-graphs"] if args.cuda_graphs else []))
+    dev = ("--device", args.device, *([] if args.cuda_graphs else ["--no-cuda-graphs"]))
     for bundle, no_cache_too in ((args.bundle, True), (args.int4_bundle, False)):
         if not bundle.exists():
             continue
-        name = ours_label(bundle, args.device) + (" graphs" if args.cuda_graphs and args.device == "cuda" else "")
+        name = ours_label(bundle, args.device) + (" no graphs" if not args.cuda_graphs and args.device == "cuda" else "")
         systems[name] = {**bench_ours(bundle, args.threads, *dev), "weight_bytes": weight_bytes(bundle)}
         if no_cache_too:
             systems[name]["W4 without prefix cache"] = bench_ours(

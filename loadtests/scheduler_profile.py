@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-135m"))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args()
 
     from loadtests.step_profile import time_graph

@@ -23,7 +23,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="onnxruntime CPU threads (0: one per core)")
     verify_golden: bool = Field(True, description="check the bundle's golden outputs at start; refuse on mismatch")
     cuda_graphs: CliImplicitFlag[bool] = Field(
-        False, description="on CUDA, replay decode steps from captured CUDA graphs (opt-in: not yet timed)"
+        True, description="on CUDA, replay decode steps from captured CUDA graphs (--no-cuda-graphs: plain calls)"
     )
 
     # batching and the KV cache

@@ -70,7 +70,7 @@ class Engine:
         device: str = "auto",
         threads: int = 0,
         profile_prefix: str | None = None,  # onnxruntime's profiler on, its trace file named from this
-        cuda_graphs: bool = False,  # on CUDA: decode calls replayed from captured graphs
+        cuda_graphs: bool = True,  # on CUDA: decode calls replayed from captured graphs
     ) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
