@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# appended, not first: loadtests/profile.py would shadow the standard library's profile (which cProfile imports)
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, median, prompt, static_w3  # noqa: E402
 
 
