@@ -331,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     for bundle, no_cache_too in ((args.bundle, True), (args.int4_bundle, False)):
         if not bundle.exists():
             continue
-        name = ours_label(bundle, args.device) + (" no graphs" if not args.cuda_graphs and args.device == "cuda" else "")
+        plain = not args.cuda_graphs and args.device == "cuda"
+        name = ours_label(bundle, args.device) + (" no graphs" if plain else "")
         systems[name] = {**bench_ours(bundle, args.threads, *dev), "weight_bytes": weight_bytes(bundle)}
         if no_cache_too:
             systems[name]["W4 without prefix cache"] = bench_ours(
@@ -448,9 +449,8 @@ def table(report: dict) -> str:
             rows.append(f"| {name}, --no-prefix-cache | | | | | | | | | {no_cache} |")
 
     def ratio(a: str, b: str, w: str, k: str) -> str:
-        if s.get(a) and s.get(b) and s[a].get(w) and s[b].get(w):
-            return f"{s[a][w][k] / s[b][w][k]:.2f}x"
-        return "n/a"
+        x, y = (s.get(a) or {}).get(w) or {}, (s.get(b) or {}).get(w) or {}
+        return f"{x[k] / y[k]:.2f}x" if k in x and k in y else "n/a"  # the static-batch peers have no W2 ITL
 
     rows += [
         "",
