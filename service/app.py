@@ -27,7 +27,7 @@ from service.inspector import Inspector
 from service.metrics import Metrics
 from service.middleware import AdmissionGate, RequestIdMiddleware, SizeLimitMiddleware
 from service.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from service.scheduler import Scheduler
+from service.scheduler import PREFILL_CALL_TOKENS, Scheduler
 from service.serving import OpenAIServing
 from service.tokenizer import TextTokenizer
 from service.validation import Validator
@@ -62,6 +62,8 @@ def build_runtime(settings: Settings) -> Runtime:
     )
     if settings.verify_golden:
         log.info("golden outputs reproduce (max |dlogit| %.2e)", engine.check_golden())
+    if engine.device == "cuda":
+        log.info("CUDA warm-up: each kind of call made once (%.2f s)", engine.warm_up(PREFILL_CALL_TOKENS))
     tokenizer = TextTokenizer.from_bundle(bundle)
     grammars = Grammars(bundle.tokenizer_file, bundle.eos_token_ids, bundle.vocab_size)
     scheduler = Scheduler(

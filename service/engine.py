@@ -20,6 +20,7 @@ until their speed is measured: docs/BENCHMARKS.md says what has been checked on 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -194,6 +195,30 @@ class Engine:
         self._bindings.clear()
         if self.device == "cuda":
             self.session = _cuda_only_session(self.bundle, self._options)
+
+    def warm_up(self, prefill_tokens: int) -> float:
+        """On CUDA, the kinds of call serving makes, made once at start, so that no request pays what a kind's first
+        call costs there (kernels loaded on first use, memory pools grown, a decode graph captured per batch size):
+        prefills of one and of several rows up to `prefill_tokens` tokens, a prompt continuing a cached prefix, and
+        decode calls over rows [0, D) for every D. Every cache row is empty at start, so the keys and values written
+        here sit past any sequence's length until real ones overwrite them. Returns the seconds it took."""
+        t = time.perf_counter()
+        rows, S = self.cache.slots, max(1, min(128, self.cache.max_len // 4))
+        long = max(1, min(prefill_tokens, self.cache.max_len // 2))
+
+        def prefill(B: int, S: int, past: int = 0) -> None:  # (B, S) new tokens after `past` cached ones per row
+            ids = np.zeros((B, S), np.int64)
+            positions = np.tile(np.arange(past, past + S), (B, 1))
+            self._forward_plain(ids, positions, np.full(B, past + S - 1, np.int32), 0, B, np.arange(B) * S + S - 1)
+
+        for B, n in {(1, S), (min(rows, max(1, prefill_tokens // S)), S), (1, long)}:
+            prefill(B, n)
+        prefill(1, S, past=long)  # a continuing prompt: new tokens on a row with a past
+        for D in range(1, rows + 1):  # a graph is captured after onnxruntime's own warm-up runs of its D
+            for _ in range(3 if self.graphs is not None else 1):
+                ids = np.zeros((D, 1), np.int64)
+                self.forward(ids, ids, np.zeros(D, np.int32), 0, D, np.arange(D))
+        return time.perf_counter() - t
 
     def check_golden(self) -> float:
         """Prefills the bundle's golden prompts in slot 0; returns the max logit difference. Raises past the bound."""

@@ -67,3 +67,22 @@ def test_a_decode_graph_that_fails_while_serving_turns_graphs_off_and_the_call_r
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
         "CUDA graphs off: a decode call of 1 row(s) failed: CUDA failure 2: out of memory"
     ]
+
+
+def test_the_warm_up_leaves_nothing_a_sequence_reads(tiny_bundle):
+    """The CUDA start-time warm-up (every kind of call once, a decode graph per batch size) writes throwaway keys and
+    values into empty rows: prompts and decode steps after it get the logits of an engine that never warmed up."""
+    bundle = load_bundle(tiny_bundle)
+    cold, warm = Engine(bundle, 3, 64, "cpu"), Engine(bundle, 3, 64, "cpu")
+    warm.graphs = graphs = _DecodeGraphs(warm)
+    assert warm.warm_up(prefill_tokens=32) > 0
+    assert sorted(graphs.by_rows) == [1, 2, 3]  # one decode graph per batch size, made before any request
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, bundle.vocab_size, (3, 4))  # (3, 4): shorter than what the warm-up wrote in each row
+    np.testing.assert_array_equal(_prefill(warm, ids), _prefill(cold, ids))
+    n = np.array([4, 4, 4])
+    for _ in range(3):
+        tokens = rng.integers(3, bundle.vocab_size, (3, 1))
+        want = cold.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3))
+        np.testing.assert_array_equal(warm.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3)), want)
+        n += 1
