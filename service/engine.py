@@ -14,9 +14,10 @@ that GroupQueryAttention only checks and sizes its splits by (each row's length 
 device). Every other call runs as usual (`gpu_graph_id` -1). At start the one-row graph is checked against the same
 call run plainly; if capture fails or they differ, graphs are turned off with one warning, and likewise if a later
 capture fails: that call then runs plainly. The start-time warm-up (`warm_up`) captures the graph of every D before
-the port opens, so none is captured while streams run. On by default on CUDA (`--no-cuda-graphs` turns them off):
-on an H200 they make single-stream decode 2.4x and 16 streams 2.0x faster (docs/BENCHMARKS.md, GPU). Each D keeps
-its own (D, V) logits buffer on the device: 27 MB for the default 16 slots, growing with the square of the slots.
+the port opens (up to WARM_GRAPHS rows), so none is captured while streams run. On by default on CUDA
+(`--no-cuda-graphs` turns them off): on an H200 they make single-stream decode 2.4x and 16 streams 2.0x faster
+(docs/BENCHMARKS.md, GPU). Each D keeps its own (D, V) logits buffer on the device, so their memory grows with the
+square of the largest batch seen (27 MB for the default 16 slots).
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool
     except Exception as exc:
         why = f" ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
     raise BundleError(f"{bundle.graph}: not every node can run on the CUDA provider{why}; serve with --device cpu")
+
+
+# Decode batch sizes whose graphs the warm-up captures; larger ones are captured when first seen. Each keeps its own
+# (D, V) logits buffer on the device: 27 MB for 1..16 with the default model's vocabulary, 0.4 GB for 1..64.
+WARM_GRAPHS = 64
 
 
 class Engine:
@@ -202,8 +208,8 @@ class Engine:
         """On CUDA, the kinds of call serving makes, made once at start, so that no request pays what a kind's first
         call costs there (kernels loaded on first use, memory pools grown, a decode graph captured per batch size):
         prefills of one and of several rows up to `prefill_tokens` tokens, a prompt continuing a cached prefix, and
-        decode calls over rows [0, D) for every D. Every cache row is empty at start, so the keys and values written
-        here sit past any sequence's length until real ones overwrite them. Returns the seconds it took."""
+        decode calls over rows [0, D) for every D up to WARM_GRAPHS. Every cache row is empty at start, so the keys
+        and values written here sit past any sequence's length until real ones overwrite them. Returns seconds."""
         t = time.perf_counter()
         rows, S = self.cache.slots, max(1, min(128, self.cache.max_len // 4))
         long = max(1, min(prefill_tokens, self.cache.max_len // 2))
@@ -216,7 +222,7 @@ class Engine:
         for B, n in {(1, S), (min(rows, max(1, prefill_tokens // S)), S), (1, long)}:
             prefill(B, n)
         prefill(1, S, past=long)  # a continuing prompt: new tokens on a row with a past
-        for D in range(1, rows + 1):  # a graph is captured after onnxruntime's own warm-up runs of its D
+        for D in range(1, min(rows, WARM_GRAPHS) + 1):  # a graph is captured after onnxruntime's warm-up runs of D
             for _ in range(3 if self.graphs is not None else 1):
                 ids = np.zeros((D, 1), np.int64)
                 self.forward(ids, ids, np.zeros(D, np.int32), 0, D, np.arange(D))

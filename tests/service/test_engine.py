@@ -86,3 +86,11 @@ def test_the_warm_up_leaves_nothing_a_sequence_reads(tiny_bundle):
         want = cold.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3))
         np.testing.assert_array_equal(warm.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3)), want)
         n += 1
+
+
+def test_the_warm_up_captures_decode_graphs_up_to_its_bound(tiny_bundle, monkeypatch):
+    monkeypatch.setattr("service.engine.WARM_GRAPHS", 2)  # each graph keeps a (D, V) buffer: larger D when first seen
+    engine = Engine(load_bundle(tiny_bundle), 4, 32, "cpu")
+    engine.graphs = graphs = _DecodeGraphs(engine)
+    engine.warm_up(prefill_tokens=16)
+    assert sorted(graphs.by_rows) == [1, 2]
