@@ -10,7 +10,8 @@ llama.cpp's `llama-server` (built by loadtests/peers/build_llama_server.sh from 
 the default model's own GGUF (Q4_1) and an F32 GGUF converted from it with `llama-quantize`, and is measured by
 the same HTTP client on the same workloads. The other peers run in their own virtualenv (.venv-peers, `make
 peers`): Hugging Face transformers `generate()` (fp32, static batches) and onnxruntime-genai (its own builder's
-fp32 and int4 models, generator API). Results go to results/bench/bench.json and a markdown table printed for
+fp32 and int4 models, generator API, in-process); against them our engine's W1 runs in-process too ("engine
+in-process": no HTTP, no scheduler). Results go to results/bench/bench.json and a markdown table printed for
 docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget. `--device
 cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers` runs ours on a GPU (the row is named by the
 bundle's precision and the device; the card is recorded), its decode steps from CUDA graphs unless
@@ -38,6 +39,7 @@ from loadtests.workloads import (
     CHAT_ROUNDS,
     CHAT_USERS,
     OUTPUT_TOKENS,
+    PROMPT_TOKENS,
     W1_REPEATS,
     W2_STREAMS,
     W3_REQUESTS,
@@ -200,6 +202,32 @@ def bench_ours(bundle: Path, threads: int, *extra: str, which: tuple[str, ...] =
         proc.wait(30)
 
 
+def engine_w1(bundle: Path, threads: int, device: str) -> dict:
+    """W1 through our engine alone, in-process (no HTTP, no scheduler): the same prompts, one at a time, prefilled
+    then decoded greedily with a host argmax, as onnxruntime-genai's generator runs its W1 in-process too."""
+    from service.bundle import load_bundle
+    from service.engine import Engine
+
+    engine = Engine(load_bundle(bundle), 1, PROMPT_TOKENS + OUTPUT_TOKENS + 1, device, threads)
+
+    def one(ids: list[int]) -> tuple[float, float]:  # -> (seconds to the first token, decode tokens/s)
+        n = len(ids)
+        t0 = time.perf_counter()
+        last = np.array([n - 1])
+        token = int(engine.forward(np.array([ids]), np.arange(n)[None], last.astype(np.int32), 0, 1, last)[0].argmax())
+        first = time.perf_counter() - t0
+        for k in range(n, n + OUTPUT_TOKENS - 1):  # (1, 1) each: the token just chosen, at position k
+            pos = np.array([[k]])
+            token = int(
+                engine.forward(np.array([[token]]), pos, pos[0].astype(np.int32), 0, 1, np.arange(1))[0].argmax()
+            )
+        return first, (OUTPUT_TOKENS - 1) / (time.perf_counter() - t0 - first)
+
+    one(prompt(999))  # warm-up
+    w1 = [one(prompt(i)) for i in range(W1_REPEATS)]
+    return {"W1": {"ttft_s": median([f for f, _ in w1]), "decode_tps": median([d for _, d in w1])}}
+
+
 # ---------------------------------------------------------------------------------------------------- llama.cpp
 
 
@@ -339,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 bundle, args.threads, *dev, "--no-prefix-cache", which=("W4",)
             )["W4"]
         print(json.dumps({name: systems[name]}), file=sys.stderr)
+        if args.device == "cpu":  # against the in-process peers: W1 without HTTP
+            systems[f"{name}, engine in-process"] = engine_w1(bundle, args.threads, args.device)
     if (LLAMA_BIN / "llama-server").exists():
         from export.checkpoints import default_gguf_path
 
@@ -437,6 +467,9 @@ def table(report: dict) -> str:
             rows.append(f"| {name} | failed to run (see stderr) |" + " |" * 8)
             continue
         floor = f"{bw * 1e9 / r['weight_bytes']:.0f}" if r.get("weight_bytes") and not on_gpu else ""
+        if "W2" not in r:  # W1 alone (our engine in-process)
+            rows.append(f"| {name} | {r['W1']['ttft_s'] * 1e3:.0f} | {r['W1']['decode_tps']:.1f} |" + " |" * 7)
+            continue
         w1, w2, w3 = r["W1"], r["W2"], r.get("W3") or {"tokens_per_s": float("nan"), "e2e_p99_s": float("nan")}
         itl = f"{w2['itl_p50_s'] * 1e3:.1f} / {w2['itl_p99_s'] * 1e3:.1f}" if "itl_p99_s" in w2 else ""
         rows.append(
@@ -463,8 +496,10 @@ def table(report: dict) -> str:
         ("transformers fp32", "ours fp32"),
         ("onnxruntime-genai fp32", "ours fp32"),
         ("onnxruntime-genai int4", "ours int4"),
+        ("onnxruntime-genai fp32", "ours fp32, engine in-process"),
+        ("onnxruntime-genai int4", "ours int4, engine in-process"),
     ):
-        if not s.get(peer):
+        if not s.get(peer) or not s.get(mine):
             continue
         rows.append(
             f"| {mine} / {peer} | {ratio(mine, peer, 'W1', 'decode_tps')} | {ratio(mine, peer, 'W1', 'ttft_s')} | "
