@@ -203,29 +203,19 @@ def bench_ours(bundle: Path, threads: int, *extra: str, which: tuple[str, ...] =
 
 
 def engine_w1(bundle: Path, threads: int, device: str) -> dict:
-    """W1 through our engine alone, in-process (no HTTP, no scheduler): the same prompts, one at a time, prefilled
-    then decoded greedily with a host argmax, as onnxruntime-genai's generator runs its W1 in-process too."""
+    """W1 through our engine alone, in-process (no HTTP, no scheduler), as onnxruntime-genai's generator runs its W1
+    in-process too: W1_REPEATS prompts of PROMPT_TOKENS, each prefilled then decoded greedily with a host argmax
+    (loadtests.engine's drive, one row)."""
+    from loadtests.engine import drive
     from service.bundle import load_bundle
     from service.engine import Engine
 
-    engine = Engine(load_bundle(bundle), 1, PROMPT_TOKENS + OUTPUT_TOKENS + 1, device, threads)
-
-    def one(ids: list[int]) -> tuple[float, float]:  # -> (seconds to the first token, decode tokens/s)
-        n = len(ids)
-        t0 = time.perf_counter()
-        last = np.array([n - 1])
-        token = int(engine.forward(np.array([ids]), np.arange(n)[None], last.astype(np.int32), 0, 1, last)[0].argmax())
-        first = time.perf_counter() - t0
-        for k in range(n, n + OUTPUT_TOKENS - 1):  # (1, 1) each: the token just chosen, at position k
-            pos = np.array([[k]])
-            token = int(
-                engine.forward(np.array([[token]]), pos, pos[0].astype(np.int32), 0, 1, np.arange(1))[0].argmax()
-            )
-        return first, (OUTPUT_TOKENS - 1) / (time.perf_counter() - t0 - first)
-
-    one(prompt(999))  # warm-up
-    w1 = [one(prompt(i)) for i in range(W1_REPEATS)]
-    return {"W1": {"ttft_s": median([f for f, _ in w1]), "decode_tps": median([d for _, d in w1])}}
+    b = load_bundle(bundle)
+    engine = Engine(b, 1, PROMPT_TOKENS + OUTPUT_TOKENS + 1, device, threads)
+    drive(engine, b.vocab_size, 1, PROMPT_TOKENS, 8)  # warm-up
+    runs = [drive(engine, b.vocab_size, 1, PROMPT_TOKENS, OUTPUT_TOKENS - 1) for _ in range(W1_REPEATS)]
+    steps = [t for _, times in runs for t in times]
+    return {"W1": {"ttft_s": median([prefills[0] for prefills, _ in runs]), "decode_tps": 1 / median(steps)}}
 
 
 # ---------------------------------------------------------------------------------------------------- llama.cpp
