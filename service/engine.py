@@ -211,7 +211,7 @@ class Engine:
         decode calls over rows [0, D) for every D up to WARM_GRAPHS. Every cache row is empty at start, so the keys
         and values written here sit past any sequence's length until real ones overwrite them. Returns seconds."""
         t = time.perf_counter()
-        rows, S = self.cache.slots, max(1, min(128, self.cache.max_len // 4))
+        rows, short = self.cache.slots, max(1, min(128, self.cache.max_len // 4))
         long = max(1, min(prefill_tokens, self.cache.max_len // 2))
 
         def prefill(B: int, S: int, past: int = 0) -> None:  # (B, S) new tokens after `past` cached ones per row
@@ -219,9 +219,9 @@ class Engine:
             positions = np.tile(np.arange(past, past + S), (B, 1))
             self._forward_plain(ids, positions, np.full(B, past + S - 1, np.int32), 0, B, np.arange(B) * S + S - 1)
 
-        for B, n in {(1, S), (min(rows, max(1, prefill_tokens // S)), S), (1, long)}:
+        for B, n in {(1, short), (min(rows, max(1, prefill_tokens // short)), short), (1, long)}:
             prefill(B, n)
-        prefill(1, S, past=long)  # a continuing prompt: new tokens on a row with a past
+        prefill(1, short, past=long)  # a continuing prompt: new tokens on a row with a past
         for D in range(1, min(rows, WARM_GRAPHS) + 1):  # a graph is captured after onnxruntime's warm-up runs of D
             for _ in range(3 if self.graphs is not None else 1):
                 ids = np.zeros((D, 1), np.int64)
