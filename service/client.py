@@ -5,6 +5,7 @@ and the request metrics. The endpoint handlers see only this; the scheduler sees
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,6 +48,13 @@ class ChoiceEvent:
 KEEPALIVE = None  # what `Generation.events` yields when nothing happened for a keep-alive interval
 
 
+class _Gone:
+    """What a request's inbox receives when its HTTP client hangs up."""
+
+
+_GONE = _Gone()
+
+
 class Generation:
     """One submitted request: its prompts' scheduler states and the queue their events arrive on."""
 
@@ -54,7 +62,7 @@ class Generation:
         self.client, self.valid = client, valid
         self.submitted = time.perf_counter()
         self.states: list[RequestState] = []
-        self.inbox: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()  # (prompt, event), from the engine thread
+        self.inbox: asyncio.Queue[tuple[int, TokenEvent] | _Gone] = asyncio.Queue()  # (prompt, event) or _GONE
         self.open = len(valid.prompts) * valid.n  # choices without their final event yet
 
     @property
@@ -70,11 +78,13 @@ class Generation:
     ) -> AsyncIterator[ChoiceEvent | None]:
         """Every choice's events as they come, until each has its final one. Yields None (KEEPALIVE) after
         `keepalive` seconds without one; raises APIError 504 past the deadline and ClientGone when `gone` is done.
-        Leaving early, for whatever reason, cancels the request (the scheduler frees its slots within a step)."""
+        Leaving early, for whatever reason, cancels the request (the scheduler frees its slots within a step).
+        Events already queued are taken without waiting; only an empty inbox is awaited (under one timeout)."""
         metrics, n = self.client.metrics, self.valid.n
         deadline = self.submitted + self.client.request_timeout
         last: dict[int, float] = {}
-        getter: asyncio.Future[tuple[int, TokenEvent]] | None = None
+        if gone is not None:  # the hang-up arrives through the inbox, like any event
+            gone.add_done_callback(lambda f: None if f.cancelled() else self.inbox.put_nowait(_GONE))
         try:
             while self.open:
                 left = deadline - time.perf_counter()
@@ -86,18 +96,19 @@ class Generation:
                         "timeout_error",
                         code="deadline_exceeded",
                     )
-                getter = getter or asyncio.ensure_future(self.inbox.get())
-                waiting: set[asyncio.Future] = {getter} if gone is None else {getter, gone}
-                timeout = left if keepalive is None else min(left, keepalive)
-                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if gone is not None and gone in done:
+                if self.inbox.empty():
+                    try:
+                        async with asyncio.timeout(left if keepalive is None else min(left, keepalive)):
+                            item = await self.inbox.get()
+                    except TimeoutError:
+                        if keepalive is not None and deadline - time.perf_counter() > 0:
+                            yield KEEPALIVE
+                        continue
+                else:
+                    item = self.inbox.get_nowait()
+                if isinstance(item, _Gone):
                     raise ClientGone()
-                if getter not in done:
-                    if keepalive is not None and deadline - time.perf_counter() > 0:
-                        yield KEEPALIVE
-                    continue
-                prompt, event = getter.result()
-                getter = None
+                prompt, event = item
                 index = prompt * n + event.index
                 self._observe(event, index, last)
                 if event.finish_reason:
@@ -106,8 +117,6 @@ class Generation:
                 yield ChoiceEvent(index, prompt, event)
             metrics.e2e.observe(time.perf_counter() - self.submitted)
         finally:
-            if getter is not None:
-                getter.cancel()
             if self.open:
                 self.cancel()
 
@@ -128,6 +137,32 @@ class Generation:
 class EngineClient:
     def __init__(self, scheduler: SchedulerLike, metrics: Metrics, request_timeout: float) -> None:
         self.scheduler, self.metrics, self.request_timeout = scheduler, metrics, request_timeout
+        # Events from the engine thread not yet handed to their event loop: one wake-up of the loop carries every
+        # event posted before it runs (a decode step of 16 streams wakes it once, not 16 times).
+        self._outboxes: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        self._outbox_lock = threading.Lock()
+
+    def _post(self, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue, item: object) -> None:
+        """Engine thread: queue `item` for `inbox`; the first item of a batch schedules its delivery."""
+        if loop.is_closed():  # nobody listens any more
+            return
+        with self._outbox_lock:
+            box = self._outboxes.setdefault(loop, [])
+            box.append((inbox, item))
+            if len(box) > 1:
+                return
+        try:
+            loop.call_soon_threadsafe(self._deliver, loop)
+        except RuntimeError:  # the loop is closed: nobody listens any more
+            with self._outbox_lock:
+                self._outboxes.pop(loop, None)
+
+    def _deliver(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Event loop: every item posted so far into its inbox, in order."""
+        with self._outbox_lock:
+            batch = self._outboxes.pop(loop, [])
+        for inbox, item in batch:
+            inbox.put_nowait(item)
 
     def check_admission(self) -> None:
         """Before any tokenization: is the engine alive, and is there room in the waiting queue?"""
@@ -146,8 +181,7 @@ class EngineClient:
             def sink(event: TokenEvent) -> None:
                 if event.finish_reason == "cancelled":  # the slot is already free when this arrives
                     self.metrics.finished("abort")
-                if not loop.is_closed():  # nobody listens any more once the loop is gone
-                    loop.call_soon_threadsafe(queue.put_nowait, (prompt, event))
+                self._post(loop, queue, (prompt, event))
 
             return sink
 

@@ -180,3 +180,26 @@ def test_admission():
     with pytest.raises(APIError) as exc:
         client.check_admission()
     assert exc.value.status == 503 and exc.value.code == "engine_unavailable"
+
+
+def test_events_posted_before_the_loop_runs_arrive_in_one_wake_up_in_order():
+    client = EngineClient(FakeScheduler(), Metrics("m"), request_timeout=30)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        inboxes = [asyncio.Queue(), asyncio.Queue()]
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakes.append(a) or real(*a)  # type: ignore[method-assign]
+        # the engine thread posts a step's events while the loop is busy elsewhere (here: not yet yielded to)
+        poster = threading.Thread(target=lambda: [client._post(loop, inboxes[i % 2], i) for i in range(6)])
+        poster.start()
+        poster.join()
+        await asyncio.sleep(0)
+        got = [[q.get_nowait() for _ in range(q.qsize())] for q in inboxes]
+        client._post(loop, inboxes[0], 6)  # the next batch wakes the loop again
+        await asyncio.sleep(0)
+        return len(wakes), got, inboxes[0].get_nowait()
+
+    wakes, got, later = asyncio.run(go())
+    assert wakes == 2 and got == [[0, 2, 4], [1, 3, 5]] and later == 6
