@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import sys
@@ -34,7 +35,8 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started and self.servers and self.servers[0].sockets:
             host, port = self.servers[0].sockets[0].getsockname()[:2]
-            log.info("listening on http://%s:%d", host, port)
+            loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop where installed, else asyncio
+            log.info("listening on http://%s:%d (event loop: %s)", host, port, loop)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.draining or self.drain_timeout <= 0:
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,
         timeout_graceful_shutdown=int(settings.drain_timeout) + 5,
+        http="h11",  # its event-size bound is the header bound below (httptools has none)
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
     server = DrainingServer(config, app, settings.drain_timeout)
