@@ -49,6 +49,7 @@ from loadtests.workloads import (
     pct,
     prompt,
 )
+from service.config import HUGE_PAGES
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
@@ -324,6 +325,15 @@ def weight_bytes(bundle: Path) -> int:
 # ---------------------------------------------------------------------------------------------------- main
 
 
+def with_huge_pages() -> None:
+    """Runs this command again with malloc's huge pages on (GLIBC_TUNABLES), unless they are: every system measured
+    here, ours in-process and served and the peers, then runs as `make serve` and the image run the service."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if sys.platform == "linux" and HUGE_PAGES not in tunables.split(":"):
+        env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
+        os.execve(sys.executable, sys.orig_argv, env)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtests.bench")
     p.add_argument("--bundle", type=Path, default=REPO / "bundles" / "smollm2-135m")
@@ -504,4 +514,5 @@ def table(report: dict) -> str:
 
 
 if __name__ == "__main__":
+    with_huge_pages()
     sys.exit(main())
