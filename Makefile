@@ -16,8 +16,8 @@ SPAWN_RATE ?= $(USERS)
 DURATION ?= 60s
 SWEEP ?= 1,2,4,8,16,32
 RESULTS ?= results
-# glibc's malloc asks for transparent huge pages for its large blocks (onnxruntime's packed weights): int4 decode
-# runs about a tenth faster with fewer TLB misses (docs/BENCHMARKS.md). Read at process start; the image sets it too.
+# glibc's malloc asks for transparent huge pages for its large blocks (onnxruntime's packed weights): one int4 row
+# decodes about 15% faster, with fewer TLB misses (docs/BENCHMARKS.md). Read at process start; the image sets it too.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers llama-server soak fuzz \

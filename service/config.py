@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 # Not a setting: glibc reads its tunables at process start, so the environment carries it (the Makefile and the image
 # set it; the server logs whether it is on). malloc then asks for transparent huge pages for its large blocks,
-# onnxruntime's packed weights among them, and int4 decode runs about a tenth faster (docs/BENCHMARKS.md).
+# onnxruntime's packed weights among them, and int4 decodes one row about 15% faster (docs/BENCHMARKS.md).
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # in GLIBC_TUNABLES
 
 
