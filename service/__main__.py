@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {'.'.join(map(str, first['loc']))}: {first['msg']}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if sys.platform == "linux":  # glibc reads its tunables at process start: the environment decides, we report
-        on = HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "").split(":")
-        log.info("malloc huge pages %s", "on" if on else f"off (GLIBC_TUNABLES={HUGE_PAGES}: faster int4 decode)")
     try:  # bundle, checksums, device, golden outputs: a one-line error and no server when any is wrong
         runtime = build_runtime(settings)
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if sys.platform == "linux":  # glibc reads its tunables at process start: the environment decides, we report
+        on = HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "").split(":")
+        log.info("malloc huge pages %s", "on" if on else f"off (GLIBC_TUNABLES={HUGE_PAGES}: faster int4 decode)")
     app = create_app(settings, runtime)
     config = uvicorn.Config(
         app,
