@@ -49,7 +49,7 @@ from loadtests.workloads import (
     pct,
     prompt,
 )
-from service.config import HUGE_PAGES
+from service.config import HUGE_PAGES, huge_pages
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS_PY = REPO / ".venv-peers" / "bin" / "python"
@@ -328,9 +328,8 @@ def weight_bytes(bundle: Path) -> int:
 def with_huge_pages() -> None:
     """Runs this command again with malloc's huge pages on (GLIBC_TUNABLES), unless they are: every system measured
     here, ours in-process and served and the peers, then runs as `make serve` and the image run the service."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if sys.platform == "linux" and HUGE_PAGES not in tunables.split(":"):
-        env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [tunables, HUGE_PAGES]))}
+    if sys.platform == "linux" and not huge_pages(os.environ):
+        env = {**os.environ, "GLIBC_TUNABLES": ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"), HUGE_PAGES]))}
         os.execve(sys.executable, sys.orig_argv, env)
 
 

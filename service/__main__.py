@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from service.app import build_runtime, create_app
 from service.bundle import BundleError
-from service.config import HUGE_PAGES, Settings
+from service.config import HUGE_PAGES, Settings, huge_pages
 
 log = logging.getLogger("service")
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if sys.platform == "linux":  # glibc reads its tunables at process start: the environment decides, we report
-        on = HUGE_PAGES in os.environ.get("GLIBC_TUNABLES", "").split(":")
+        on = huge_pages(os.environ)
         log.info("malloc huge pages %s", "on" if on else f"off (GLIBC_TUNABLES={HUGE_PAGES}: faster int4 decode)")
     app = create_app(settings, runtime)
     config = uvicorn.Config(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,11 @@ from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 # set it; the server logs whether it is on). malloc then asks for transparent huge pages for its large blocks,
 # onnxruntime's packed weights among them, and int4 decodes one row about 15% faster (docs/BENCHMARKS.md).
 HUGE_PAGES = "glibc.malloc.hugetlb=1"  # in GLIBC_TUNABLES
+
+
+def huge_pages(environ: Mapping[str, str]) -> bool:
+    """Whether this environment's GLIBC_TUNABLES (name=value entries joined by ':') turns HUGE_PAGES on."""
+    return HUGE_PAGES in environ.get("GLIBC_TUNABLES", "").split(":")
 
 
 class Settings(BaseSettings):
