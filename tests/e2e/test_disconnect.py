@@ -108,7 +108,9 @@ def test_hanging_up_frees_the_slots_and_the_next_request_gets_them(server, endpo
 
 
 def test_a_queued_stream_gets_keepalives_until_a_slot_frees(server):
-    occupier = send(server, "/v1/completions", body_for("completions", SLOTS, False))
+    # as long as the context allows (5 prompt + 250 tokens): the slots must stay busy until the waiting stream has
+    # had its keep-alive and /metrics has been read; 200 tokens of the tiny model sometimes ended before that
+    occupier = send(server, "/v1/completions", body_for("completions", SLOTS, False, max_tokens=250))
     until(lambda: metric(server, "num_requests_running") == SLOTS, "every slot busy")
     with (
         httpx.Client(timeout=120) as h,
