@@ -49,6 +49,14 @@ def test_reused_bindings_and_the_decode_graph_path_give_the_plain_calls_logits(t
         want = plain.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, wanted)
         np.testing.assert_array_equal(fast.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, wanted), want)
     assert replays[-1] == 3 and len(replays) == 6  # arange(3) took the graph path, [2] did not
+    # rows [1, 3) (the plain path): its inputs are written into the arrays it bound at the first call, in place
+    for _ in range(3):
+        tokens, n = rng.integers(3, bundle.vocab_size, (2, 1)), lengths[1:3]
+        plain._bindings.clear()
+        want = plain.forward(tokens, n[:, None], n.astype(np.int32), 1, 3, np.arange(2))
+        np.testing.assert_array_equal(fast.forward(tokens, n[:, None], n.astype(np.int32), 1, 3, np.arange(2)), want)
+        lengths[1:3] += 1
+    assert len(replays) == 6
 
 
 def test_a_decode_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(tiny_bundle, caplog):
