@@ -30,3 +30,17 @@ def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
     assert lines[1] == "| op | ms/step | share | nodes |"
     ops = {line.split(" | ")[0].removeprefix("| ") for line in lines[3:]}
     assert {"MatMulNBits", "GroupQueryAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
+
+
+def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bundles):
+    bundle = q4_bundles("int4-gguf")
+    args = ("--rounds", "1", "--prompt-tokens", "8", "--steps", "4")
+    result = run_cli("loadtests.minterm", "--bundle", str(bundle), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    runs = [json.loads(line) for line in lines[:-1]]
+    assert [r["graph"] for r in runs] == ["exact", "without minimum terms"]
+    assert all(r["tokens_per_s"] > 0 for r in runs)
+    n_layer = json.loads((bundle / "manifest.json").read_text())["model"]["n_layer"]
+    assert lines[-1].startswith(f"{4 * n_layer} minimum terms;")  # q/k/v, o, gate/up and down of every layer
+    assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # its temporary copy is gone
