@@ -55,18 +55,8 @@ def without_minimum_terms(bundle: Path, out: Path) -> int:
 
 
 def engine_tps(bundle: Path, args: argparse.Namespace) -> float:
-    cmd = [
-        sys.executable,
-        "-m",
-        "loadtests.engine",
-        "--bundle",
-        str(bundle),
-        "--rows",
-        "1",
-        "--threads",
-        str(args.threads),
-    ]
-    cmd += ["--prompt-tokens", str(args.prompt_tokens), "--steps", str(args.steps)]
+    cmd = [sys.executable, "-m", "loadtests.engine", "--bundle", str(bundle), "--rows", "1"]
+    cmd += ["--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens), "--steps", str(args.steps)]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
