@@ -63,12 +63,13 @@ def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], acc
     """Replaces each projection whose weights the GGUF stores in Q4_0/Q4_1 by MatMulNBits over those blocks.
 
     A packed projection (q/k/v, gate/up: one MatMul in the graph) takes its parts' blocks side by side along N.
-    Q4_0 (w = d·(q − 8)) is MatMulNBits with scale d and zero point 8. Q4_1 (w = d·q + m) is split in two exact
-    terms: MatMulNBits with scale d and zero point 0, plus the per-block minimums times the block sums of the input.
-    The block sums are computed once per projection, shared by all its parts, as one AveragePool (kernel and stride
-    32 over the last axis: the block means) times minimums pre-multiplied by 32 (a power of two: exact), then a small
-    (…, K/32) @ (K/32, N) MatMul added to the MatMulNBits output. (A float zero point −m/d would express it in one
-    node, but onnxruntime's CPU kernel then takes a path 20-40x slower than the integer one.)
+    Q4_0 (w = d·(q − 8)) is MatMulNBits with scale d and zero point 8. Q4_1 (w = d·q + m) is MatMulNBits with
+    scale d and zero point 0 plus the minimum term: sum over blocks of m times the block sum of the input. That term
+    rides in the same MatMulNBits: the input gains the block means (one AveragePool per projection, shared by its
+    parts) spread over a few more positions, and the weights gain the minimums (times 32) as exact 4-bit digits
+    (_minimum_digits). (A float zero point −m/d would say it in one node, but onnxruntime's CPU kernel then takes a
+    path 20-40x slower than the integer one; a separate fp32 (K/32, N) MatMul of the block means is exact too, but
+    MLAS runs products that small on one core: 9-13% slower decode, docs/BENCHMARKS.md.)
 
     The unembedding, when the file stores it in Q8_0, becomes an 8-bit MatMulNBits (q + 128, zero point 128), but
     only with int8 activations (accuracy level 4): onnxruntime's 8-bit kernel is 100x slower in fp32 compute, so at
@@ -156,76 +157,141 @@ def _gguf_parts(node: onnx.NodeProto, graph: onnx.GraphProto, accuracy_level: in
 def _nbits_projection(
     node: onnx.NodeProto, blocks: list[PackedLinear], prefix: str, accuracy_level: int
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """MatMulNBits over the parts' blocks side by side, plus the Q4_1 minimum term when any part has one."""
+    """One MatMulNBits over the parts' blocks side by side; a Q4_1 minimum term rides in it (see _minimum_digits)."""
     converted = [_to_matmul_nbits(b) for b in blocks]
     K = blocks[0].shape[1]
     N = sum(b.shape[0] for b in blocks)
     nb = K // BLOCK
-    b = np.concatenate([c[0] for c in converted])  # (N, K/32, 16 or 32)
-    scales = np.concatenate([c[1] for c in converted])
-    zero_points = np.concatenate([c[2] for c in converted])
-    has_mins = any(c[3] is not None for c in converted)
+    q = np.concatenate([c[0] for c in converted])  # (N, K/32, 32) values, 0..15 (Q4) or 0..255 (Q8_0)
+    scales = np.concatenate([c[1] for c in converted])  # (N, K/32)
+    zero_points = np.concatenate([c[2] for c in converted])  # (N, K/32)
     bits = 8 if blocks[0].qtype == "Q8_0" else 4
+    x, n = node.input[0], node.name
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: list[onnx.NodeProto] = []
+    if any(c[3] is not None for c in converted):
+        rest = np.concatenate(
+            [c[3] if c[3] is not None else np.zeros((bl.shape[0], nb), np.float32) for c, bl in zip(converted, blocks)]
+        )  # (N, K/32): what the zero points leave of each block's minimum
+        dq, dscales, dzero, spread = _minimum_digits(rest * BLOCK)  # x32: block means in, block sums meant
+        q, scales, zero_points = (np.concatenate(t, axis=1) for t in ((q, dq), (scales, dscales), (zero_points, dzero)))
+        new_inits.append(numpy_helper.from_array(spread, f"{prefix}.block_means_spread"))  # (K/32, D*P)
+        new_nodes += [  # x (B, S, K) -> block means (B, S, K/32) -> digit inputs (B, S, D*P) -> [x, them] (B, S, K')
+            helper.make_node(
+                "AveragePool", [x], [f"{n}/block_means"], name=f"{n}/BlockMeans", kernel_shape=[BLOCK], strides=[BLOCK]
+            ),
+            helper.make_node(
+                "MatMul",
+                [f"{n}/block_means", f"{prefix}.block_means_spread"],
+                [f"{n}/digit_inputs"],
+                name=f"{n}/SpreadBlockMeans",
+            ),
+            helper.make_node(
+                "Concat", [x, f"{n}/digit_inputs"], [f"{n}/with_block_means"], name=f"{n}/Concat", axis=-1
+            ),
+        ]
+        x = f"{n}/with_block_means"
+    if bits == 4:  # two values a byte, the lower index in the low nibble; zero points likewise, per column
+        q = q[..., 0::2] | (q[..., 1::2] << 4)
+        if zero_points.shape[1] % 2:
+            zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
+        zero_points = zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
     new_inits = [
-        numpy_helper.from_array(b, f"{prefix}.qweight"),
-        numpy_helper.from_array(scales, f"{prefix}.scales"),
-        numpy_helper.from_array(zero_points, f"{prefix}.zero_points"),
+        numpy_helper.from_array(q.astype(np.uint8), f"{prefix}.qweight"),  # (N, K'/32, 32 * bits / 8)
+        numpy_helper.from_array(scales.astype(np.float32).reshape(-1), f"{prefix}.scales"),
+        numpy_helper.from_array(zero_points.astype(np.uint8).reshape(-1), f"{prefix}.zero_points"),
+        *new_inits,
     ]
-    x, y, n = node.input[0], node.output[0], node.name
-    nbits_out = f"{n}/nbits_out" if has_mins else y
-    new_nodes = [
+    new_nodes.append(
         helper.make_node(
             "MatMulNBits",
-            [x, *(i.name for i in new_inits)],
-            [nbits_out],
+            [x, *(i.name for i in new_inits[:3])],
+            list(node.output),
             name=n + "NBits",
             domain="com.microsoft",
-            K=K,
+            K=q.shape[1] * BLOCK,
             N=N,
             bits=bits,
             block_size=BLOCK,
             accuracy_level=accuracy_level,
         )
-    ]
-    if has_mins:  # + blocksum(x) @ mins^T = blockmean(x) @ (32 mins)^T: x (B, S, K) -> (B, S, K/32) -> (B, S, N)
-        mins = np.concatenate(
-            [c[3] if c[3] is not None else np.zeros((bl.shape[0], nb), np.float32) for c, bl in zip(converted, blocks)]
-        )
-        new_inits.append(
-            numpy_helper.from_array(np.ascontiguousarray((mins * BLOCK).T), f"{prefix}.mins_t")
-        )  # (K/32, N)
-        new_nodes += [
-            helper.make_node(
-                "AveragePool", [x], [f"{n}/block_means"], name=f"{n}/BlockMeans", kernel_shape=[BLOCK], strides=[BLOCK]
-            ),
-            helper.make_node(
-                "MatMul", [f"{n}/block_means", f"{prefix}.mins_t"], [f"{n}/min_term"], name=f"{n}/MinsMatMul"
-            ),
-            helper.make_node("Add", [nbits_out, f"{n}/min_term"], [y], name=f"{n}/Add"),
-        ]
+    )
     return new_inits, new_nodes
 
 
+def _minimum_digits(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Q4_1's minimum-term weights as more 4-bit blocks of the same MatMulNBits, exactly.
+
+    v (N, nb): what multiplies block b's input sum in output column n (float32 values). Each column's values are
+    whole multiples of u[n], the largest power of two that divides them all, so v = u * I with integers I, written
+    in D base-16 digits I = sum_j 16^j c_j: 0..15 with zero point 0 where a column's values share a sign (u takes
+    it), -8..7 with zero point 8 otherwise. Digit j of every block sits in segment j of P = nb rounded up to 32 new
+    input positions (the rest zero), and segment j of the input holds 16^j times the block means, so a segment is
+    whole blocks with one scale u[n]: the product adds sum_b v[n, b] * mean_b(x). The 16^j are powers of two, so
+    with int8 activations (accuracy level 4) every segment rounds the same block means alike.
+
+    -> digits (N, D*P/32, 32), scales (N, D*P/32), zero points (N, D*P/32), and spread (nb, D*P): block means ->
+    the segments' inputs (spread[b, j*P + b] = 16^j).
+    """
+    N, nb = v.shape
+    exact = v.astype(np.float64)
+    significand, exponent = np.frexp(exact)  # v = s * 2^e, |s| in [0.5, 1): s * 2^53 is a whole number
+    whole = np.abs(significand * 2.0**53).astype(np.int64)
+    lowest = np.where(whole != 0, exponent - 53 + _trailing_zeros(np.maximum(whole, 1)), np.iinfo(np.int32).max)
+    step = lowest.min(axis=1)  # (N,) the exponent of u; an all-zero column: any
+    u = np.ldexp(1.0, np.where(step == np.iinfo(np.int32).max, 0, step))
+    integers = (exact / u[:, None]).astype(np.int64)  # (N, nb), exact: powers of two
+    if not np.array_equal(integers * u[:, None], exact) or (np.abs(integers) >= 2**40).any():
+        raise ValueError("Q4_1 minimums outside the range their 4-bit digits cover")
+    same_sign = np.asarray((integers >= 0).all(axis=1) | (integers <= 0).all(axis=1))  # (N,)
+    flip = (integers < 0).any(axis=1) & same_sign
+    u, integers = np.where(flip, -u, u), np.where(flip[:, None], -integers, integers)
+    zero_point = np.where(same_sign, 0, 8)[:, None]  # (N, 1)
+    digits: list[np.ndarray] = []
+    rest = integers
+    while not digits or rest.any():
+        c = np.where(same_sign[:, None], rest % 16, (rest + 8) % 16 - 8)
+        digits.append(c + zero_point)
+        rest = (rest - c) // 16
+    D, P = len(digits), -(-nb // BLOCK) * BLOCK
+    q = np.repeat(zero_point, D * P, axis=1)  # (N, D*P): padding digits are 0
+    spread = np.zeros((nb, D * P), np.float32)
+    for j, c in enumerate(digits):
+        q[:, j * P : j * P + nb] = c
+        spread[np.arange(nb), j * P + np.arange(nb)] = 16.0**j
+    nblocks = D * P // BLOCK
+    scales = np.repeat(u[:, None], nblocks, axis=1)  # powers of two within float32's range
+    return q.reshape(N, nblocks, BLOCK), scales, np.repeat(zero_point, nblocks, axis=1), spread
+
+
+def _trailing_zeros(x: np.ndarray) -> np.ndarray:
+    """Trailing zero bits of positive int64s."""
+    return np.log2((x & -x).astype(np.float64)).astype(np.int64)  # the lowest set bit alone: a power of two
+
+
 def _to_matmul_nbits(p: PackedLinear) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """GGUF rows of blocks -> MatMulNBits' B (N, K/32, 16) uint8, scales (N*K/32,), packed uint8 zero points,
-    and for Q4_1 the per-block minimums (N, K/32) that the separate exact min term adds back."""
+    """GGUF rows of blocks -> MatMulNBits' values (N, K/32, 32), scales (N, K/32) and zero points (N, K/32),
+    unpacked, and for Q4_1 what the zero points leave of each block's minimum (N, K/32), for the minimum term.
+
+    A Q4_1 block's minimum m mostly becomes a zero point: z = -m/d rounded (0..15), the rest r = m + d*z is at
+    most d/2 (SmolLM2-135M: 3% of |m| on average). The minimum term then carries only r, so rounding the block
+    means to int8 (accuracy level 4) costs 30x less than it would with all of m, and MLAS folds the zero points
+    in with the int8 block sums of the activations, as llama.cpp's Q4_1 x Q8_1 product does with m."""
     N, K = p.shape
     nb = K // BLOCK
     blocks = p.blocks.reshape(N, nb, _BLOCK_BYTES[p.qtype])
     d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # (N, nb)
-    if p.qtype == "Q8_0":  # w = d * q, q int8 -> MatMulNBits 8-bit: (q + 128 - 128) * d, zero points unpacked
+    if p.qtype == "Q8_0":  # w = d * q, q int8 -> MatMulNBits 8-bit: (q + 128 - 128) * d
         q8 = (blocks[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # (N, nb, 32)
-        return q8, d.reshape(-1), np.full(N * nb, 128, np.uint8), None
-    if p.qtype == "Q4_1":
-        mins = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]  # (N, nb)
-        qs = blocks[..., 4:20]
-        zp_value = 0  # w = d*q + m: (q - 0) * d here, m through the min term
-    else:
-        mins = None
-        qs = blocks[..., 2:18]
-        zp_value = 8  # w = d * (q - 8)
-    # GGUF: byte j holds q[j] (low nibble) and q[j+16] (high); MatMulNBits: byte i holds q[2i] (low), q[2i+1] (high)
+        return q8, d, np.full((N, nb), 128, np.uint8), None
+    qs = blocks[..., 4:20] if p.qtype == "Q4_1" else blocks[..., 2:18]
+    # GGUF: byte j holds q[j] (low nibble) and q[j+16] (high)
     q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (N, nb, 32) in element order
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)  # (N, nb, 16)
-    zero_points = np.full((N, (nb + 1) // 2), zp_value | (zp_value << 4), np.uint8).reshape(-1)
-    return packed, d.reshape(-1), zero_points, mins
+    if p.qtype == "Q4_0":  # w = d * (q - 8)
+        return q, d, np.full((N, nb), 8, np.uint8), None
+    # Q4_1: w = d*q + m = d*(q - z) + r, z the whole number of steps d nearest -m (in 0..15), r = m + d*z the rest
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float64)[..., 0]  # (N, nb)
+    z = np.clip(np.rint(-m / np.where(d > 0, d, 1)), 0, 15) * (d > 0)
+    rest = m + d.astype(np.float64) * z  # exact: |rest| <= d/2 or z = 0, a few bits of d's or m's fp16 steps
+    assert (rest.astype(np.float32) == rest).all()
+    return q, d, z.astype(np.uint8), rest.astype(np.float32)

@@ -3,11 +3,12 @@
 
     python -m loadtests.minterm --bundle bundles/smollm2-135m-int4 --rounds 4
 
-A Q4_1 projection is a MatMulNBits (scale d, zero point 0) plus its minimum term, blocksum(x) @ m: an AveragePool
-(block means), a MatMul with the (K/32, N) minimums (stored x 32) and an Add. The variant hands each MatMulNBits'
-output straight to its Add's consumers, in a copy of the bundle in a temporary directory beside it (the weights
-file hard-linked where it can be). Each run is `python -m loadtests.engine --rows 1` in a process of its own.
-Prints one JSON line per run, then the medians and the milliseconds per step the minimum terms cost.
+A Q4_1 projection is one MatMulNBits whose input is [x, its block means spread over the digit segments] and whose
+weights are the blocks followed by the minimum term's 4-bit digits (export/quantize.py, _minimum_digits). The
+variant gives each such MatMulNBits x itself and only its first K/32 blocks of weights, in a copy of the bundle in a
+temporary directory beside it (the weights rewritten, the other files hard-linked where they can be). Each run is
+`python -m loadtests.engine --rows 1` in a process of its own. Prints one JSON line per run, then the medians and
+the milliseconds per step the minimum terms cost.
 """
 
 from __future__ import annotations
@@ -22,34 +23,55 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import helper, numpy_helper
+
+BLOCK = 32
 
 
 def without_minimum_terms(bundle: Path, out: Path) -> int:
     """Writes the variant bundle to `out`; returns how many minimum terms it dropped."""
-    model = onnx.load(bundle / "model.onnx", load_external_data=False)
+    model = onnx.load(bundle / "model.onnx")
     g = model.graph
     made_by = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
     drop: set[str] = set()
-    for add in (n for n in g.node if n.op_type == "Add" and n.name.endswith("/MatMul/Add")):
-        nbits, term = made_by[add.input[0]], made_by[add.input[1]]
-        pool = made_by[term.input[0]]
-        assert (nbits.op_type, term.op_type, pool.op_type) == ("MatMulNBits", "MatMul", "AveragePool"), add.name
-        nbits.output[0] = add.output[0]
-        drop |= {add.name, term.name, pool.name}
+    for nbits in (n for n in g.node if n.op_type == "MatMulNBits" and n.input[0] in made_by):
+        concat = made_by[nbits.input[0]]
+        if concat.op_type != "Concat":
+            continue
+        spread = made_by[concat.input[1]]
+        pool = made_by[spread.input[0]]
+        assert (spread.op_type, pool.op_type) == ("MatMul", "AveragePool"), nbits.name
+        attrs = {a.name: a for a in nbits.attribute}
+        nb, N = inits[spread.input[1]].dims[0], attrs["N"].i  # spread: (K/32, D*P)
+        K = nb * BLOCK
+        q, scales, zero_points = (numpy_helper.to_array(inits[name]) for name in nbits.input[1:4])
+        cut = {  # the first nb blocks of each column: (N, K'/32, 16), (N*K'/32,), (N*ceil(K'/64),) packed nibbles
+            nbits.input[1]: q[:, :nb],
+            nbits.input[2]: scales.reshape(N, -1)[:, :nb].reshape(-1),
+            nbits.input[3]: zero_points.reshape(N, -1)[:, : -(-nb // 2)].reshape(-1),
+        }
+        for name, array in cut.items():
+            inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        attrs["K"].CopyFrom(helper.make_attribute("K", K))
+        nbits.input[0] = concat.input[0]
+        drop |= {concat.name, spread.name, pool.name}
     kept = [n for n in g.node if n.name not in drop]
     del g.node[:]
     g.node.extend(kept)
     out.mkdir(parents=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     for name in manifest["files"]:
-        if name != "model.onnx":
-            try:  # a hard link: onnxruntime refuses external data that resolves outside the model's directory
+        if not name.startswith("model.onnx"):
+            try:
                 os.link(bundle / name, out / name)
             except OSError:
                 shutil.copy2(bundle / name, out / name)
-    onnx.save(model, out / "model.onnx")
-    manifest["files"]["model.onnx"]["bytes"] = (out / "model.onnx").stat().st_size  # checksums are not verified
+    onnx.save(model, out / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    for name in ("model.onnx", "model.onnx.data"):  # checksums are not verified
+        manifest["files"][name]["bytes"] = (out / name).stat().st_size
     (out / "manifest.json").write_text(json.dumps(manifest))
     return len(drop) // 3
 

@@ -61,10 +61,10 @@ def test_gguf_q4_1_blocks_are_kept_for_the_int4_graph(llama_dir, tmp_path):
     # the packed rows and the dequantized weight describe the same matrix
     from export.quantize import _to_matmul_nbits
 
-    b, scales, zp, mins = _to_matmul_nbits(p)
-    assert (zp == 0).all()  # Q4_1: zero point 0, the minimums come back through the min term
-    q = np.stack([b & 0x0F, b >> 4], -1).reshape(64, -1).astype(np.float32)  # (N, K) element order
-    w = q * np.repeat(scales.reshape(64, -1), 32, 1) + np.repeat(mins, 32, 1)
+    q, scales, zp, rest = _to_matmul_nbits(p)  # (N, K/32, 32), (N, K/32) x 2, (N, K/32)
+    assert zp.max() <= 15 and (zp > 0).any()  # most of each minimum becomes a zero point...
+    assert (np.abs(rest) <= scales / 2).all()  # ...and the minimum term carries the rest
+    w = (q.astype(np.float32) - zp[..., None]).reshape(64, -1) * np.repeat(scales, 32, 1) + np.repeat(rest, 32, 1)
     np.testing.assert_allclose(w, ckpt.weights["blocks.0.attn.q_proj.weight"].numpy(), atol=1e-6)
 
 
