@@ -44,3 +44,15 @@ def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bun
     n_layer = json.loads((bundle / "manifest.json").read_text())["model"]["n_layer"]
     assert lines[-1].startswith(f"{4 * n_layer} minimum terms;")  # q/k/v, o, gate/up and down of every layer
     assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # its temporary copy is gone
+
+
+def test_divergence_of_an_int4_bundle_from_its_fp32_one(q4_bundles, tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    fp32, int4 = q4_bundles("fp32"), q4_bundles("int4-gguf")
+    args = ("--reference", str(fp32), str(fp32), str(int4), "--text", str(text), "--tokens", "40")
+    result = run_cli("export.divergence", *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    same, int4_row = (json.loads(line) for line in result.stdout.strip().splitlines())
+    assert same["kl"] == 0 and same["top1"] == 1 and same["ppl_ratio"] == 1  # against itself
+    assert int4_row["bundle"] == str(int4) and int4_row["tokens"] == 40 and 0 < int4_row["kl"] < 1
