@@ -1,0 +1,73 @@
+"""One-row decode of two or more bundles in one process, alternating every few steps: paired ratios that the
+minute-to-minute drift of a shared machine cancels out of.
+
+    python -m loadtests.paired bundles/old-int4 bundles/smollm2-135m-int4 --rounds 40
+
+Each bundle gets the service's Engine (one row) and a `--prompt-tokens` random prompt; then, round after round,
+each runs `--chunk` greedy decode steps in turn. Per bundle and round the median step time is kept; the report
+gives each bundle's median over the rounds and the median of its per-round ratio to the first bundle's step time
+(below 1: faster). One JSON line per bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.bundle import load_bundle
+from service.engine import Engine
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.paired", description=__doc__.splitlines()[0])
+    p.add_argument("bundles", type=Path, nargs="+")
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--chunk", type=int, default=16, help="decode steps per bundle per round")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    args = p.parse_args()
+    engines, last, length = [], [], []
+    for path in args.bundles:
+        bundle = load_bundle(path, verify_checksums=False)
+        engine = Engine(bundle, 1, args.prompt_tokens + args.chunk * args.rounds + 1, "auto", args.threads)
+        prompt = np.random.default_rng(0).integers(100, bundle.vocab_size, args.prompt_tokens)[None]  # (1, P)
+        at = np.array([args.prompt_tokens - 1])
+        logits = engine.forward(prompt, np.arange(args.prompt_tokens)[None], at.astype(np.int32), 0, 1, at)  # (1, V)
+        engines.append(engine)
+        last.append(int(logits[0].argmax()))
+        length.append(args.prompt_tokens)
+    per_round: list[list[float]] = [[] for _ in engines]  # seconds per step, a median per round
+    for _ in range(args.rounds):
+        for i, engine in enumerate(engines):
+            times = []
+            for _ in range(args.chunk):
+                start = time.perf_counter()
+                ids, n = np.array([[last[i]]]), length[i]  # (1, 1)
+                logits = engine.forward(ids, np.array([[n]]), np.array([n], np.int32), 0, 1, np.array([0]))  # (1, V)
+                last[i], length[i] = int(logits[0].argmax()), n + 1
+                times.append(time.perf_counter() - start)
+            per_round[i].append(statistics.median(times))
+    first = np.array(per_round[0])
+    for path, steps in zip(args.bundles, per_round):
+        step = statistics.median(steps)
+        ratio = float(np.median(np.array(steps) / first))
+        print(
+            json.dumps(
+                {
+                    "bundle": str(path),
+                    "ms_per_step": round(step * 1e3, 3),
+                    "tokens_per_s": round(1 / step, 1),
+                    "step_ratio_to_first": round(ratio, 3),
+                    "rounds": args.rounds,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
