@@ -6,7 +6,9 @@ minute-to-minute drift of a shared machine cancels out of.
 Each bundle gets the service's Engine (one row) and a `--prompt-tokens` random prompt; then, round after round,
 each runs `--chunk` greedy decode steps in turn. Per bundle and round the median step time is kept; the report
 gives each bundle's median over the rounds and the median of its per-round ratio to the first bundle's step time
-(below 1: faster). One JSON line per bundle.
+(below 1: faster). One JSON line per bundle. Read the ratios: with two or more sessions in one process the absolute
+step times run about 10% above one engine alone (their thread pools share the cores); a bundle paired with itself
+gives 0.999.
 """
 
 from __future__ import annotations
