@@ -63,13 +63,14 @@ def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], acc
     """Replaces each projection whose weights the GGUF stores in Q4_0/Q4_1 by MatMulNBits over those blocks.
 
     A packed projection (q/k/v, gate/up: one MatMul in the graph) takes its parts' blocks side by side along N.
-    Q4_0 (w = d·(q − 8)) is MatMulNBits with scale d and zero point 8. Q4_1 (w = d·q + m) is MatMulNBits with
-    scale d and zero point 0 plus the minimum term: sum over blocks of m times the block sum of the input. That term
-    rides in the same MatMulNBits: the input gains the block means (one AveragePool per projection, shared by its
-    parts) spread over a few more positions, and the weights gain the minimums (times 32) as exact 4-bit digits
-    (_minimum_digits). (A float zero point −m/d would say it in one node, but onnxruntime's CPU kernel then takes a
-    path 20-40x slower than the integer one; a separate fp32 (K/32, N) MatMul of the block means is exact too, but
-    MLAS runs products that small on one core: 9-13% slower decode, docs/BENCHMARKS.md.)
+    Q4_0 (w = d·(q − 8)) is MatMulNBits with scale d and zero point 8. Q4_1 (w = d·q + m = d·(q − z) + r) is
+    MatMulNBits with scale d and zero point z = −m/d rounded into 0..15, plus the minimum term: sum over blocks of
+    the rest r (at most d/2) times the block sum of the input (_to_matmul_nbits). That term rides in the same
+    MatMulNBits: the input gains the block means (one AveragePool per projection, shared by its parts) spread over
+    a few more positions, and the weights gain the rests (times 32) as exact 4-bit digits (_minimum_digits). (A
+    float zero point −m/d would say it all in one node, but onnxruntime's CPU kernel then takes a path 20-40x slower
+    than the integer one; a separate fp32 (K/32, N) MatMul of the block means is exact too, but MLAS runs products
+    that small on one core: a decode step 5-12% slower, docs/BENCHMARKS.md.)
 
     The unembedding, when the file stores it in Q8_0, becomes an 8-bit MatMulNBits (q + 128, zero point 128), but
     only with int8 activations (accuracy level 4): onnxruntime's 8-bit kernel is 100x slower in fp32 compute, so at
@@ -240,9 +241,8 @@ def _minimum_digits(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     lowest = np.where(whole != 0, exponent - 53 + _trailing_zeros(np.maximum(whole, 1)), np.iinfo(np.int32).max)
     step = lowest.min(axis=1)  # (N,) the exponent of u; an all-zero column: any
     u = np.ldexp(1.0, np.where(step == np.iinfo(np.int32).max, 0, step))
-    integers = (exact / u[:, None]).astype(np.int64)  # (N, nb), exact: powers of two
-    if not np.array_equal(integers * u[:, None], exact) or (np.abs(integers) >= 2**40).any():
-        raise ValueError("Q4_1 minimums outside the range their 4-bit digits cover")
+    integers = (exact / u[:, None]).astype(np.int64)  # (N, nb), exact: fp16-derived values span < 2^46 steps
+    assert np.array_equal(integers * u[:, None], exact)
     same_sign = np.asarray((integers >= 0).all(axis=1) | (integers <= 0).all(axis=1))  # (N,)
     flip = (integers < 0).any(axis=1) & same_sign
     u, integers = np.where(flip, -u, u), np.where(flip[:, None], -integers, integers)
