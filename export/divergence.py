@@ -45,8 +45,16 @@ def main() -> None:
     p.add_argument("--text", type=Path, action="append", help="a text file (repeatable; default: the held-out text)")
     p.add_argument("--tokens", type=int, default=512)
     args = p.parse_args()
-    tokenizer = Tokenizer.from_file(str(args.reference / "tokenizer.json"))
     files = args.text or [HELDOUT]
+    for bundle in (args.reference, *args.bundles):
+        if not (bundle / "manifest.json").is_file():
+            p.error(f"{bundle}: not a bundle (no manifest.json)")
+    for f in files:
+        if not f.is_file():
+            p.error(f"{f}: no such text file")
+    if args.tokens < 2:
+        p.error("--tokens: at least 2")
+    tokenizer = Tokenizer.from_file(str(args.reference / "tokenizer.json"))
     texts = [tokenizer.encode(f.read_text()).ids[: args.tokens] for f in files]
     reference = [log_softmax(x) for x in all_logits(args.reference, texts)]
     for bundle in args.bundles:

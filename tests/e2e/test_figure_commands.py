@@ -67,3 +67,9 @@ def test_paired_decode_reports_each_bundle_against_the_first(q4_bundles):
     assert [r["bundle"] for r in rows] == [str(int4), str(fp32)]
     assert rows[0]["step_ratio_to_first"] == 1 and rows[1]["step_ratio_to_first"] > 0
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["rounds"] == 3 for r in rows)
+
+
+def test_divergence_refuses_a_missing_bundle_in_one_line(tmp_path):
+    result = run_cli("export.divergence", "--reference", str(tmp_path / "nowhere"), str(tmp_path), timeout=60)
+    assert result.returncode == 2 and "nowhere: not a bundle (no manifest.json)" in result.stderr
+    assert "Traceback" not in result.stderr
