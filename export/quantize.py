@@ -70,7 +70,7 @@ def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], acc
     a few more positions, and the weights gain the rests (times 32) as exact 4-bit digits (_minimum_digits). (A
     float zero point −m/d would say it all in one node, but onnxruntime's CPU kernel then takes a path 20-40x slower
     than the integer one; a separate fp32 (K/32, N) MatMul of the block means is exact too, but MLAS runs products
-    that small on one core: a decode step 5-12% slower, docs/BENCHMARKS.md.)
+    that small on one core: a decode step about 6% slower, docs/BENCHMARKS.md.)
 
     The unembedding, when the file stores it in Q8_0, becomes an 8-bit MatMulNBits (q + 128, zero point 128), but
     only with int8 activations (accuracy level 4): onnxruntime's 8-bit kernel is 100x slower in fp32 compute, so at
