@@ -2,6 +2,10 @@
 minute-to-minute drift of a shared machine cancels out of.
 
     python -m loadtests.paired bundles/old-int4 bundles/smollm2-135m-int4 --rounds 40
+    python -m loadtests.paired bundles/smollm2-135m-int4@session.dynamic_block_base=0 bundles/smollm2-135m-int4
+
+A bundle may carry onnxruntime session config entries for its engine after an @ (key=value, comma-separated), over
+the service's own (service.engine.SESSION_CONFIG).
 
 Each bundle gets the service's Engine (one row) and a `--prompt-tokens` random prompt; then, round after round,
 each runs `--chunk` greedy decode steps in turn. Per bundle and round the median step time is kept; the report
@@ -27,16 +31,19 @@ from service.engine import Engine
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.paired", description=__doc__.splitlines()[0])
-    p.add_argument("bundles", type=Path, nargs="+")
+    p.add_argument("bundles", nargs="+", help="a bundle directory, or DIR@key=value,... with session config entries")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--chunk", type=int, default=16, help="decode steps per bundle per round")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     args = p.parse_args()
     engines, last, length = [], [], []
-    for path in args.bundles:
-        bundle = load_bundle(path, verify_checksums=False)
-        engine = Engine(bundle, 1, args.prompt_tokens + args.chunk * args.rounds + 1, "auto", args.threads)
+    for spec in args.bundles:
+        path, _, entries = spec.partition("@")
+        config = dict(entry.split("=", 1) for entry in entries.split(",") if entry)
+        bundle = load_bundle(Path(path), verify_checksums=False)
+        max_len = args.prompt_tokens + args.chunk * args.rounds + 1
+        engine = Engine(bundle, 1, max_len, "auto", args.threads, session_config=config)
         prompt = np.random.default_rng(0).integers(100, bundle.vocab_size, args.prompt_tokens)[None]  # (1, P)
         at = np.array([args.prompt_tokens - 1])
         logits = engine.forward(prompt, np.arange(args.prompt_tokens)[None], at.astype(np.int32), 0, 1, at)  # (1, V)
@@ -55,13 +62,13 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
             per_round[i].append(statistics.median(times))
     first = np.array(per_round[0])
-    for path, steps in zip(args.bundles, per_round):
+    for spec, steps in zip(args.bundles, per_round):
         step = statistics.median(steps)
         ratio = float(np.median(np.array(steps) / first))
         print(
             json.dumps(
                 {
-                    "bundle": str(path),
+                    "bundle": spec,
                     "ms_per_step": round(step * 1e3, 3),
                     "tokens_per_s": round(1 / step, 1),
                     "step_ratio_to_first": round(ratio, 3),

@@ -46,6 +46,11 @@ def choose_providers(device: str) -> tuple[list[str], str]:
     return ["CPUExecutionProvider"], "cpu"
 
 
+# Parallel loops split into shrinking blocks rather than one block per thread: a one-row decode step 3-6% shorter on
+# two cores, prefill and 16-row steps unchanged (docs/BENCHMARKS.md, "dynamic block base").
+SESSION_CONFIG = {"session.dynamic_block_base": "4"}
+
+
 def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool = False) -> ort.InferenceSession:
     """The session on the CUDA provider alone, every node on the device, or one line saying why it cannot be."""
     if bundle.cache_dtype not in CUDA_ATTENTION_DTYPES:
@@ -80,14 +85,14 @@ class Engine:
         threads: int = 0,
         profile_prefix: str | None = None,  # onnxruntime's profiler on, its trace file named from this
         cuda_graphs: bool = True,  # on CUDA: decode calls replayed from captured graphs
+        session_config: dict[str, str] | None = None,  # onnxruntime session config entries over SESSION_CONFIG
     ) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        # Parallel loops split into shrinking blocks rather than one per thread: a one-row decode step 3-6% shorter
-        # on two cores, prefill and 16-row steps unchanged (docs/BENCHMARKS.md, "dynamic block base").
-        options.add_session_config_entry("session.dynamic_block_base", "4")
+        for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
+            options.add_session_config_entry(key, value)
         options.log_severity_level = 3
         if profile_prefix is not None:
             options.enable_profiling = True
