@@ -168,7 +168,7 @@ def _nbits_projection(
     zero_points = np.concatenate([c[2] for c in converted])  # (N, K/32)
     bits = 8 if blocks[0].qtype == "Q8_0" else 4
     x, n = node.input[0], node.name
-    new_inits: list[onnx.TensorProto] = []
+    spread_inits: list[onnx.TensorProto] = []
     new_nodes: list[onnx.NodeProto] = []
     if any(c[3] is not None for c in converted):
         rest = np.concatenate(
@@ -176,7 +176,7 @@ def _nbits_projection(
         )  # (N, K/32): what the zero points leave of each block's minimum
         dq, dscales, dzero, spread = _minimum_digits(rest * BLOCK)  # x32: block means in, block sums meant
         q, scales, zero_points = (np.concatenate(t, axis=1) for t in ((q, dq), (scales, dscales), (zero_points, dzero)))
-        new_inits.append(numpy_helper.from_array(spread, f"{prefix}.block_means_spread"))  # (K/32, D*P)
+        spread_inits.append(numpy_helper.from_array(spread, f"{prefix}.block_means_spread"))  # (K/32, D*P)
         new_nodes += [  # x (B, S, K) -> block means (B, S, K/32) -> digit inputs (B, S, D*P) -> [x, them] (B, S, K')
             helper.make_node(
                 "AveragePool", [x], [f"{n}/block_means"], name=f"{n}/BlockMeans", kernel_shape=[BLOCK], strides=[BLOCK]
@@ -197,16 +197,15 @@ def _nbits_projection(
         if zero_points.shape[1] % 2:
             zero_points = np.pad(zero_points, ((0, 0), (0, 1)))
         zero_points = zero_points[:, 0::2] | (zero_points[:, 1::2] << 4)
-    new_inits = [
+    nbits_inits = [
         numpy_helper.from_array(q.astype(np.uint8), f"{prefix}.qweight"),  # (N, K'/32, 32 * bits / 8)
         numpy_helper.from_array(scales.astype(np.float32).reshape(-1), f"{prefix}.scales"),
         numpy_helper.from_array(zero_points.astype(np.uint8).reshape(-1), f"{prefix}.zero_points"),
-        *new_inits,
     ]
     new_nodes.append(
         helper.make_node(
             "MatMulNBits",
-            [x, *(i.name for i in new_inits[:3])],
+            [x, *(i.name for i in nbits_inits)],
             list(node.output),
             name=n + "NBits",
             domain="com.microsoft",
@@ -217,7 +216,7 @@ def _nbits_projection(
             accuracy_level=accuracy_level,
         )
     )
-    return new_inits, new_nodes
+    return nbits_inits + spread_inits, new_nodes
 
 
 def _minimum_digits(v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
