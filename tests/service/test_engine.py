@@ -1,13 +1,14 @@
-"""The engine's call paths agree: a row range's binding reused across calls, and the decode-graph path (fixed input
-buffers updated in place, cache rows bound once, total_sequence_length at the cache length) that CUDA replays from
-captured graphs. On the CPU the same bindings run without capture, so what they feed the graph is checked here."""
+"""The engine's call paths agree: a row range's binding reused across calls, and the graph paths (decode steps, and
+continuing prompts' chunks right-padded to a bucket: fixed input buffers updated in place, cache rows bound once,
+total_sequence_length at the cache length) that CUDA replays from captured graphs. On the CPU the same bindings run
+without capture, so what they feed the graphs is checked here."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from service.bundle import load_bundle
-from service.engine import Engine, _DecodeGraphs
+from service.engine import Engine, _ChunkGraphs, _DecodeGraphs
 
 
 def _prefill(engine: Engine, ids: np.ndarray) -> np.ndarray:
@@ -83,8 +84,10 @@ def test_the_warm_up_leaves_nothing_a_sequence_reads(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     cold, warm = Engine(bundle, 3, 64, "cpu"), Engine(bundle, 3, 64, "cpu")
     warm.graphs = graphs = _DecodeGraphs(warm)
+    warm.chunks = chunks = _ChunkGraphs(warm)
     assert warm.warm_up(prefill_tokens=32) > 0
     assert sorted(graphs.by_rows) == [1, 2, 3]  # one decode graph per batch size, made before any request
+    assert sorted(chunks.by_key) == [(row, L) for row in range(3) for L in (16, 32)]  # and per row and chunk length
     rng = np.random.default_rng(1)
     ids = rng.integers(3, bundle.vocab_size, (3, 4))  # (3, 4): shorter than what the warm-up wrote in each row
     np.testing.assert_array_equal(_prefill(warm, ids), _prefill(cold, ids))
@@ -102,3 +105,56 @@ def test_the_warm_up_captures_decode_graphs_up_to_its_bound(tiny_bundle, monkeyp
     engine.graphs = graphs = _DecodeGraphs(engine)
     engine.warm_up(prefill_tokens=16)
     assert sorted(graphs.by_rows) == [1, 2]
+
+
+def _call(engine: Engine, ids: np.ndarray, past: int, row: int, wanted: np.ndarray | None = None) -> np.ndarray:
+    """ids (1, S): a chunk after `past` positions of cache row `row`; its last logits unless `wanted`."""
+    S = ids.shape[1]
+    wanted = np.array([S - 1]) if wanted is None else wanted
+    positions = np.arange(past, past + S)[None]
+    return engine.forward(ids, positions, np.array([past + S - 1], np.int32), row, row + 1, wanted).copy()
+
+
+def test_the_chunk_graph_path_gives_the_plain_calls_logits(tiny_bundle):
+    """A continuing prompt's chunk through the graph path (padded to its bucket, the padding's keys and values written
+    past the sequence's end) gives the plain call's logits, and so do the decode steps after it."""
+    bundle = load_bundle(tiny_bundle)
+    plain, fast = Engine(bundle, 3, 64, "cpu"), Engine(bundle, 3, 64, "cpu")
+    fast.chunks = chunks = _ChunkGraphs(fast)  # as on CUDA: forward routes continuing chunks to it
+    assert chunks.check() <= 1e-5
+    replays = []
+    run = chunks.run
+    chunks.run = lambda *a: replays.append(a[0].shape[1]) or run(*a)  # type: ignore[method-assign]
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, bundle.vocab_size, (1, 40))  # one prompt, written in row 1 in pieces
+    for start, stop in [(0, 6), (6, 11), (11, 31)]:  # a first prompt (plain), then chunks of 5 and 20 tokens
+        np.testing.assert_allclose(
+            _call(fast, ids[:, start:stop], start, 1), _call(plain, ids[:, start:stop], start, 1), atol=1e-5
+        )
+    assert replays == [5, 20] and sorted(chunks.by_key) == [(0, 16), (1, 16), (1, 32)]  # row 0: the check
+    for past in range(31, 34):  # decode steps after the padded chunks: the padding's positions are overwritten
+        token = rng.integers(3, bundle.vocab_size, (1, 1))
+        np.testing.assert_allclose(_call(fast, token, past, 1), _call(plain, token, past, 1), atol=1e-5)
+    # the plain path: a chunk whose padding would pass the cache's end, and a chunk whose every position is read
+    np.testing.assert_allclose(_call(fast, ids[:, 34:40], 52, 2), _call(plain, ids[:, 34:40], 52, 2), atol=1e-5)
+    every = np.arange(4)
+    np.testing.assert_allclose(_call(fast, ids[:, :4], 34, 1, every), _call(plain, ids[:, :4], 34, 1, every), atol=1e-5)
+    assert replays == [5, 20]
+
+
+def test_a_chunk_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(tiny_bundle, caplog):
+    bundle = load_bundle(tiny_bundle)
+    plain, engine = Engine(bundle, 2, 32, "cpu"), Engine(bundle, 2, 32, "cpu")
+    engine.chunks = _ChunkGraphs(engine)
+
+    def capture_fails(*args):
+        raise RuntimeError("CUDA failure 2: out of memory\nmore detail")
+
+    engine.chunks.run = capture_fails  # type: ignore[method-assign]
+    ids = np.array([[5, 6, 7, 8]])
+    _call(engine, ids[:, :2], 0, 0), _call(plain, ids[:, :2], 0, 0)
+    np.testing.assert_array_equal(_call(engine, ids[:, 2:], 2, 0), _call(plain, ids[:, 2:], 2, 0))
+    assert engine.chunks is None and engine.graphs is None
+    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
+        "CUDA graphs off: a continuing prompt's call of 2 tokens failed: CUDA failure 2: out of memory"
+    ]
