@@ -245,9 +245,10 @@ class Engine:
     def warm_up(self, prefill_tokens: int) -> float:
         """On CUDA, the kinds of call serving makes, made once at start, so that no request pays what a kind's first
         call costs there (kernels loaded on first use, memory pools grown, a decode graph captured per batch size):
-        prefills of one and of several rows up to `prefill_tokens` tokens, a prompt continuing a cached prefix, and
-        decode calls over rows [0, D) for every D up to WARM_GRAPHS. Every cache row is empty at start, so the keys
-        and values written here sit past any sequence's length until real ones overwrite them. Returns seconds."""
+        prefills of one and of several rows up to `prefill_tokens` tokens, a prompt continuing a cached prefix,
+        decode calls over rows [0, D) for every D up to WARM_GRAPHS, and with graphs every row's continuing-chunk
+        graph of every length that fits. Every cache row is empty at start, so the keys and values written here sit
+        past any sequence's length until real ones overwrite them. Returns seconds."""
         t = time.perf_counter()
         rows, short = self.cache.slots, max(1, min(128, self.cache.max_len // 4))
         long = max(1, min(prefill_tokens, self.cache.max_len // 2))
@@ -322,6 +323,33 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+# A captured call: its IO binding, its input buffers by name, its logits buffer on the device, its run options.
+_GraphCall = tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]
+
+
+def _on_device(e: Engine, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+    return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, e.device, 0)
+
+
+def _graph_call(
+    e: Engine, inputs: dict[str, ort.OrtValue], total: np.ndarray, lo: int, hi: int, rows: int, graph_id: int
+) -> _GraphCall:
+    """The fixed buffers of a call replayed from CUDA graph `graph_id`: `inputs` on the device (each call updates
+    them in place), a (rows, V) logits output, cache rows [lo, hi) bound once, and `total_sequence_length` on the
+    host at the cache length (a bound GroupQueryAttention checks and sizes its work by; each row's own length is in
+    seqlens_k)."""
+    logits = _on_device(e, (rows, e.bundle.vocab_size), np.float32)  # (rows, V)
+    b = e.session.io_binding()
+    for name, value in inputs.items():
+        b.bind_ortvalue_input(name, value)
+    b.bind_cpu_input("total_sequence_length", total)
+    b.bind_ortvalue_output("logits", logits)
+    e.cache.bind(b, lo, hi)
+    options = ort.RunOptions()
+    options.add_run_config_entry("gpu_graph_id", str(graph_id))
+    return b, inputs, logits, options
+
+
 class _DecodeGraphs:
     """One captured CUDA graph per decode batch size D: the call over rows [0, D) with one new token each and every
     row's logits. Its inputs and its logits output are fixed device buffers; a step copies the token ids, positions
@@ -329,32 +357,16 @@ class _DecodeGraphs:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.vocab = engine.bundle.vocab_size
         self.total = np.array(engine.cache.max_len, dtype=np.int32)  # total_sequence_length: the cache length
-        self.by_rows: dict[int, tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]] = {}
+        self.by_rows: dict[int, _GraphCall] = {}
 
-    def _make(self, D: int) -> tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]:
+    def _make(self, D: int) -> _GraphCall:
         e = self.engine
-
-        def on_device(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, e.device, 0)
-
-        inputs = {"input_ids": on_device((D, 1), np.int64), "seqlens_k": on_device((D,), np.int32)}
+        inputs = {"input_ids": _on_device(e, (D, 1), np.int64), "seqlens_k": _on_device(e, (D,), np.int32)}
         if e.takes_positions:
-            inputs["position_ids"] = on_device((D, 1), np.int64)
-        index = ort.OrtValue.ortvalue_from_numpy(np.arange(D, dtype=np.int64), e.device, 0)  # every row's logits
-        logits = on_device((D, self.vocab), np.float32)  # (D, V)
-        b = e.session.io_binding()
-        for name, value in inputs.items():
-            b.bind_ortvalue_input(name, value)
-        b.bind_ortvalue_input("logits_index", index)
-        b.bind_cpu_input("total_sequence_length", self.total)
-        b.bind_ortvalue_output("logits", logits)
-        e.cache.bind(b, 0, D)
-        options = ort.RunOptions()
-        options.add_run_config_entry("gpu_graph_id", str(D))
-        inputs["logits_index"] = index  # held: the graph reads its memory
-        return b, inputs, logits, options
+            inputs["position_ids"] = _on_device(e, (D, 1), np.int64)
+        every_row = ort.OrtValue.ortvalue_from_numpy(np.arange(D, dtype=np.int64), e.device, 0)
+        return _graph_call(e, {**inputs, "logits_index": every_row}, self.total, 0, D, D, D)
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, seqlens_k: np.ndarray) -> np.ndarray:
         """input_ids, position_ids (D, 1) int64; seqlens_k (D,) int32 -> logits (D, V) float32 on the host."""
@@ -392,10 +404,8 @@ class _ChunkGraphs:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.vocab = engine.bundle.vocab_size
         self.total = np.array(engine.cache.max_len, dtype=np.int32)  # total_sequence_length: the cache length
-        self.by_key: dict[tuple[int, int], tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]]
-        self.by_key = {}
+        self.by_key: dict[tuple[int, int], _GraphCall] = {}  # (row, L) -> its call
 
     def length(self, S: int, past: int) -> int | None:
         """The padded length of a chunk of S tokens after `past` ones, or None when it runs plainly (longer than
@@ -403,30 +413,17 @@ class _ChunkGraphs:
         L = next((L for L in CHUNK_BUCKETS if S <= L), None)
         return L if L is not None and past + L <= self.engine.cache.max_len else None
 
-    def _make(self, row: int, L: int) -> tuple[ort.IOBinding, dict[str, ort.OrtValue], ort.OrtValue, ort.RunOptions]:
+    def _make(self, row: int, L: int) -> _GraphCall:
         e = self.engine
-
-        def on_device(shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
-            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, e.device, 0)
-
         inputs = {
-            "input_ids": on_device((1, L), np.int64),
-            "seqlens_k": on_device((1,), np.int32),
-            "logits_index": on_device((1,), np.int64),
+            "input_ids": _on_device(e, (1, L), np.int64),
+            "seqlens_k": _on_device(e, (1,), np.int32),
+            "logits_index": _on_device(e, (1,), np.int64),
         }
         if e.takes_positions:
-            inputs["position_ids"] = on_device((1, L), np.int64)
-        logits = on_device((1, self.vocab), np.float32)  # (1, V)
-        b = e.session.io_binding()
-        for name, value in inputs.items():
-            b.bind_ortvalue_input(name, value)
-        b.bind_cpu_input("total_sequence_length", self.total)
-        b.bind_ortvalue_output("logits", logits)
-        e.cache.bind(b, row, row + 1)
-        options = ort.RunOptions()
+            inputs["position_ids"] = _on_device(e, (1, L), np.int64)
         graph_id = CHUNK_GRAPH_IDS + row * len(CHUNK_BUCKETS) + CHUNK_BUCKETS.index(L)
-        options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        return b, inputs, logits, options
+        return _graph_call(e, inputs, self.total, row, row + 1, 1, graph_id)
 
     def run(self, input_ids: np.ndarray, position_ids: np.ndarray, past: int, row: int) -> np.ndarray:
         """input_ids, position_ids (1, S) int64, the chunk after `past` positions of cache row `row` -> the logits
