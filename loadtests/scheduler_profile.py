@@ -7,6 +7,8 @@ the median decode-only step (every stream past its prompt): its wall time, the t
 `session.run_with_iobinding` ("graph") and the rest ("host": binding, logits to numpy, sampling, detokenizing,
 emitting). Cases:
   batch 1 / batch 16, greedy and sampled (temperature 0.8, top-p 0.95, top-k 50, frequency penalty 0.3, seeded)
+  batch 16 with the model's recommended sampling (the bundle's generation defaults, what a request that names no
+  temperature or top_p gets: SmolLM2's temperature 0.2, top-p 0.9), seeded
   two streams in slots 0 and 1, and two streams left in slots 0 and 15 after 14 short ones between them ended
 Prints one JSON line per case.
 """
@@ -57,6 +59,16 @@ def main() -> None:
         max_tokens=OUTPUT, temperature=0.8, top_p=0.95, top_k=50, frequency_penalty=0.3, seed=1, ignore_eos=True
     )
 
+    g = bundle.generation_defaults
+    defaults = SamplingParams(
+        max_tokens=OUTPUT,
+        temperature=g.get("temperature", 1.0),
+        top_p=g.get("top_p", 1.0),
+        top_k=int(g.get("top_k", 0)),
+        seed=1,
+        ignore_eos=True,
+    )
+
     def case(name: str, params: list[SamplingParams], rows: int) -> None:
         """Runs the requests to the end; the median over decode-only steps with `rows` streams decoding."""
         s = Scheduler(engine, tokenizer, bundle.eos_token_ids, PROMPT + OUTPUT + 8, 2048, prefix_cache=False)
@@ -93,6 +105,7 @@ def main() -> None:
     case("batch 1 sampled", [sampled], 1)
     case("batch 16 greedy", [greedy] * 16, 16)
     case("batch 16 sampled", [sampled] * 16, 16)
+    case("batch 16, the model's defaults", [defaults] * 16, 16)
     case("2 streams, slots 0 and 1", [greedy] * 2, 2)
     case("2 streams, slots 0 and 15 (the 14 between ended)", [greedy] + [short] * 14 + [greedy], 2)
 

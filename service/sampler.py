@@ -121,14 +121,19 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     the k-th value kept), min-p and top-p (the smallest most-likely-first set holding top_p of the mass, with the
     tokens tied to its last one), by inverse CDF in vocabulary order with one uniform number. The work runs on as
     few tokens as are exact: a top-k row on its k largest logits (found through the maxima of blocks of BLOCK
-    tokens), a top-p row without top-k sorts only the tokens of one probability bucket (_cut_nucleus).
+    tokens); a top-p row without top-k on its tokens at least NUCLEUS_FLOOR times as likely as its most likely one
+    when they hold its nucleus (a peaked distribution, as at the models' usual temperatures), else it sorts only
+    the tokens of one probability bucket (_cut_nucleus).
     """
     N, V = logits.shape
     logits = apply_penalties(logits, rows)
-    tokens = np.argmax(logits, axis=1)  # (N,) greedy rows are done
     s = np.array([i for i, r in enumerate(rows) if not r.params.greedy], np.int64)
-    if not len(s):
-        return tokens
+    if len(s) < N:
+        tokens = np.argmax(logits, axis=1)  # (N,) greedy rows are done
+        if not len(s):
+            return tokens
+    else:
+        tokens = np.zeros(N, np.int64)
     temp = np.array([rows[i].params.temperature for i in s], np.float32)
     u = np.array([rows[i].rng.random() for i in s])  # one draw per row, from the row's own generator
     top_k = np.array([rows[i].params.top_k if 0 < rows[i].params.top_k < V else 0 for i in s])
@@ -143,12 +148,14 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
         tokens[s[k_rows]] = _draw(ids, p, top_p[k_rows], u[k_rows])
     full = np.nonzero(top_k == 0)[0]
     if len(full):
-        z = (logits if len(full) == N else logits[s[full]]) / temp[full, None]  # (Nf, V)
+        z = (logits if len(full) == N else logits[s[full]]) / temp[full, None]  # (Nf, V) a new array, _draw_full's
         tokens[s[full]] = _draw_full(z, min_p[full], top_p[full], u[full])
     return tokens
 
 
 BLOCK = 64  # top-k finds a row's k largest logits among the k blocks of this many tokens with the largest maxima
+NUCLEUS_FLOOR = 1e-4  # a top-p row without top-k looks for its nucleus among its tokens at least this likely first,
+NUCLEUS_MOST = 1024  # when they are at most this many
 ONE_BITS = 0x3F800000  # float32 1.0 as bits
 NUCLEUS_BUCKETS = (ONE_BITS >> 20) + 1  # top-p sorts only the tokens of the probability bucket reaching its mass
 
@@ -243,15 +250,63 @@ def _cut_nucleus(p: np.ndarray, top_p: np.ndarray) -> np.ndarray:
 
 
 def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Rows without top-k, z (N, V): min-p and top-p cut, then a draw by a CDF over blocks of BLOCK tokens, then
-    within the block."""
+    """Rows without top-k, z (N, V) (overwritten): min-p and top-p cut, then a draw. A top-p row whose nucleus lies
+    among its tokens of p >= NUCLEUS_FLOOR is cut and drawn among those alone; the other rows draw by a CDF over
+    blocks of BLOCK tokens, then within the block, a top-p one after _cut_nucleus."""
     N, V = z.shape
-    p = np.exp(z - z.max(axis=1, keepdims=True))  # (N, V) unnormalized; the most likely token has 1.0
+    # (N, V) unnormalized, the most likely token at 1.0, computed in z's memory; none below e^-87 (float32's smallest
+    # normal number, 1.2e-38, is e^-87.3): arithmetic on subnormal numbers is many times slower, and a token that
+    # unlikely is never drawn
+    p = np.subtract(z, z.max(axis=1, keepdims=True), out=z)
+    p = np.exp(np.maximum(p, np.float32(-87.0), out=p), out=p)
     if min_p.any():
         p = np.where(p < min_p[:, None], 0.0, p).astype(np.float32)  # min_p x the top probability
+    tokens = np.zeros(N, np.int64)
+    blocks = np.ones(N, bool)  # the rows left for the draw over blocks
     nucleus = np.nonzero(top_p < 1.0)[0]
     if len(nucleus):
-        p[nucleus] = _cut_nucleus(p[nucleus], top_p[nucleus])
+        pn = p if len(nucleus) == N else p[nucleus]
+        inside, drawn = _draw_nucleus_above_floor(pn, top_p[nucleus], u[nucleus])
+        tokens[nucleus[inside]], blocks[nucleus[inside]] = drawn, False
+        wide = nucleus[~inside]
+        if len(wide):
+            p[wide] = _cut_nucleus(p[wide], top_p[wide])
+    rows = np.nonzero(blocks)[0]
+    if len(rows):
+        tokens[rows] = _draw_blocks(p if len(rows) == N else p[rows], u[rows])
+    return tokens
+
+
+def _draw_nucleus_above_floor(p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-p rows, p (n, V) unnormalized with the most likely token at 1.0 -> (inside (n,) bool, a token for each
+    inside row). A row is inside when its tokens of p >= NUCLEUS_FLOOR, at most NUCLEUS_MOST of them, hold top_p of
+    its whole mass: its nucleus (the most likely tokens down to the one that reaches that mass, and all tied with
+    that one) is then among them, exactly, and the draw runs on them alone. The other rows are left to the
+    caller."""
+    n, V = p.shape
+    need = top_p * p.sum(axis=1, dtype=np.float64)  # (n,) the nucleus' mass, of the whole row
+    likely = p >= NUCLEUS_FLOOR  # (n, V)
+    count = np.count_nonzero(likely, axis=1)  # (n,)
+    rows = np.nonzero(count <= NUCLEUS_MOST)[0]  # (m,) the rows worth a look
+    inside = np.zeros(n, bool)
+    if not len(rows):
+        return inside, np.zeros(0, np.int64)
+    r, c = np.nonzero(likely if len(rows) == n else likely[rows])  # row-major: (row among the m, token id)
+    ids = np.full((len(rows), int(count[rows].max())), -1, np.int64)  # (m, C) left-aligned, padding -1
+    ids[r, np.arange(len(r)) - np.searchsorted(r, r)] = c
+    q = np.where(ids >= 0, p[rows[:, None], np.maximum(ids, 0)], np.float32(0.0))  # (m, C) their probabilities
+    exact = q.sum(axis=1, dtype=np.float64) >= need[rows]  # (m,) the likely tokens hold the nucleus
+    inside[rows[exact]] = True
+    ids, q, need, u = ids[exact], q[exact], need[rows[exact]], u[rows[exact]]
+    floor = _nucleus_floor(q, need)  # the probability of the nucleus' last token
+    q = np.where(q >= floor[:, None], q, 0.0)
+    return inside, _draw(ids, q, np.ones(len(q)), u)
+
+
+def _draw_blocks(p: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """One token per row of p (N, V) unnormalized (0 = excluded) by a CDF over blocks of BLOCK tokens, then within
+    the block."""
+    N, V = p.shape
     nb = -(-V // BLOCK)
     pb = p if V == nb * BLOCK else np.pad(p, ((0, 0), (0, nb * BLOCK - V)))
     pb = pb.reshape(N, nb, BLOCK)

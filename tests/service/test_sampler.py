@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from service import sampler
 from service.sampler import Row, SamplingParams, _cut_nucleus, log_softmax, logprobs_batch, sample_batch, top_logprobs
 
 LOGITS = np.array([1.0, 3.0, 2.0, 0.5, 2.9], dtype=np.float32)
@@ -124,6 +125,8 @@ def reference_support(logits, params):
         SamplingParams(max_tokens=1, temperature=1.3, top_p=0.5, min_p=0.01),
         SamplingParams(max_tokens=1, temperature=0.7),
         SamplingParams(max_tokens=1, temperature=1.0, min_p=0.2),
+        SamplingParams(max_tokens=1, temperature=0.2, top_p=0.9),  # SmolLM2's defaults: a nucleus of a few tokens
+        SamplingParams(max_tokens=1, temperature=0.6, top_p=0.95, min_p=0.05),
     ],
 )
 def test_batched_draws_follow_the_exact_distribution(V, params):
@@ -164,3 +167,29 @@ def test_the_nucleus_cut_keeps_exactly_the_reference_nucleus(top_p):
         ref = reference_support(np.log(p[r]), SamplingParams(max_tokens=1, top_p=top_p))
         assert np.array_equal(cut[r] > 0, ref > 0)
         assert np.array_equal(cut[r][cut[r] > 0], p[r][cut[r] > 0])
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999])
+def test_a_nucleus_drawn_among_the_likely_tokens_is_exactly_the_reference_nucleus(top_p, monkeypatch):
+    """Rows from flat to peaked, and one whose mass lies mostly in a long tail of unlikely tokens: a row whose
+    tokens of p >= NUCLEUS_FLOOR hold its nucleus draws among exactly the reference nucleus (ties at the cut
+    included); the tail row, whose nucleus needs tokens below the floor once top_p passes 0.8, is left to the
+    bucket cut."""
+    rng = np.random.default_rng(int(top_p * 1000) + 1)
+    scale = np.geomspace(0.3, 40.0, 12).astype(np.float32)[:, None]  # (12, 1) flat rows first, peaked last
+    z = rng.normal(size=(12, 5000)).astype(np.float32) * scale
+    z[:, rng.integers(0, 5000, 3)] = z.max(axis=1, keepdims=True)  # three tokens tied at the top of each row
+    z[0] = np.log(5e-5)  # the tail row: 4,999 tokens at 5e-5 (a fifth of the mass), one at 1
+    z[0, 7] = 0.0
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    kept: list[np.ndarray] = []  # the tokens each inside row may draw
+    draw = sampler._draw
+    monkeypatch.setattr(
+        sampler, "_draw", lambda ids, q, *a: kept.extend(i[w > 0] for i, w in zip(ids, q)) or draw(ids, q, *a)
+    )
+    inside, drawn = sampler._draw_nucleus_above_floor(p, np.full(12, top_p), rng.uniform(size=12))
+    assert inside[-1] and inside[0] == (top_p * 1.25 <= 1.0)  # the most peaked row is inside; the tail row as said
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p)
+    for r, tokens, token in zip(np.nonzero(inside)[0], kept, drawn):
+        support = np.nonzero(reference_support(z[r], params))[0]
+        assert np.array_equal(np.sort(tokens), support) and token in support
