@@ -114,6 +114,25 @@ def apply_penalties(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     return logits
 
 
+def _bans_only(row: Row) -> bool:
+    """Whether apply_penalties would change nothing of this row but its banned tokens."""
+    p = row.params
+    counted = bool(row.output_counts) and bool(p.presence_penalty or p.frequency_penalty)
+    return p.repetition_penalty == 1.0 and not counted and not p.logit_bias and row.allowed is None
+
+
+def _argmax_unbanned(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
+    """logits (N, V) -> (N,) each row's argmax among its tokens not banned, as apply_penalties then argmax would
+    give, without copying the logits: only a row whose argmax is banned (the first of a tie included) looks again."""
+    tokens = np.argmax(logits, axis=1)  # (N,)
+    for i, row in enumerate(rows):
+        if row.banned and int(tokens[i]) in row.banned:
+            masked = logits[i].copy()  # (V,)
+            masked[list(row.banned)] = -np.inf
+            tokens[i] = np.argmax(masked)
+    return tokens
+
+
 def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     """logits (N, V) float32 -> token ids (N,) int64.
 
@@ -126,6 +145,8 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     the tokens of one probability bucket (_cut_nucleus).
     """
     N, V = logits.shape
+    if all(r.params.greedy and _bans_only(r) for r in rows):  # greedy rows, some with banned tokens: no copy
+        return _argmax_unbanned(logits, rows)
     logits = apply_penalties(logits, rows)
     s = np.array([i for i, r in enumerate(rows) if not r.params.greedy], np.int64)
     if len(s) < N:

@@ -193,3 +193,20 @@ def test_a_nucleus_drawn_among_the_likely_tokens_is_exactly_the_reference_nucleu
     for r, tokens, token in zip(np.nonzero(inside)[0], kept, drawn):
         support = np.nonzero(reference_support(z[r], params))[0]
         assert np.array_equal(np.sort(tokens), support) and token in support
+
+
+def test_greedy_rows_with_banned_tokens_take_the_best_token_not_banned():
+    """The no-copy greedy path gives what masking a copy and taking its argmax gives: a banned token at the top (or
+    tied with the top at a lower id) is passed over, one below the top changes nothing."""
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(6, 300)).astype(np.float32)
+    top = logits.argmax(axis=1)
+    logits[3, 7] = logits[3].max()  # row 3: a banned token tied with the top, at a lower id
+    banned = [(int(top[0]),), (), (int(top[2]), 11), (7,), ((int(top[4]) + 1) % 300,), (int(top[5]),)]
+    greedy = SamplingParams(max_tokens=1, temperature=0.0)
+    rows = [Row(greedy, np.random.default_rng(i), {}, NONE, b) for i, b in enumerate(banned)]
+    want = [int(np.argmax(np.where(np.isin(np.arange(300), b), -np.inf, logits[i]))) for i, b in enumerate(banned)]
+    before = logits.copy()
+    assert sample_batch(logits, rows).tolist() == want
+    assert want[0] != top[0] and want[3] != 7 and want[4] == top[4]
+    np.testing.assert_array_equal(logits, before)  # the engine's logits are left as they were
