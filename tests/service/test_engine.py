@@ -6,6 +6,7 @@ without capture, so what they feed the graphs is checked here."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from service.bundle import load_bundle
 from service.engine import Engine, _ChunkGraphs, _DecodeGraphs
@@ -58,24 +59,6 @@ def test_reused_bindings_and_the_decode_graph_path_give_the_plain_calls_logits(t
         np.testing.assert_array_equal(fast.forward(tokens, n[:, None], n.astype(np.int32), 1, 3, np.arange(2)), want)
         lengths[1:3] += 1
     assert len(replays) == 6
-
-
-def test_a_decode_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(tiny_bundle, caplog):
-    bundle = load_bundle(tiny_bundle)
-    plain, engine = Engine(bundle, 2, 32, "cpu"), Engine(bundle, 2, 32, "cpu")
-    engine.graphs = _DecodeGraphs(engine)
-
-    def capture_fails(*args):
-        raise RuntimeError("CUDA failure 2: out of memory\nmore detail")
-
-    engine.graphs.run = capture_fails  # type: ignore[method-assign]
-    ids, zero = np.array([[5]]), np.zeros(1, np.int32)
-    got = engine.forward(ids, ids, zero, 0, 1, np.arange(1))
-    np.testing.assert_array_equal(got, plain.forward(ids, ids, zero, 0, 1, np.arange(1)))
-    assert engine.graphs is None
-    assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
-        "CUDA graphs off: a decode call of 1 row(s) failed: CUDA failure 2: out of memory"
-    ]
 
 
 def test_the_warm_up_leaves_nothing_a_sequence_reads(tiny_bundle):
@@ -142,20 +125,27 @@ def test_the_chunk_graph_path_gives_the_plain_calls_logits(tiny_bundle):
     assert replays == [5, 20]
 
 
-def test_a_chunk_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(tiny_bundle, caplog):
+@pytest.mark.parametrize("kind", ["decode", "chunk"])
+def test_a_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(kind, tiny_bundle, caplog):
     bundle = load_bundle(tiny_bundle)
     plain, engine = Engine(bundle, 2, 32, "cpu"), Engine(bundle, 2, 32, "cpu")
-    engine.chunks = _ChunkGraphs(engine)
+    graphs = engine.graphs = _DecodeGraphs(engine)
+    chunks = engine.chunks = _ChunkGraphs(engine)
 
     def capture_fails(*args):
         raise RuntimeError("CUDA failure 2: out of memory\nmore detail")
 
-    engine.chunks.run = capture_fails  # type: ignore[method-assign]
     ids = np.array([[5, 6, 7, 8]])
-    for e in (engine, plain):  # the first two tokens: a fresh prompt, the plain path
-        _call(e, ids[:, :2], 0, 0)
-    np.testing.assert_array_equal(_call(engine, ids[:, 2:], 2, 0), _call(plain, ids[:, 2:], 2, 0))
-    assert engine.chunks is None and engine.graphs is None
+    if kind == "decode":  # a one-row decode step
+        graphs.run = capture_fails  # type: ignore[method-assign]
+        past, new, what = 0, ids[:, :1], "a decode call of 1 row(s)"
+    else:  # a continuing prompt's chunk after two tokens written plainly
+        chunks.run = capture_fails  # type: ignore[method-assign]
+        past, new, what = 2, ids[:, 2:], "a continuing prompt's call of 2 tokens"
+        for e in (engine, plain):
+            _call(e, ids[:, :2], 0, 0)
+    np.testing.assert_array_equal(_call(engine, new, past, 0), _call(plain, new, past, 0))
+    assert engine.graphs is None and engine.chunks is None
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
-        "CUDA graphs off: a continuing prompt's call of 2 tokens failed: CUDA failure 2: out of memory"
+        f"CUDA graphs off: {what} failed: CUDA failure 2: out of memory"
     ]
