@@ -18,12 +18,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from export.config import ModelConfig
-from export.parity import HELDOUT, OrtRunner, perplexity_from_logits
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+from export.parity import HELDOUT, OrtRunner, log_softmax, perplexity_from_logits
 
 
 def all_logits(bundle: Path, texts: list[list[int]]) -> list[np.ndarray]:

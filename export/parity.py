@@ -210,11 +210,15 @@ class OrtRunner:
         return tokens, first_logits
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """(..., V) -> (..., V) along the last axis, in x's precision."""
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
 def perplexity_from_logits(logits: np.ndarray, ids: list[int]) -> float:
     """logits (S, V) for ids[0..S): mean NLL of ids[1:] given their prefixes, exponentiated."""
-    x = logits[:-1].astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    logp = log_softmax(logits[:-1].astype(np.float64))
     nll = -logp[np.arange(len(ids) - 1), ids[1:]]
     return float(math.exp(nll.mean()))
 
