@@ -198,9 +198,9 @@ class Engine:
             except Exception as exc:  # a capture that fails while serving (a new batch size): this call runs plainly
                 log.warning("CUDA graphs off: a decode call of %d row(s) failed: %s", B, _first_line(exc))
                 self._without_graphs()
-        past = int(seqlens_k[0]) + 1 - S
-        if self.chunks is not None and B == 1 and past > 0 and S > 1 and list(logits_index) == [S - 1]:
-            if self.chunks.length(S, past) is not None:  # a continuing prompt's chunk, its last logits
+        if self.chunks is not None and B == 1 and S > 1 and list(logits_index) == [S - 1]:
+            past = int(seqlens_k[0]) + 1 - S
+            if past > 0 and self.chunks.length(S, past) is not None:  # a continuing prompt's chunk, its last logits
                 try:
                     return self.chunks.run(input_ids, position_ids, past, lo)
                 except Exception as exc:
