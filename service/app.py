@@ -59,6 +59,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.device,
         settings.intra_op_threads,
         cuda_graphs=settings.cuda_graphs,
+        reduce_logits=None if settings.reduce_logits else False,  # None: on CUDA
     )
     if settings.verify_golden:
         log.info("golden outputs reproduce (max |dlogit| %.2e)", engine.check_golden())

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     cuda_graphs: CliImplicitFlag[bool] = Field(
         True, description="on CUDA, replay decode steps from captured CUDA graphs (--no-cuda-graphs: plain calls)"
     )
+    reduce_logits: CliImplicitFlag[bool] = Field(
+        True,
+        description="on CUDA, reduce each decode step's logits on the device to what sampling reads (each row's 128 "
+        "largest, ...); --no-reduce-logits copies every logit to the host",
+    )
 
     # batching and the KV cache
     max_num_seqs: int = Field(16, ge=1, le=1024, description="sequences decoded together (cache slots)")

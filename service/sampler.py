@@ -2,10 +2,16 @@
 
 Every row draws exactly one uniform number from its own generator per token, and each row's arithmetic is
 elementwise or along its own row, so a seeded request gets the same tokens whatever else is in the batch.
+
+The logits come as an (N, V) host array, or as Candidates: what the device that computed them reduced them to (each
+row's K largest logits, its logits at the ids its penalties change, two sums over the row). A row whose draw those
+settle exactly is sampled from them alone; the others from the full logits, fetched only then. Which way a row goes
+depends on its own logits and parameters alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,55 +68,55 @@ def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
     return [(int(i), float(logprobs[i])) for i in idx]
 
 
-def _scatter(rows: list[int], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Flat (row, id) index arrays for fancy indexing of the (N, V) logits."""
-    r = np.concatenate([np.full(len(i), row, np.int64) for row, i in zip(rows, ids)])
-    return r, np.concatenate(ids).astype(np.int64)
+def edit_ids(row: Row) -> np.ndarray:
+    """(G,) int64 sorted: the token ids whose logits the row's penalties, logit_bias and bans change."""
+    p = row.params
+    counted = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    if not (row.banned or p.logit_bias or counted):
+        return np.zeros(0, np.int64)
+    parts = [np.array(row.banned, np.int64), np.array([t for t, _ in p.logit_bias], np.int64)]
+    if p.repetition_penalty != 1.0:
+        parts.append(row.prompt_ids.astype(np.int64))
+    if counted:
+        parts.append(np.fromiter(row.output_counts, np.int64, len(row.output_counts)))
+    return np.unique(np.concatenate(parts))
+
+
+def edited(row: Row, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """The row's logits at ids (G,) from their raw values z (G,) -> (G,) float32: repetition acts on prompt and
+    output tokens, presence/frequency on output tokens, logit_bias last (as OpenAI adds it), then the bans (unless
+    the row's grammar allows nothing else)."""
+    p, z = row.params, z.astype(np.float32, copy=True)
+    counted = np.fromiter(row.output_counts, np.int64, len(row.output_counts))
+    if p.repetition_penalty != 1.0:
+        seen = np.isin(ids, row.prompt_ids) | np.isin(ids, counted)
+        penalty = np.float32(p.repetition_penalty)
+        z[seen] = np.where(z[seen] > 0, z[seen] / penalty, z[seen] * penalty)
+    if len(counted) and (p.presence_penalty or p.frequency_penalty):
+        order = np.argsort(counted)
+        keys, n = counted[order], np.fromiter(row.output_counts.values(), np.float32, len(counted))[order]
+        at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        hit = keys[at] == ids
+        z[hit] -= p.frequency_penalty * n[at[hit]] + p.presence_penalty
+    for token, bias in p.logit_bias:
+        z[ids == token] += np.float32(bias)
+    if row.banned and (row.allowed is None or row.allowed.sum() > np.count_nonzero(row.allowed[list(row.banned)])):
+        z[np.isin(ids, row.banned)] = -np.inf
+    return z
 
 
 def apply_penalties(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
-    """logits (N, V) -> penalized (a copy where anything changes). Repetition acts on prompt and output,
-    presence/frequency on the output, logit_bias last (as OpenAI adds it); then banned and grammar masks."""
-    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
-    pen = [
-        i for i, r in enumerate(rows) if r.output_counts and (r.params.presence_penalty or r.params.frequency_penalty)
-    ]
-    bias = [i for i, r in enumerate(rows) if r.params.logit_bias]
-    masked = [i for i, r in enumerate(rows) if r.banned or r.allowed is not None]
-    if not (rep or pen or bias or masked):
+    """logits (N, V) -> penalized (a copy where anything changes): each row's edited() tokens, then its grammar's
+    mask."""
+    edits = [edit_ids(r) for r in rows]
+    if not any(len(ids) or r.allowed is not None for ids, r in zip(edits, rows)):
         return logits
     logits = logits.copy()
-    if rep:
-        seen = [
-            np.unique(np.concatenate([rows[i].prompt_ids, np.fromiter(rows[i].output_counts, np.int64)])) for i in rep
-        ]
-        r, ids = _scatter(rep, seen)
-        penalty = np.concatenate(
-            [np.full(len(s), rows[i].params.repetition_penalty, np.float32) for i, s in zip(rep, seen)]
-        )
-        vals = logits[r, ids]
-        logits[r, ids] = np.where(vals > 0, vals / penalty, vals * penalty)
-    if pen:
-        r, ids = _scatter(pen, [np.fromiter(rows[i].output_counts, np.int64) for i in pen])
-        sub = np.concatenate(
-            [
-                rows[i].params.frequency_penalty * np.fromiter(rows[i].output_counts.values(), np.float32)
-                + rows[i].params.presence_penalty
-                for i in pen
-            ]
-        )
-        logits[r, ids] -= sub
-    if bias:
-        r, ids = _scatter(bias, [np.array([t for t, _ in rows[i].params.logit_bias]) for i in bias])
-        logits[r, ids] += np.concatenate(
-            [np.array([b for _, b in rows[i].params.logit_bias], np.float32) for i in bias]
-        )
-    for i in masked:
-        row = rows[i]
+    for i, (ids, row) in enumerate(zip(edits, rows)):
         if row.allowed is not None:
             logits[i, ~row.allowed] = -np.inf
-        if row.banned and (row.allowed is None or row.allowed.sum() > np.count_nonzero(row.allowed[list(row.banned)])):
-            logits[i, list(row.banned)] = -np.inf  # unless a grammar allows nothing else
+        if len(ids):
+            logits[i, ids] = edited(row, ids, logits[i, ids])
     return logits
 
 
@@ -133,8 +139,154 @@ def _argmax_unbanned(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     return tokens
 
 
-def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
-    """logits (N, V) float32 -> token ids (N,) int64.
+@dataclass(frozen=True)
+class Candidates:
+    """A step's logits (N, V) as the device reduced them, so that a row with the usual parameters needs a few hundred
+    numbers on the host instead of V. `full()` brings the logits themselves (N, V), for the rows these do not
+    settle: a grammar's mask, plain temperature sampling (no top-k, top-p or min-p), a cut past the K-th token."""
+
+    ids: np.ndarray  # (N, K) int64: the ids of each row's K largest logits, largest first
+    values: np.ndarray  # (N, K) float32: those logits
+    edit_ids: np.ndarray  # (N, G) int64: each row's edit_ids, padded with -1
+    edit_values: np.ndarray  # (N, G) float32: their raw logits
+    lse: np.ndarray  # (N,) float32: log-sum-exp of each row
+    mass: np.ndarray  # (N,) float32: sum over the row of exp((z - values[:, 0]) * inv_temperature)
+    finite: np.ndarray  # (N,) bool: no inf or nan in the row
+    full: Callable[[], np.ndarray]  # -> (N, V) float32 on the host
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, rows: np.ndarray | list[int]) -> Candidates:
+        """The candidates of some rows, as logits[rows] would select them."""
+        rows = np.asarray(rows, np.int64)
+        parent = self.full
+        return Candidates(
+            self.ids[rows],
+            self.values[rows],
+            self.edit_ids[rows],
+            self.edit_values[rows],
+            self.lse[rows],
+            self.mass[rows],
+            self.finite[rows],
+            lambda: parent()[rows],
+        )
+
+
+def reduction_inputs(rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
+    """What the device needs to reduce a step's logits for these rows: inverse temperatures (N,) float32 (0 for
+    greedy rows) and the ids whose raw logits each row's penalties need (N, G) int64, padded with -1."""
+    inv_t = np.array([0.0 if r.params.greedy else 1.0 / r.params.temperature for r in rows], np.float32)
+    edits = [edit_ids(r) for r in rows]
+    out = np.full((len(rows), max(1, max(len(e) for e in edits))), -1, np.int64)
+    for i, e in enumerate(edits):
+        out[i, : len(e)] = e
+    return inv_t, out
+
+
+def _sample_candidates(c: Candidates, rows: list[Row]) -> np.ndarray:
+    """Candidates of N rows -> token ids (N,), each exactly as sample_batch draws it from the full logits (up to
+    rounding): from the union of the row's K largest logits and its edited ones, when every token outside that
+    union (whose logit is at most the K-th largest, unedited) is sure to be out of the draw; the other rows from
+    the full logits."""
+    N, K = c.ids.shape
+    G = c.edit_ids.shape[1]
+    ids = np.concatenate([c.ids, np.full((N, G), -1, np.int64)], axis=1)  # (N, C) the union, padding -1
+    z = np.concatenate([c.values, np.full((N, G), -np.inf, np.float32)], axis=1)  # (N, C) its edited logits
+    raw_edits = np.full((N, G), -np.inf, np.float32)  # (N, G) each row's edited tokens, before and after
+    new_edits = np.full((N, G), -np.inf, np.float32)
+    for i, row in enumerate(rows):
+        g = c.edit_ids[i][c.edit_ids[i] >= 0]
+        if not len(g):
+            continue
+        raw_edits[i, : len(g)] = c.edit_values[i, : len(g)]
+        new_edits[i, : len(g)] = new = edited(row, g, c.edit_values[i, : len(g)])
+        order = np.argsort(c.ids[i])
+        at = order[np.minimum(np.searchsorted(c.ids[i][order], g), K - 1)]
+        among = c.ids[i][at] == g  # (g,) already a candidate
+        z[i, at[among]] = new[among]
+        ids[i, K : K + np.count_nonzero(~among)] = g[~among]
+        z[i, K : K + np.count_nonzero(~among)] = new[~among]
+    bound = c.values[:, -1].astype(np.float64)  # (N,) no token outside a row's union has a larger logit
+    top = z.max(axis=1).astype(np.float64)  # (N,) the largest edited logit of the union
+    exact = (top > bound) & np.array([r.allowed is None for r in rows])
+    greedy = np.array([r.params.greedy for r in rows])
+    tokens = np.zeros(N, np.int64)
+    g = np.nonzero(exact & greedy)[0]
+    if len(g):  # the largest edited logit, the lowest id among ties (as argmax)
+        tokens[g] = np.where(z[g] == top[g, None].astype(np.float32), ids[g], np.iinfo(np.int64).max).min(axis=1)
+    s = np.nonzero(~greedy)[0]
+    if len(s):
+        edits = raw_edits[s], new_edits[s]
+        sampled = _draw_candidates(c[s], [rows[i] for i in s], ids[s], z[s], top[s], bound[s], edits, exact[s])
+        done = sampled >= 0
+        tokens[s[done]] = sampled[done]
+        exact[s] = done
+    rest = np.nonzero(~exact)[0]
+    if len(rest):
+        tokens[rest] = sample_batch(c.full()[rest], [rows[i] for i in rest])
+    return tokens
+
+
+def _draw_candidates(
+    c: Candidates,
+    rows: list[Row],
+    ids: np.ndarray,
+    z: np.ndarray,
+    top: np.ndarray,
+    bound: np.ndarray,
+    edits: tuple[np.ndarray, np.ndarray],
+    exact: np.ndarray,
+) -> np.ndarray:
+    """Sampled rows: ids, z (n, C) the union and its edited logits, top (n,) its largest, bound (n,) the largest
+    logit outside it, edits (n, G) x 2 the edited tokens' logits before and after -> a token per row, or
+    -1 where the union does not settle the draw (its generator then left untouched)."""
+    n, C = z.shape
+    raw_edits, new_edits = edits
+    inv_t = np.array([1.0 / r.params.temperature for r in rows])  # (n,)
+    top_k = np.array([r.params.top_k for r in rows])
+    min_p = np.array([r.params.min_p for r in rows])
+    top_p = np.array([r.params.top_p for r in rows])
+    with np.errstate(over="ignore", invalid="ignore"):
+        p = np.exp((z - top[:, None]) * inv_t[:, None])  # (n, C) float64, the union's largest at 1.0
+        p_out = np.exp((bound - top) * inv_t)  # (n,) no token outside the union is as likely as this
+        q = np.zeros_like(p)
+        ok = np.zeros(n, bool)
+        k_rows = exact & (top_k > 0) & (top_k <= C)  # top-k: its k-th largest edited logit above the bound
+        if k_rows.any():
+            kth = np.full(n, np.inf)
+            kth[k_rows] = -np.sort(-z[k_rows], axis=1)[np.arange(k_rows.sum()), top_k[k_rows] - 1]
+            k_ok = k_rows & (kth > bound)
+            q[k_ok] = np.where(z[k_ok] >= kth[k_ok, None].astype(np.float32), p[k_ok], 0.0)
+            ok |= k_ok
+        m_rows = exact & (top_k == 0) & (min_p > 0) & (p_out < min_p)  # min-p: every token outside under the cut
+        q[m_rows] = p[m_rows]
+        ok |= m_rows
+        q[ok] = np.where(q[ok] < min_p[ok, None], 0.0, q[ok])
+        t_rows = exact & (top_k == 0) & (min_p == 0) & (top_p < 1.0)  # top-p alone: the row's whole mass is needed
+        if t_rows.any():
+            r = np.nonzero(t_rows)[0]
+            z0 = c.values[r, 0].astype(np.float64)
+            mass = c.mass[r] * np.exp((z0 - top[r]) * inv_t[r])  # (t,) the raw row's mass, the union's top at 1.0
+            removed = np.exp((raw_edits[r] - top[r, None]) * inv_t[r, None]).sum(axis=1)
+            added = np.exp((new_edits[r] - top[r, None]) * inv_t[r, None]).sum(axis=1)
+            fine = np.isfinite(mass) & (removed <= 0.5 * mass)  # no cancellation in mass - removed
+            floor = _nucleus_floor(p[r], top_p[r] * (mass - removed + added))
+            settled = fine & (floor > p_out[r])  # the nucleus' last token more likely than any outside
+            r = r[settled]
+            q[r] = np.where(p[r] >= floor[settled, None], p[r], 0.0)
+            top_p = np.where(t_rows, 1.0, top_p)  # the cut is made
+            ok[r] = True
+    tokens = np.full(n, -1, np.int64)
+    d = np.nonzero(ok)[0]
+    if len(d):
+        u = np.array([rows[i].rng.random() for i in d])
+        tokens[d] = _draw(ids[d], q[d], top_p[d], u)
+    return tokens
+
+
+def sample_batch(logits: np.ndarray | Candidates, rows: list[Row]) -> np.ndarray:
+    """logits (N, V) float32 (or their Candidates) -> token ids (N,) int64.
 
     Greedy rows take the argmax. The others draw from softmax(logits / temperature) restricted by top-k (ties with
     the k-th value kept), min-p and top-p (the smallest most-likely-first set holding top_p of the mass, with the
@@ -144,6 +296,8 @@ def sample_batch(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
     when they hold its nucleus (a peaked distribution, as at the models' usual temperatures), else it sorts only
     the tokens of one probability bucket (_cut_nucleus).
     """
+    if isinstance(logits, Candidates):
+        return _sample_candidates(logits, rows)
     N, V = logits.shape
     if all(r.params.greedy and _bans_only(r) for r in rows):  # greedy rows, some with banned tokens: no copy
         return _argmax_unbanned(logits, rows)
@@ -341,9 +495,22 @@ def _draw_blocks(p: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.minimum(blk * BLOCK + at, V - 1)
 
 
-def logprobs_batch(logits: np.ndarray, chosen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Of logits (N, V): the chosen tokens' logprobs (N,), and the k most likely ids (N, k) with their logprobs
-    (N, k), most likely first."""
+def logprobs_batch(
+    logits: np.ndarray | Candidates, chosen: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of logits (N, V) (or their Candidates): the chosen tokens' logprobs (N,), and the k most likely ids (N, k)
+    with their logprobs (N, k), most likely first."""
+    if isinstance(logits, Candidates):  # from the K largest, where they hold the chosen token and the top k
+        c = logits
+        hit = c.ids == chosen[:, None]  # (N, K)
+        here = hit.any(axis=1) & (k < c.ids.shape[1])
+        lp = np.zeros(len(c), np.float32)
+        lp[here] = c.values[hit & here[:, None]] - c.lse[here]
+        top_ids, top_lps = c.ids[:, :k].copy(), c.values[:, :k] - c.lse[:, None]
+        rest = np.nonzero(~here)[0]
+        if len(rest):
+            lp[rest], top_ids[rest], top_lps[rest] = logprobs_batch(c.full()[rest], chosen[rest], k)
+        return lp, top_ids, top_lps
     lps = log_softmax(logits)
     n = np.arange(len(logits))
     if k <= 0:

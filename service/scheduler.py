@@ -45,7 +45,7 @@ import numpy as np
 from service.engine import Engine
 from service.grammar import Grammars
 from service.prefix_cache import PrefixCache
-from service.sampler import Row, logprobs_batch, sample_batch
+from service.sampler import Candidates, Row, logprobs_batch, reduction_inputs, sample_batch
 from service.sequence import (
     GenerationRequest,
     RequestState,
@@ -68,7 +68,13 @@ PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output t
 PREFILL_CALL_TOKENS = 512
 
 
-Ready = tuple[list[Sequence], np.ndarray]  # sequences that take a token now, and their logits (N, V)
+# Decode steps with at least this many sampled rows have their logits reduced where the engine can (on CUDA: the
+# reducer's call and its bookkeeping cost ~0.5 ms, the host sampler ~0.3 ms a sampled row; greedy rows take the
+# argmax of the copied logits either way, and alone are faster without it; docs/BENCHMARKS.md).
+REDUCE_SAMPLED_ROWS = 4
+
+
+Ready = tuple[list[Sequence], np.ndarray | Candidates]  # sequences that take a token now, their logits (N, V)
 Job = Callable[[], None]  # work for the engine thread between two steps (an inspection); must not raise
 
 
@@ -397,9 +403,12 @@ class Scheduler:
         assert [s.slot for s in seqs] == list(range(D)), "placed in [0, D)"
         lengths = self.cache.lengths[:D].copy()  # (D,) positions already written per row
         input_ids = np.array([[s.output[-1]] for s in seqs], np.int64)  # (D, 1)
+        reduce = None
+        if self.engine.reducer is not None and sum(not s.params.greedy for s in seqs) >= REDUCE_SAMPLED_ROWS:
+            reduce = reduction_inputs([self._row(s, grammar=False) for s in seqs])  # the sampler gets Candidates
         logits = self.engine.forward(
-            input_ids, lengths[:, None], lengths.astype(np.int32), 0, D, np.arange(D)
-        )  # (D, V)
+            input_ids, lengths[:, None], lengths.astype(np.int32), 0, D, np.arange(D), reduce
+        )  # (D, V) or their Candidates
         self.cache.lengths[:D] += 1
         return seqs, logits
 
@@ -408,17 +417,17 @@ class Scheduler:
         seqs, logits = ready
         if not seqs:
             return []
-        finite = np.asarray(np.isfinite(logits).all(axis=1))  # (N,)
+        finite = np.asarray(logits.finite if isinstance(logits, Candidates) else np.isfinite(logits).all(axis=1))
         rows, keep = [], []
         for i, seq in enumerate(seqs):
             if not finite[i]:
                 self._finish(seq, "error", error="the model produced non-finite logits")
                 continue
-            allowed = seq.constraint.allowed(logits.shape[1]) if seq.constraint is not None else None
-            if allowed is not None and not allowed.any():
+            row = self._row(seq)
+            if row.allowed is not None and not row.allowed.any():
                 self._finish(seq, "error", error="the response format's grammar allows no further token")
                 continue
-            rows.append(Row(seq.params, seq.rng, seq.counts, seq.prompt, seq.stop.banned(len(seq.output)), allowed))
+            rows.append(row)
             keep.append(i)
         if not keep:
             return []
@@ -436,6 +445,14 @@ class Scheduler:
                 top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[m, :kj], top_lps[m, :kj]))
                 lps[j] = TokenLogprob(int(tokens[j]), text(int(tokens[j])), float(chosen[m]), top)
         return [(seqs[i], int(tokens[j]), lps[j]) for j, i in enumerate(keep)]
+
+    def _row(self, seq: Sequence, grammar: bool = True) -> Row:
+        """What the sampler needs of a sequence for its next token (without its grammar's mask: what the engine
+        needs to reduce its logits)."""
+        allowed = None
+        if grammar and seq.constraint is not None:
+            allowed = seq.constraint.allowed(self.engine.bundle.vocab_size)  # (V,) bool
+        return Row(seq.params, seq.rng, seq.counts, seq.prompt, seq.stop.banned(len(seq.output)), allowed)
 
     def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> None:
         """Each sequence takes its token and learns whether it ended (its stop criteria); its event goes out."""

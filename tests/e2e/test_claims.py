@@ -302,9 +302,11 @@ def test_auto_device_takes_a_usable_gpu_or_falls_back_to_cpu_with_a_warning(q4_b
         try:
             health = httpx.get(server.url + "/health").json()
             log = server.log.read_text()
-            if gpu and variant == "fp16":  # every node on the device, the cache too
+            if gpu and variant == "fp16":  # every node on the device, the cache too, and the logits reduced there
                 assert health["device"] == "cuda" and health["providers"][0] == "CUDAExecutionProvider"
+                assert "logits reduced on cuda" in log
             else:  # no GPU, or fp32 attention that onnxruntime's CUDA provider cannot run: the CPU, said once
+                assert "logits reduced" not in log  # --reduce-logits (on by default) does nothing on the CPU
                 assert health["device"] == "cpu" and health["providers"] == ["CPUExecutionProvider"]
                 warnings = [line for line in log.splitlines() if " WARNING " in line and "CPU" in line]
                 assert len(warnings) == 1

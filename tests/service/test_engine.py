@@ -149,3 +149,34 @@ def test_a_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_pla
     assert [r.message for r in caplog.records if r.levelname == "WARNING"] == [
         f"CUDA graphs off: {what} failed: CUDA failure 2: out of memory"
     ]
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_reduced_logits_are_the_full_logits_reduction(tiny_bundle, graph):
+    """The reducer's graph (on the CPU here, on the device on CUDA) returns each row's 128 largest logits with their
+    ids, the logits at the ids asked for, the log-sum-exp and the mass at each row's temperature, from the plain
+    path's logits and from the decode graph's buffer alike."""
+    from service.sampler import Candidates
+
+    bundle = load_bundle(tiny_bundle)
+    plain, reducing = Engine(bundle, 4, 64, "cpu"), Engine(bundle, 4, 64, "cpu", reduce_logits=True)
+    if graph:
+        reducing.graphs = _DecodeGraphs(reducing)
+    rng = np.random.default_rng(1)
+    tokens, n = rng.integers(3, bundle.vocab_size, (3, 1)), np.zeros(3, np.int64)
+    inv_t = np.array([0.0, 5.0, 1.0], np.float32)
+    edits = np.array([[7, 9, -1], [-1, -1, -1], [2, 100, 30]])
+    want = plain.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3)).copy()  # (3, V)
+    c = reducing.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3), (inv_t, edits))
+    assert isinstance(c, Candidates)
+    np.testing.assert_array_equal(c.full(), want)
+    x = want.astype(np.float64)
+    np.testing.assert_array_equal(c.values, -np.sort(-want, axis=1)[:, :128])
+    np.testing.assert_array_equal(np.take_along_axis(want, c.ids, axis=1), c.values)
+    np.testing.assert_allclose(c.lse, np.log(np.exp(x - x.max(1, keepdims=True)).sum(1)) + x.max(1), rtol=1e-5)
+    mass = np.exp((x - x.max(1, keepdims=True)) * inv_t[:, None]).sum(1)
+    np.testing.assert_allclose(c.mass, mass, rtol=1e-4)
+    np.testing.assert_array_equal(c.edit_values, np.take_along_axis(want, np.maximum(edits, 0), axis=1))
+    assert c.finite.all()
+    prefill = reducing.forward(tokens, n[:, None], n.astype(np.int32), 0, 3, np.arange(3))  # no reduce asked
+    assert isinstance(prefill, np.ndarray)

@@ -210,3 +210,88 @@ def test_greedy_rows_with_banned_tokens_take_the_best_token_not_banned():
     assert sample_batch(logits, rows).tolist() == want
     assert want[0] != top[0] and want[3] != 7 and want[4] == top[4]
     np.testing.assert_array_equal(logits, before)  # the engine's logits are left as they were
+
+
+def reduced(logits, rows, K=128):
+    """What the engine's reducer returns for these logits (N, V), computed here with full sorts, and a list that
+    counts the sampler's fetches of the full logits."""
+    inv_t, edits = sampler.reduction_inputs(rows)
+    ids = np.argsort(-logits, axis=1, kind="stable")[:, :K]  # (N, K)
+    values = np.take_along_axis(logits, ids, axis=1)
+    x = logits.astype(np.float64)
+    lse = np.log(np.exp(x - x.max(axis=1, keepdims=True)).sum(axis=1)) + x.max(axis=1)
+    mass = np.exp((x - values[:, :1]) * inv_t[:, None]).sum(axis=1)
+    edit_values = np.take_along_axis(logits, np.maximum(edits, 0), axis=1)
+    fetched = []
+    finite = np.isfinite(logits).all(axis=1)
+    c = sampler.Candidates(
+        ids,
+        values,
+        edits,
+        edit_values,
+        lse.astype(np.float32),
+        mass.astype(np.float32),
+        finite,
+        lambda: fetched.append(1) or logits,
+    )
+    return c, fetched
+
+
+CANDIDATE_KINDS = [  # (params, output counts, banned ids)
+    (SamplingParams(max_tokens=1, temperature=0.0), False, ()),
+    (SamplingParams(max_tokens=1, temperature=0.0, frequency_penalty=1.0), True, (3,)),
+    (SamplingParams(max_tokens=1, temperature=0.2, top_p=0.9), False, ()),
+    (SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9), False, (3,)),
+    (SamplingParams(max_tokens=1, temperature=1.0, top_p=0.95), False, ()),
+    (SamplingParams(max_tokens=1, temperature=0.8, top_p=0.95, top_k=50, frequency_penalty=0.3), True, (3,)),
+    (SamplingParams(max_tokens=1, temperature=1.2, top_k=40), False, ()),
+    (SamplingParams(max_tokens=1, temperature=1.0, min_p=0.05, frequency_penalty=0.5), True, ()),
+    (
+        SamplingParams(max_tokens=1, temperature=0.7, repetition_penalty=1.3, logit_bias=((7, 5.0),), top_p=0.8),
+        True,
+        (3,),
+    ),
+    (SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, top_k=100), False, ()),
+    (SamplingParams(max_tokens=1, temperature=0.5), False, ()),  # plain temperature: always the full logits
+    (SamplingParams(max_tokens=1, temperature=0.3, top_p=0.9, presence_penalty=1.5), True, ()),
+]
+
+
+def test_candidates_give_the_tokens_and_logprobs_of_the_full_logits():
+    """Sampling from the reduced logits (each row's 128 largest, its edited tokens' raw logits, its mass) draws what
+    the full logits draw, for every kind of row, peaked or flat, with an eos-like token often on top and banned."""
+    rng = np.random.default_rng(0)
+    V, fetches = 5000, 0
+    for trial in range(48):
+        logits = (rng.normal(size=(len(CANDIDATE_KINDS), V)) * [1, 3, 6, 10][trial % 4]).astype(np.float32)
+        logits[:, 3] += 5 * (trial % 3)
+        counts = {int(t): 1 + int(t) % 3 for t in np.argsort(-logits[0])[:20]}
+        prompt = rng.integers(0, V, 50)
+
+        def rows(seed, counts=counts, prompt=prompt):
+            return [
+                Row(p, np.random.default_rng([seed, i]), counts if counted else {}, prompt, banned)
+                for i, (p, counted, banned) in enumerate(CANDIDATE_KINDS)
+            ]
+
+        want = sample_batch(logits, rows(trial))
+        c, fetched = reduced(logits, rows(trial))
+        assert sample_batch(c, rows(trial)).tolist() == want.tolist()
+        fetches += len(fetched)
+        for got, expected in zip(logprobs_batch(c, want, 5), logprobs_batch(logits, want, 5)):
+            np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert fetches == 48  # once per batch, for the plain-temperature row
+
+
+@pytest.mark.parametrize(
+    "kind", [i for i, (p, _, _) in enumerate(CANDIDATE_KINDS) if p.greedy or p.top_k or p.top_p < 1 or p.min_p]
+)
+def test_peaked_rows_never_fetch_the_full_logits(kind):
+    """At a language model's usual peakedness every kind but plain temperature is settled by the candidates."""
+    params, counted, banned = CANDIDATE_KINDS[kind]
+    rng = np.random.default_rng(kind)
+    logits = (rng.standard_cauchy(size=(8, 5000)) * 2).astype(np.float32)  # a few tokens far above the rest
+    rows = [Row(params, np.random.default_rng(i), {5: 1} if counted else {}, NONE, banned) for i in range(8)]
+    c, fetched = reduced(logits, rows)
+    sample_batch(c, rows)
+    assert not fetched

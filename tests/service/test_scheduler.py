@@ -36,9 +36,9 @@ class Collector:
 def make_scheduler(tiny_bundle):
     made = []
 
-    def make(slots=16, budget=256, max_len=256, prefix_cache=True):
+    def make(slots=16, budget=256, max_len=256, prefix_cache=True, reduce_logits=None):
         bundle = load_bundle(tiny_bundle)
-        engine = Engine(bundle, slots, max_len)
+        engine = Engine(bundle, slots, max_len, reduce_logits=reduce_logits)
         tok = TextTokenizer(bundle.tokenizer_file, bundle.chat_template, None, None)
         s = Scheduler(engine, tok, bundle.eos_token_ids, max_len, budget, prefix_cache=prefix_cache)
         s.start()
@@ -87,6 +87,29 @@ def test_seeded_sampling_reproduces_and_n_choices_differ(make_scheduler):
     assert a.done.wait(60) and b.done.wait(60)
     assert [a.tokens(i) for i in range(3)] == [b.tokens(i) for i in range(3)]
     assert len({tuple(a.tokens(i)) for i in range(3)}) > 1
+
+
+def test_an_engine_that_reduces_its_logits_gives_the_same_tokens_and_logprobs(make_scheduler):
+    """Decode steps sampled from Candidates (as on CUDA) against the full logits: the same tokens and logprobs for
+    greedy, seeded top-p, top-k with a penalty, min-p, banned eos and plain temperature rows, all in one batch."""
+    kinds = [
+        dict(temperature=0.0, logprobs=2),
+        dict(temperature=0.2, top_p=0.9, seed=3, logprobs=3),
+        dict(temperature=0.8, top_p=0.95, top_k=50, frequency_penalty=0.3, seed=5, ignore_eos=True),
+        dict(temperature=1.0, min_p=0.1, presence_penalty=1.0, seed=7),
+        dict(temperature=1.0, seed=6, min_tokens=10),
+        dict(temperature=0.0, repetition_penalty=1.3, logit_bias=((11, 3.0),), ignore_eos=True),
+    ]
+    got = []
+    for reduce_logits in (False, True):
+        s = make_scheduler(reduce_logits=reduce_logits)
+        runs = [run(s, [5 + i, 6, 7], **kind) for i, kind in enumerate(kinds)]
+        assert all(c.done.wait(60) for c in runs)
+        got.append([(c.tokens(), [lp.logprob for e in c.events for lp in e.logprobs or ()]) for c in runs])
+    (plain, reduced) = got
+    for (tokens, lps), (want_tokens, want_lps) in zip(reduced, plain):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(lps, want_lps, atol=1e-4)
 
 
 def test_cancel_frees_the_slot_within_a_step(make_scheduler):
@@ -306,8 +329,8 @@ def test_decode_computes_only_decoding_rows_after_middle_streams_end(make_schedu
     assert solo.done.wait(60)
     shapes = []
     real = s.engine.forward
-    s.engine.forward = lambda ids, pos, seq, lo, hi, idx: (
-        shapes.append((ids.shape, lo, hi)) or real(ids, pos, seq, lo, hi, idx)
+    s.engine.forward = lambda ids, pos, seq, lo, hi, *rest: (
+        shapes.append((ids.shape, lo, hi)) or real(ids, pos, seq, lo, hi, *rest)
     )
     streams = [
         run(s, probe if i in (0, 15) else [7 + i] * 5, ignore_eos=True, max_tokens=40 if i in (0, 15) else 3)
