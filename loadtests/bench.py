@@ -15,7 +15,7 @@ in-process": no HTTP, no scheduler). Results go to results/bench/bench.json and 
 docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget. `--device
 cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers` runs ours on a GPU (the row is named by the
 bundle's precision and the device; the card is recorded), its decode steps from CUDA graphs unless
-`--no-cuda-graphs`.
+`--no-cuda-graphs`, their logits reduced on the device unless `--no-reduce-logits`.
 """
 
 from __future__ import annotations
@@ -345,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cuda-graphs", action=argparse.BooleanOptionalAction, default=True, help="ours: the service's --cuda-graphs"
     )
+    p.add_argument(
+        "--reduce-logits", action=argparse.BooleanOptionalAction, default=True, help="ours: the service's flag"
+    )
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
     p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
@@ -356,12 +359,18 @@ def main(argv: list[str] | None = None) -> int:
         return w1_rounds(args, args.w1_rounds)
     report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "device": args.device, "systems": {}}
     systems = report["systems"]
-    dev = ("--device", args.device, *([] if args.cuda_graphs else ["--no-cuda-graphs"]))
+    dev = (
+        "--device",
+        args.device,
+        *([] if args.cuda_graphs else ["--no-cuda-graphs"]),
+        *([] if args.reduce_logits else ["--no-reduce-logits"]),
+    )
     for bundle, no_cache_too in ((args.bundle, True), (args.int4_bundle, False)):
         if not bundle.exists():
             continue
         plain = not args.cuda_graphs and args.device == "cuda"
         name = ours_label(bundle, args.device) + (" no graphs" if plain else "")
+        name += " unreduced logits" if args.device == "cuda" and not args.reduce_logits else ""
         systems[name] = {**bench_ours(bundle, args.threads, *dev), "weight_bytes": weight_bytes(bundle)}
         if no_cache_too:
             systems[name]["W4 without prefix cache"] = bench_ours(

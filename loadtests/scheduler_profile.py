@@ -5,9 +5,9 @@
 Drives service.scheduler.Scheduler step by step on this thread (its loop is not started) and reports, per case,
 the median decode-only step (every stream past its prompt): its wall time, the time inside
 `session.run_with_iobinding` ("graph") and the rest ("host": binding, logits to numpy, sampling, detokenizing,
-emitting). Cases:
+emitting; with --reduce-logits also the reduction of the logits to Candidates, "reduce", part of "host"). Cases:
   batch 1 / batch 16, greedy and sampled (temperature 0.8, top-p 0.95, top-k 50, frequency penalty 0.3, seeded)
-  batch 16 with the model's recommended sampling (the bundle's generation defaults, what a request that names no
+  batch 4 and 16 with the model's recommended sampling (the bundle's generation defaults, what a request that names no
   temperature or top_p gets: SmolLM2's temperature 0.2, top-p 0.9), seeded
   two streams in slots 0 and 1, and two streams left in slots 0 and 15 after 14 short ones between them ended
 Prints one JSON line per case.
@@ -33,6 +33,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--reduce-logits", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     args = p.parse_args()
 
     from loadtests.step_profile import time_graph
@@ -50,9 +51,11 @@ def main() -> None:
         device=args.device,
         threads=args.threads,
         cuda_graphs=args.cuda_graphs,
+        reduce_logits=args.reduce_logits,
     )
     tokenizer = TextTokenizer.from_bundle(bundle)
     graph_s = time_graph(engine.session)
+    reduce_s = time_graph(engine.reducer.session) if engine.reducer is not None else [0.0]
     rng = np.random.default_rng(0)
     greedy = SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)
     sampled = SamplingParams(
@@ -81,14 +84,15 @@ def main() -> None:
         while s.running:
             decode_only = all(q.decoding for q in s.running.values())
             n = len(s.running)
-            graph_s[0] = 0.0
+            graph_s[0] = reduce_s[0] = 0.0
             t = time.perf_counter()
             s.step()
             wall = time.perf_counter() - t
             if decode_only and n == rows:
-                counted.append((wall, graph_s[0]))
-        step = statistics.median(w for w, _ in counted)
-        graph = statistics.median(g for _, g in counted)
+                counted.append((wall, graph_s[0], reduce_s[0]))
+        step = statistics.median(w for w, _, _ in counted)
+        graph = statistics.median(g for _, g, _ in counted)
+        reduce = statistics.median(r for _, _, r in counted)
         out = {
             "case": name,
             "rows": rows,
@@ -96,6 +100,7 @@ def main() -> None:
             "step_ms": round(step * 1e3, 2),
             "graph_ms": round(graph * 1e3, 2),
             "host_ms": round((step - graph) * 1e3, 2),
+            "reduce_ms": round(reduce * 1e3, 2),  # of host_ms: the logits' reduction (--reduce-logits)
             "host_share": round((step - graph) / step, 3),
         }
         print(json.dumps(out), flush=True)
@@ -105,6 +110,7 @@ def main() -> None:
     case("batch 1 sampled", [sampled], 1)
     case("batch 16 greedy", [greedy] * 16, 16)
     case("batch 16 sampled", [sampled] * 16, 16)
+    case("batch 4, the model's defaults", [defaults] * 4, 4)
     case("batch 16, the model's defaults", [defaults] * 16, 16)
     case("2 streams, slots 0 and 1", [greedy] * 2, 2)
     case("2 streams, slots 0 and 15 (the 14 between ended)", [greedy] + [short] * 14 + [greedy], 2)
