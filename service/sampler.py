@@ -69,54 +69,92 @@ def top_logprobs(logprobs: np.ndarray, k: int) -> list[tuple[int, float]]:
 
 
 def edit_ids(row: Row) -> np.ndarray:
-    """(G,) int64 sorted: the token ids whose logits the row's penalties, logit_bias and bans change."""
+    """(G,) int64: the token ids whose logits the row's penalties, logit_bias and bans change (an id may repeat)."""
     p = row.params
-    counted = p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-    if not (row.banned or p.logit_bias or counted):
-        return np.zeros(0, np.int64)
-    parts = [np.array(row.banned, np.int64), np.array([t for t, _ in p.logit_bias], np.int64)]
+    parts = [np.array(row.banned, np.int64)] if row.banned else []
+    if p.logit_bias:
+        parts.append(np.array([t for t, _ in p.logit_bias], np.int64))
     if p.repetition_penalty != 1.0:
         parts.append(row.prompt_ids.astype(np.int64))
-    if counted:
+    if row.output_counts and (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty):
         parts.append(np.fromiter(row.output_counts, np.int64, len(row.output_counts)))
-    return np.unique(np.concatenate(parts))
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def edited(row: Row, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """The row's logits at ids (G,) from their raw values z (G,) -> (G,) float32: repetition acts on prompt and
-    output tokens, presence/frequency on output tokens, logit_bias last (as OpenAI adds it), then the bans (unless
-    the row's grammar allows nothing else)."""
-    p, z = row.params, z.astype(np.float32, copy=True)
-    counted = np.fromiter(row.output_counts, np.int64, len(row.output_counts))
-    if p.repetition_penalty != 1.0:
-        seen = np.isin(ids, row.prompt_ids) | np.isin(ids, counted)
-        penalty = np.float32(p.repetition_penalty)
-        z[seen] = np.where(z[seen] > 0, z[seen] / penalty, z[seen] * penalty)
-    if len(counted) and (p.presence_penalty or p.frequency_penalty):
-        order = np.argsort(counted)
-        keys, n = counted[order], np.fromiter(row.output_counts.values(), np.float32, len(counted))[order]
-        at = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
-        hit = keys[at] == ids
-        z[hit] -= p.frequency_penalty * n[at[hit]] + p.presence_penalty
-    for token, bias in p.logit_bias:
-        z[ids == token] += np.float32(bias)
-    if row.banned and (row.allowed is None or row.allowed.sum() > np.count_nonzero(row.allowed[list(row.banned)])):
-        z[np.isin(ids, row.banned)] = -np.inf
+KEY = 1 << 32  # (row, token id) pairs as one int64: row * KEY + id
+
+
+def _keys(rows: list[int], ids: list[np.ndarray]) -> np.ndarray:
+    """(row, id) pairs as keys, flat: each row index with each of its ids."""
+    return np.concatenate([np.int64(i) * KEY + np.asarray(t, np.int64) for i, t in zip(rows, ids)])
+
+
+def edited(rows: list[Row], r: np.ndarray, ids: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Logits at (row, id) pairs, r and ids (M,) (an index into rows and a token id), from their raw values z (M,)
+    -> (M,) float32 after the rows' penalties: repetition on prompt and output tokens, presence/frequency on output
+    tokens, logit_bias last (as OpenAI adds it), then the bans (unless the row's grammar allows nothing else)."""
+    z, key = z.astype(np.float32, copy=True), r * KEY + ids
+
+    def counted(row: Row) -> np.ndarray:
+        return np.fromiter(row.output_counts, np.int64, len(row.output_counts))
+
+    rep = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
+    if rep:
+        m = np.isin(key, _keys(rep, [np.concatenate([rows[i].prompt_ids, counted(rows[i])]) for i in rep]))
+        penalty = np.array([row.params.repetition_penalty for row in rows], np.float32)[r[m]]
+        z[m] = np.where(z[m] > 0, z[m] / penalty, z[m] * penalty)
+    pen = [
+        i
+        for i, row in enumerate(rows)
+        if row.output_counts and (row.params.presence_penalty or row.params.frequency_penalty)
+    ]
+    if pen:
+        keys = _keys(pen, [counted(rows[i]) for i in pen])
+        sub = np.concatenate(
+            [
+                np.float32(rows[i].params.frequency_penalty)
+                * np.fromiter(rows[i].output_counts.values(), np.float32, len(rows[i].output_counts))
+                + np.float32(rows[i].params.presence_penalty)
+                for i in pen
+            ]
+        )
+        z -= _lookup(keys, sub, key)
+    bias = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if bias:
+        keys = _keys(bias, [[t for t, _ in rows[i].params.logit_bias] for i in bias])
+        z += _lookup(keys, np.array([b for i in bias for _, b in rows[i].params.logit_bias], np.float32), key)
+    ban = [i for i, row in enumerate(rows) if row.banned and _bans_hold(row)]
+    if ban:
+        z[np.isin(key, _keys(ban, [rows[i].banned for i in ban]))] = -np.inf
     return z
 
 
+def _lookup(keys: np.ndarray, values: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """values (K,) of unique keys (K,), at the keys at (M,) -> (M,) float32, 0 where a key is not among them."""
+    order = np.argsort(keys)
+    keys, values = keys[order], values[order]
+    pos = np.minimum(np.searchsorted(keys, at), len(keys) - 1)
+    return np.where(keys[pos] == at, values[pos], np.float32(0.0))
+
+
+def _bans_hold(row: Row) -> bool:
+    """Whether the row's bans apply: not when its grammar allows nothing but banned tokens."""
+    return row.allowed is None or row.allowed.sum() > np.count_nonzero(row.allowed[list(row.banned)])
+
+
 def apply_penalties(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
-    """logits (N, V) -> penalized (a copy where anything changes): each row's edited() tokens, then its grammar's
-    mask."""
+    """logits (N, V) -> penalized (a copy where anything changes): each row's grammar mask, and its edited() tokens."""
     edits = [edit_ids(r) for r in rows]
     if not any(len(ids) or r.allowed is not None for ids, r in zip(edits, rows)):
         return logits
     logits = logits.copy()
-    for i, (ids, row) in enumerate(zip(edits, rows)):
+    for i, row in enumerate(rows):
         if row.allowed is not None:
             logits[i, ~row.allowed] = -np.inf
-        if len(ids):
-            logits[i, ids] = edited(row, ids, logits[i, ids])
+    r = np.repeat(np.arange(len(rows)), [len(ids) for ids in edits])
+    if len(r):
+        ids = np.concatenate(edits)
+        logits[r, ids] = edited(rows, r, ids, logits[r, ids])
     return logits
 
 
@@ -177,7 +215,7 @@ def reduction_inputs(rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
     """What the device needs to reduce a step's logits for these rows: inverse temperatures (N,) float32 (0 for
     greedy rows) and the ids whose raw logits each row's penalties need (N, G) int64, padded with -1."""
     inv_t = np.array([0.0 if r.params.greedy else 1.0 / r.params.temperature for r in rows], np.float32)
-    edits = [edit_ids(r) for r in rows]
+    edits = [np.unique(edit_ids(r)) for r in rows]  # each once: the mass of an edited token is corrected once
     out = np.full((len(rows), max(1, max(len(e) for e in edits))), -1, np.int64)
     for i, e in enumerate(edits):
         out[i, : len(e)] = e
@@ -190,23 +228,22 @@ def _sample_candidates(c: Candidates, rows: list[Row]) -> np.ndarray:
     union (whose logit is at most the K-th largest, unedited) is sure to be out of the draw; the other rows from
     the full logits."""
     N, K = c.ids.shape
-    G = c.edit_ids.shape[1]
-    ids = np.concatenate([c.ids, np.full((N, G), -1, np.int64)], axis=1)  # (N, C) the union, padding -1
-    z = np.concatenate([c.values, np.full((N, G), -np.inf, np.float32)], axis=1)  # (N, C) its edited logits
-    raw_edits = np.full((N, G), -np.inf, np.float32)  # (N, G) each row's edited tokens, before and after
-    new_edits = np.full((N, G), -np.inf, np.float32)
-    for i, row in enumerate(rows):
-        g = c.edit_ids[i][c.edit_ids[i] >= 0]
-        if not len(g):
-            continue
-        raw_edits[i, : len(g)] = c.edit_values[i, : len(g)]
-        new_edits[i, : len(g)] = new = edited(row, g, c.edit_values[i, : len(g)])
-        order = np.argsort(c.ids[i])
-        at = order[np.minimum(np.searchsorted(c.ids[i][order], g), K - 1)]
-        among = c.ids[i][at] == g  # (g,) already a candidate
-        z[i, at[among]] = new[among]
-        ids[i, K : K + np.count_nonzero(~among)] = g[~among]
-        z[i, K : K + np.count_nonzero(~among)] = new[~among]
+    has = c.edit_ids >= 0  # (N, G) each row's edited tokens
+    r = np.nonzero(has)[0]
+    raw_edits = np.where(has, c.edit_values, -np.inf).astype(np.float32)  # (N, G) before and after the edits
+    new_edits = np.full(has.shape, -np.inf, np.float32)
+    new_edits[has] = edited(rows, r, c.edit_ids[has], c.edit_values[has])
+    z = c.values.copy()  # (N, K) the candidates' edited logits: an edited token among them takes its new value
+    cand = (np.arange(N)[:, None] * KEY + c.ids).ravel()  # (N K,)
+    order = np.argsort(cand)
+    want = r * KEY + c.edit_ids[has]
+    pos = np.minimum(np.searchsorted(cand[order], want), len(cand) - 1)
+    among = cand[order][pos] == want  # an edited token that is a candidate
+    z.ravel()[order[pos[among]]] = new_edits[has][among]
+    outside = has.copy()
+    outside[has] = ~among
+    ids = np.concatenate([c.ids, np.where(outside, c.edit_ids, -1)], axis=1)  # (N, C) the union, padding -1
+    z = np.concatenate([z, np.where(outside, new_edits, -np.inf).astype(np.float32)], axis=1)  # (N, C)
     bound = c.values[:, -1].astype(np.float64)  # (N,) no token outside a row's union has a larger logit
     top = z.max(axis=1).astype(np.float64)  # (N,) the largest edited logit of the union
     exact = (top > bound) & np.array([r.allowed is None for r in rows])
