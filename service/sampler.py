@@ -121,11 +121,11 @@ def edited(rows: list[Row], r: np.ndarray, ids: np.ndarray, z: np.ndarray) -> np
         z -= _lookup(keys, sub, key)
     bias = [i for i, row in enumerate(rows) if row.params.logit_bias]
     if bias:
-        keys = _keys(bias, [[t for t, _ in rows[i].params.logit_bias] for i in bias])
+        keys = _keys(bias, [np.array([t for t, _ in rows[i].params.logit_bias]) for i in bias])
         z += _lookup(keys, np.array([b for i in bias for _, b in rows[i].params.logit_bias], np.float32), key)
     ban = [i for i, row in enumerate(rows) if row.banned and _bans_hold(row)]
     if ban:
-        z[np.isin(key, _keys(ban, [rows[i].banned for i in ban]))] = -np.inf
+        z[np.isin(key, _keys(ban, [np.array(rows[i].banned) for i in ban]))] = -np.inf
     return z
 
 
