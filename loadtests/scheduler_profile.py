@@ -55,6 +55,7 @@ def main() -> None:
     )
     tokenizer = TextTokenizer.from_bundle(bundle)
     graph_s = time_graph(engine.session)
+    V = bundle.vocab_size
     reduce_s = time_graph(engine.reducer.session) if engine.reducer is not None else [0.0]
     rng = np.random.default_rng(0)
     greedy = SamplingParams(max_tokens=OUTPUT, temperature=0.0, ignore_eos=True)
@@ -77,7 +78,7 @@ def main() -> None:
         s = Scheduler(engine, tokenizer, bundle.eos_token_ids, PROMPT + OUTPUT + 8, 2048, prefix_cache=False)
         s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
         for i, sp in enumerate(params):
-            ids = tuple(int(t) for t in rng.integers(300, 20000, PROMPT))
+            ids = tuple(int(t) for t in rng.integers(min(300, V // 2), min(20000, V), PROMPT))  # (a tiny model too)
             s.submit(GenerationRequest(f"r{i}", ids, sp), lambda event: None)
         s.step()  # admits everything
         counted = []

@@ -74,3 +74,17 @@ def test_divergence_refuses_a_missing_bundle_in_one_line(tmp_path):
     result = run_cli("export.divergence", "--reference", str(tmp_path / "nowhere"), str(tmp_path), timeout=60)
     assert result.returncode == 2 and "nowhere: not a bundle (no manifest.json)" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_scheduler_profile_reports_graph_host_and_reduction_per_case(q4_bundles):
+    """docs/BENCHMARKS.md reads step, graph, host and reduce times and the host share from these lines; with
+    --reduce-logits (forced on the CPU here) the steps with 4+ sampled rows reduce their logits."""
+    result = run_cli("loadtests.scheduler_profile", "--bundle", str(q4_bundles("fp32")), "--reduce-logits", timeout=600)
+    assert result.returncode == 0, result.stderr
+    cases = {c["case"]: c for c in map(json.loads, result.stdout.strip().splitlines())}
+    assert len(cases) == 8
+    for c in cases.values():
+        assert c["step_ms"] == pytest.approx(c["graph_ms"] + c["host_ms"], abs=0.02)
+        assert 0 <= c["reduce_ms"] <= c["host_ms"] and 0 < c["host_share"] < 1
+    assert cases["batch 16 sampled"]["reduce_ms"] > 0 and cases["batch 4, the model's defaults"]["reduce_ms"] > 0
+    assert cases["batch 16 greedy"]["reduce_ms"] == 0 and cases["batch 1 sampled"]["reduce_ms"] == 0
