@@ -261,12 +261,12 @@ class Engine:
         """A call's logits (N, V), on the host or the device: Candidates when asked for and reduced here, else
         the host array."""
         if isinstance(logits, np.ndarray):
-            host = functools.cache(lambda: logits)
+            host: Callable[[], np.ndarray] = lambda: logits  # noqa: E731
         else:  # a copy from the device; on the CPU (tests) a view the next call overwrites
-            host = functools.cache(lambda: logits.numpy().copy() if self.device == "cpu" else logits.numpy())
+            host = lambda: logits.numpy().copy() if self.device == "cpu" else logits.numpy()  # noqa: E731
         if reduce is None or self.reducer is None:
             return host()
-        return self.reducer.run(logits, *reduce, host)
+        return self.reducer.run(logits, *reduce, functools.cache(host))  # copied once, if a row needs it
 
     def _forward_plain(
         self,
