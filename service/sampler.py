@@ -246,7 +246,7 @@ def _sample_candidates(c: Candidates, rows: list[Row]) -> np.ndarray:
     z = np.concatenate([z, np.where(outside, new_edits, -np.inf).astype(np.float32)], axis=1)  # (N, C)
     bound = c.values[:, -1].astype(np.float64)  # (N,) no token outside a row's union has a larger logit
     top = z.max(axis=1).astype(np.float64)  # (N,) the largest edited logit of the union
-    exact = (top > bound) & np.array([r.allowed is None for r in rows])
+    exact = (top > bound) & np.array([row.allowed is None for row in rows])
     greedy = np.array([r.params.greedy for r in rows])
     tokens = np.zeros(N, np.int64)
     g = np.nonzero(exact & greedy)[0]

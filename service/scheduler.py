@@ -26,7 +26,8 @@ valid positions on the CPU; device to device on CUDA) with whatever holds the sl
 prefix-cache entry, or nothing. In a steady batch nothing moves; when a stream in the middle ends, the last one
 moves into its place once.
 
-Sampling runs over all rows of a call at once (service/sampler.py). The scheduler sees plain frozen dataclasses and
+Sampling runs over all rows of a call at once (service/sampler.py); on CUDA a decode call with REDUCE_SAMPLED_ROWS
+sampled rows or more asks the engine for its logits reduced on the device (sampler.Candidates), not copied whole. The scheduler sees plain frozen dataclasses and
 numpy arrays; it knows nothing of HTTP or pydantic. Results leave through each request's `sink` (called on this
 thread; the HTTP layer hands them to its event loop).
 """
