@@ -27,9 +27,9 @@ prefix-cache entry, or nothing. In a steady batch nothing moves; when a stream i
 moves into its place once.
 
 Sampling runs over all rows of a call at once (service/sampler.py); on CUDA a decode call with REDUCE_SAMPLED_ROWS
-sampled rows or more asks the engine for its logits reduced on the device (sampler.Candidates), not copied whole. The scheduler sees plain frozen dataclasses and
-numpy arrays; it knows nothing of HTTP or pydantic. Results leave through each request's `sink` (called on this
-thread; the HTTP layer hands them to its event loop).
+sampled rows or more asks the engine for its logits reduced on the device (sampler.Candidates), not copied whole.
+The scheduler sees plain frozen dataclasses and numpy arrays; it knows nothing of HTTP or pydantic. Results leave
+through each request's `sink` (called on this thread; the HTTP layer hands them to its event loop).
 """
 
 from __future__ import annotations
