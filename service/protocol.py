@@ -57,7 +57,7 @@ class _Sampling(_Strict):
     n: Annotated[int, Field(ge=1)] = 1
     presence_penalty: Penalty = 0.0
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # OpenAI's range: a signed 64-bit int
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -144,7 +144,7 @@ class Scheduler:
         p = request.params
         stop = StopCriteria(self.eos_ids, p.max_tokens, self.cache.max_len, p.min_tokens, p.ignore_eos)
         for i in range(request.n):
-            rng = np.random.default_rng(None if p.seed is None else [p.seed, i])
+            rng = np.random.default_rng(None if p.seed is None else [p.seed % 2**64, i])  # a negative seed too
             detok = IncrementalDetokenizer(self.tokenizer, list(p.stop), list(prompt[-PROMPT_TAIL:]))
             constraint = self.grammars.matcher(p.grammar) if p.grammar is not None and self.grammars else None
             self._incoming.put(Sequence(state, i, prompt, rng, detok, stop, constraint))

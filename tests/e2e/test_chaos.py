@@ -64,6 +64,9 @@ HOSTILE = [
     (b'{"model": "tiny", "prompt": "x", "max_tokens": 99999999999999999999999}', 400),
     (b'{"model": "tiny", "prompt": "x", "temperature": Infinity}', 400),
     (b'{"model": "tiny", "prompt": "x", "seed": "seven"}', 400),
+    (b'{"model": "tiny", "prompt": "x", "seed": -7, "max_tokens": 2}', 200),  # OpenAI's seeds are signed
+    (b'{"model": "tiny", "prompt": "x", "seed": -9223372036854775808, "max_tokens": 2}', 200),
+    (b'{"model": "tiny", "prompt": "x", "seed": 9223372036854775808}', 400),  # past a signed 64-bit int
     (b'{"model": "tiny", "prompt": [[]]}', 400),
     (b'{"model": "tiny", "prompt": [-1, 5]}', 400),
     (b'{"model": "tiny", "prompt": [999999999]}', 400),

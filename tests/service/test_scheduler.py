@@ -87,6 +87,8 @@ def test_seeded_sampling_reproduces_and_n_choices_differ(make_scheduler):
     assert a.done.wait(60) and b.done.wait(60)
     assert [a.tokens(i) for i in range(3)] == [b.tokens(i) for i in range(3)]
     assert len({tuple(a.tokens(i)) for i in range(3)}) > 1
+    c, d = (run(s, [5, 6, 7], temperature=1.0, seed=-123) for _ in range(2))  # OpenAI's seeds may be negative
+    assert c.done.wait(60) and d.done.wait(60) and c.tokens() == d.tokens()
 
 
 def test_an_engine_that_reduces_its_logits_gives_the_same_tokens_and_logprobs(make_scheduler):
