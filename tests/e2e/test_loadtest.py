@@ -37,3 +37,14 @@ def test_headless_locust_run_writes_reports_and_summary(tiny_server, tmp_path):
     assert summary["itl"]["count"] > 0
     assert abs(summary["output_tokens"] - 8 * summary["latency"]["count"]) <= 2  # from a rounded CSV mean
     assert (tmp_path / "lt" / "report.html").is_file() and (tmp_path / "lt" / "locust_stats.csv").is_file()
+
+
+def test_chat_burst_reports_each_burst_of_sampled_streams(tiny_server):
+    """loadtests.chat_burst, whose tokens/s and inter-token latencies docs/BENCHMARKS.md quotes: every stream writes
+    its --tokens tokens (ignore_eos), one JSON line per burst."""
+    args = ("--url", tiny_server.v1, "--streams", "3", "--tokens", "16", "--bursts", "2")
+    result = run_cli("loadtests.chat_burst", *args, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    bursts = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [b["burst"] for b in bursts] == [1, 2] and all(b["streams"] == 3 for b in bursts)
+    assert all(b["tokens_per_s"] > 0 and 0 < b["itl_p50_ms"] <= b["itl_p99_ms"] for b in bursts)

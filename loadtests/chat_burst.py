@@ -1,0 +1,65 @@
+"""A burst of sampled chats against a running server: tokens/s and inter-token latency at the model's defaults.
+
+    python -m loadtests.chat_burst --url http://127.0.0.1:8000/v1 --streams 16 --tokens 128 --bursts 2
+
+Each burst sends `--streams` streamed chat completions at once through the openai client, without temperature or
+top_p (so each is sampled at the bundle's generation defaults), seeded, `ignore_eos` so that each writes exactly
+`--tokens` tokens; one request before the first burst warms the server. Prints one JSON line per burst: aggregate
+output tokens/s and the inter-token latency's p50/p99 over every stream. (make bench's workloads are greedy; this is
+the sampled counterpart docs/BENCHMARKS.md quotes for `--reduce-logits`.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+
+from openai import AsyncOpenAI
+
+from loadtests.workloads import median, pct
+
+
+async def one(client: AsyncOpenAI, model: str, i: int, tokens: int, gaps: list[float]) -> int:
+    """One streamed chat; appends its inter-token gaps; returns the tokens (content chunks) received."""
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": f"Tell me a story about the number {i}."}],
+        max_tokens=tokens,
+        stream=True,
+        seed=i,
+        extra_body={"ignore_eos": True},
+    )
+    n, last = 0, time.perf_counter()
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            now = time.perf_counter()
+            if n:
+                gaps.append(now - last)
+            n, last = n + 1, now
+    return n
+
+
+async def main(args: argparse.Namespace) -> None:
+    client = AsyncOpenAI(base_url=args.url, api_key=args.api_key)
+    model = (await client.models.list()).data[0].id
+    await one(client, model, -1, args.tokens, [])
+    for burst in range(args.bursts):
+        gaps: list[float] = []
+        t = time.perf_counter()
+        n = sum(await asyncio.gather(*[one(client, model, i, args.tokens, gaps) for i in range(args.streams)]))
+        wall = time.perf_counter() - t
+        out = {"burst": burst + 1, "streams": args.streams, "tokens_per_s": round(n / wall, 1)}
+        out |= {"itl_p50_ms": round(median(gaps) * 1e3, 2), "itl_p99_ms": round(pct(gaps, 99) * 1e3, 2)}
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(prog="python -m loadtests.chat_burst")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1")
+    p.add_argument("--api-key", default="none")
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--bursts", type=int, default=2)
+    asyncio.run(main(p.parse_args()))
