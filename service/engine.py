@@ -31,7 +31,7 @@ Reduced logits. A decode step's logits are V = 49,152 floats a row; the sampler 
 CUDA a decode call asked to (`reduce`) leaves them on the device and returns sampler.Candidates instead: each row's
 128 largest logits, its logits at the ids its penalties change, its log-sum-exp and its mass at its temperature,
 made by a small graph of the engine's own (_Reducer); the full logits are copied only for a row those do not
-settle. On an H200, 16 rows sampled at SmolLM2's defaults: a step 7.1 -> 2.9 ms, 16 streamed chats 1.5-2.1x the
+settle. On an H200, 16 rows sampled at SmolLM2's defaults: a step 7.1 -> 2.9 ms, 16 streamed chats 1.7-2.5x the
 tokens/s (docs/BENCHMARKS.md). Off on the CPU, where the logits are on the host already and numpy is as fast.
 """
 
