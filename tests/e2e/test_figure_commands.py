@@ -88,3 +88,18 @@ def test_scheduler_profile_reports_graph_host_and_reduction_per_case(q4_bundles)
         assert 0 <= c["reduce_ms"] <= c["host_ms"] and 0 < c["host_share"] < 1
     assert cases["batch 16 sampled"]["reduce_ms"] > 0 and cases["batch 4, the model's defaults"]["reduce_ms"] > 0
     assert cases["batch 16 greedy"]["reduce_ms"] == 0 and cases["batch 1 sampled"]["reduce_ms"] == 0
+
+
+def test_reduced_logits_check_finds_equal_values_tokens_and_texts(q4_bundles):
+    """loadtests.reduced_logits, whose equalities and step times docs/BENCHMARKS.md quotes for the GPU, run on the
+    CPU (the reduction forced on): the reduced values equal the full logits' and sampling either way agrees."""
+    args = ("--device", "cpu", "--seeds", "2", "--reps", "1", "--tokens", "4")
+    result = run_cli("loadtests.reduced_logits", "--bundle", str(q4_bundles("fp32")), *args, timeout=600)
+    assert result.returncode == 0, result.stderr
+    parts = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    values, tokens, scheduler, *steps = parts
+    assert values["top_equal"] and values["ids_consistent"] and values["edit_values_equal"]
+    assert values["lse_max_abs_err"] < 1e-3 and values["mass_max_rel_err"] < 1e-3
+    assert tokens == {"part": "tokens", "rows": 32, "different": 0}
+    assert scheduler["equal_texts"] == scheduler["sequences"] == 16
+    assert len(steps) == 6 and all(len(s["full_ms"]) == len(s["reduced_ms"]) == 2 for s in steps)
