@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -150,6 +151,32 @@ def test_deadline_and_keepalives():
     assert seen and all(e is None for e in seen)  # keep-alives while nothing came
     assert fake.cancelled == fake.submitted
     assert metric(metrics, "request_success_total", finished_reason="timeout") == 1
+
+
+class PacedScheduler(FakeScheduler):
+    """Plays its script with `pace` seconds before each event (a pause of `gap` before the last)."""
+
+    def __init__(self, script, pace: float, gap: float) -> None:
+        super().__init__(script)
+        self.pace, self.gap = pace, gap
+
+    def _play(self, state: RequestState) -> None:
+        for k, event in enumerate(self.script):
+            time.sleep(self.gap if k == len(self.script) - 1 else self.pace)
+            state.sink(event)
+
+
+@pytest.mark.parametrize(("gap", "keepalives"), [(0.01, False), (0.35, True)])
+def test_keepalives_only_when_events_stop_for_an_interval(gap, keepalives):
+    """Events 10 ms apart (a tenth of the interval) bring no keep-alive; a pause of 3.5 intervals brings some."""
+    client = EngineClient(PacedScheduler(tokens(["a"] * 12), 0.01, gap), Metrics("m"), request_timeout=10)
+
+    async def go():
+        return await drain(client.submit(valid()), keepalive=0.1)
+
+    seen = asyncio.run(go())
+    assert [e.event.text for e in seen if e is not None] == ["a"] * 12
+    assert (None in seen) == keepalives and seen[-1] is not None and seen.count(None) <= 4
 
 
 @pytest.mark.parametrize(

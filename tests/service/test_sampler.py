@@ -295,3 +295,22 @@ def test_peaked_rows_never_fetch_the_full_logits(kind):
     c, fetched = reduced(logits, rows)
     sample_batch(c, rows)
     assert not fetched
+
+
+def test_reduction_inputs_name_each_rows_edited_ids_once():
+    """The device's inputs: each row's edited ids (bans, logit_bias, penalties' prompt and output tokens, repeats
+    among them) once each and ascending, padded with -1; inverse temperatures, 0 for greedy rows."""
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        prompt = rng.integers(0, 40, 30)  # repeats within the prompt, and with the output counts
+        counts = {int(t): 1 for t in rng.integers(0, 40, 6)}
+        rows = [
+            Row(p, np.random.default_rng(i), counts if counted and trial % 2 else {}, prompt, banned)
+            for i, (p, counted, banned) in enumerate(CANDIDATE_KINDS[trial % 3 :])
+        ]
+        inv_t, edits = sampler.reduction_inputs(rows)
+        assert edits.shape[1] == max(1, max(len(np.unique(sampler.edit_ids(r))) for r in rows))
+        for i, row in enumerate(rows):
+            want = np.unique(sampler.edit_ids(row))
+            assert edits[i, : len(want)].tolist() == want.tolist() and (edits[i, len(want) :] == -1).all()
+            assert inv_t[i] == (0.0 if row.params.greedy else np.float32(1 / row.params.temperature))
