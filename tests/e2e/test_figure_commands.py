@@ -103,3 +103,14 @@ def test_reduced_logits_check_finds_equal_values_tokens_and_texts(q4_bundles):
     assert tokens == {"part": "tokens", "rows": 32, "different": 0}
     assert scheduler["equal_texts"] == scheduler["sequences"] == 16
     assert len(steps) == 6 and all(len(s["full_ms"]) == len(s["reduced_ms"]) == 2 for s in steps)
+
+
+def test_event_loop_cpu_per_token_reads_the_servers_threads(tiny_bundle):
+    args = ("--bundle", str(tiny_bundle), "--tokens", "8", "--requests", "2", "--rounds", "1")
+    result = run_cli("loadtests.event_loop_cpu", *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [(r["round"], r["stream"], r["tokens"]) for r in rows] == [(1, True, 16), (1, False, 16)]
+    for r in rows:
+        assert r["wall_ms_per_token"] > 0 and r["event_loop_us_per_token"] >= 0
+        assert r["busiest_other_threads_us_per_token"]  # the engine thread and onnxruntime's are there
