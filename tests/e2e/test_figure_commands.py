@@ -32,6 +32,20 @@ def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
     assert {"MatMulNBits", "GroupQueryAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
 
 
+def test_profiler_prefill_mode_times_whole_prompts(q4_bundles):
+    args = ("--prefill", "--steps", "2", "--prompt-tokens", "24", "--top", "100")
+    result = run_cli("loadtests.profile", "--bundle", str(q4_bundles("fp32")), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("2 prefills of 24 tokens") and "ms per session run" in lines[0]
+    assert lines[1] == "| op | ms/prefill | share | nodes |"
+    rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in lines[3:]}
+    assert {"MatMul", "GroupQueryAttention", "Gather"} <= set(rows)  # projections, attention, embedding
+    assert sum(float(r[1]) for r in rows.values()) > 0
+    nodes = {op: int(r[3].rstrip(" |")) for op, r in rows.items()}
+    assert nodes["MatMul"] == 4 * nodes["GroupQueryAttention"]  # per layer: q/k/v, o, gate/up, down; one attention
+
+
 def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bundles):
     bundle = q4_bundles("int4-gguf")
     args = ("--rounds", "1", "--prompt-tokens", "8", "--steps", "4")
