@@ -77,6 +77,7 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.max_queued_prompt_tokens,
         grammars,
         settings.prefix_cache,
+        settings.prefill_chunk or None,  # None: the device's default
     )
     name = settings.served_model_name or bundle.name
     metrics = Metrics(name)

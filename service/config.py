@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     max_num_batched_tokens: int = Field(
         2048, ge=16, description="tokens per engine step: every decoding sequence's one, then prompt chunks"
     )
+    prefill_chunk: int = Field(
+        0,
+        ge=0,
+        description="a prompt's most tokens per engine step (0: 256 on the CPU, where a long prompt prefills faster in "
+        "chunks; the token budget on CUDA)",
+    )
     prefix_cache: CliImplicitFlag[bool] = Field(
         True, description="reuse the cached keys and values of a prompt's longest computed prefix (--no-prefix-cache)"
     )

@@ -17,8 +17,11 @@ prompt chunks fill what is left. Continuing prompts (already partly in the cache
 onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty; fresh
 prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
 tokens, in calls of at most PREFILL_CALL_TOKENS. A padded row writes throwaway keys past its own length, which its
-next real write overwrites. The decode call runs first, then the prompt calls; each call's tokens are sampled and
-sent before the next call starts, so a prompt's first token never waits for the prefill of the prompts after it.
+next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU tokens a step, and at most one prompt
+with more than that left is part-way through its prefill at a time (vLLM's max_long_partial_prefills of 1): the
+other long ones wait for it, so a burst of long prompts is prefilled one after another, not all in lockstep. The
+decode call runs first, then the prompt calls; each call's tokens are sampled and sent before the next call starts,
+so a prompt's first token never waits for the prefill of the prompts after it.
 
 No idle rows. A graph call binds one contiguous range of cache rows, so before the calls the scheduler places
 the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
@@ -67,6 +70,11 @@ PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output t
 # before the next call: 4 rows of 128 tokens prefill as fast per token as 16 in one call (docs/BENCHMARKS.md), and
 # the first of a burst of prompts no longer waits for the last one's prefill.
 PREFILL_CALL_TOKENS = 512
+# On the CPU a prompt is prefilled in chunks of at most this many tokens, one a step: onnxruntime's CPU
+# GroupQueryAttention computes every chunk's whole square of scores against the positions before it, the masked half
+# too, so a long prompt costs less in chunks (1,024 tokens: 24% less time in chunks of 256 than in one call, fp32 and
+# int4; docs/BENCHMARKS.md). Elsewhere a prompt's chunk is bounded by the step's token budget alone (not measured).
+PREFILL_CHUNK_CPU = 256
 
 
 # Decode steps with at least this many sampled rows have their logits reduced where the engine can (on CUDA: the
@@ -103,10 +111,14 @@ class Scheduler:
         max_queued_tokens: int = 1 << 30,
         grammars: Grammars | None = None,
         prefix_cache: bool = True,
+        prefill_chunk: int | None = None,  # a prompt's tokens per step at most (None: PREFILL_CHUNK_CPU on the CPU)
     ) -> None:
         self.engine, self.tokenizer, self.eos_ids = engine, tokenizer, frozenset(eos_token_ids)
         self.grammars = grammars
         self.max_model_len, self.budget, self.max_waiting = max_model_len, max_num_batched_tokens, max_waiting
+        if prefill_chunk is None:
+            prefill_chunk = PREFILL_CHUNK_CPU if engine.device == "cpu" else max_model_len
+        self.prefill_chunk = prefill_chunk
         self.max_queued_tokens = max_queued_tokens
         self.queued_tokens = 0  # prompt tokens of sequences not yet admitted
         self._queue_lock = threading.Lock()
@@ -305,7 +317,9 @@ class Scheduler:
     def _plan_prefill(self, budget: int) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         """Which prompts get how many tokens this step, within `budget` tokens: (continuing, fresh), each a list
         of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts, right-padded to
-        the chunk length that fits the most real tokens (every row of it costs S tokens), split into calls later."""
+        the chunk length that fits the most real tokens (every row of it costs S tokens), split into calls later.
+        No chunk is longer than `prefill_chunk`; a fresh prompt longer than that starts only while no prompt with
+        more than that left is part-way through, and then alone among the long ones."""
         pending = sorted(
             (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0
         )
@@ -318,17 +332,23 @@ class Scheduler:
                 if source is not None:
                     self.cache.copy(source, seq.slot, n)
                     seq.prefilled = n
+        cap = self.prefill_chunk
         continuing = []
         for seq in pending:
             if seq.prefilled and budget > 0:
-                chunk = min(len(seq.prompt) - seq.prefilled, budget)
+                chunk = min(len(seq.prompt) - seq.prefilled, budget, cap)
                 continuing.append((seq, chunk))
                 budget -= chunk
         fresh = [s for s in pending if not s.prefilled]
+        long = [s for s in fresh if len(s.prompt) > cap]
+        if any(s.prefilled and len(s.prompt) - s.prefilled > cap for s in pending):  # one is part-way: they wait
+            fresh = [s for s in fresh if len(s.prompt) <= cap]
+        elif len(long) > 1:  # the oldest long prompt may start
+            fresh = [s for s in fresh if len(s.prompt) <= cap or s is long[0]]
         if budget <= 0 or not fresh:
             return continuing, []
         best: tuple[int, int] = (0, 0)  # (real tokens, -S)
-        for S in sorted({min(len(s.prompt), budget) for s in fresh}):
+        for S in sorted({min(len(s.prompt), budget, cap) for s in fresh}):
             rows = fresh[: budget // S]
             best = max(best, (sum(min(len(s.prompt), S) for s in rows), -S))
         S = -best[1]

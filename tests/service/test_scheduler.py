@@ -359,3 +359,32 @@ def test_swapping_slots_through_the_device_copy_graph_matches_numpy(tiny_bundle)
         cache.copy(1, 0, 32)
     for a, b in zip(plain.arrays or [], graph.arrays or []):
         assert np.array_equal(a[:3], b[:3])
+
+
+def test_long_prompts_prefill_in_capped_chunks_one_after_another(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
+    prompts = {"a": tuple(range(20, 120)), "b": tuple(range(150, 250)), "c": tuple(range(300, 310))}  # 100, 100, 10
+
+    def generate(chunk):
+        s = Scheduler(Engine(bundle, 4, 256), tok, (), 256, 1024, prefix_cache=False, prefill_chunk=chunk)
+        s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+        calls, got = [], {name: [] for name in prompts}
+        real = s.engine.forward
+        s.engine.forward = lambda ids, *a: calls.append((set(ids[:, 0].tolist()), ids.shape)) or real(ids, *a)
+        for name, prompt in prompts.items():
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            s.submit(GenerationRequest(name, prompt, params), lambda e, name=name: got[name].extend(e.token_ids))
+        while s.running or s.waiting or not s._incoming.empty():
+            s.step()
+        return calls, got
+
+    whole_calls, whole = generate(256)
+    calls, chunked = generate(32)
+    assert chunked == whole and all(len(t) == 6 for t in whole.values())
+    assert max(shape[1] for _, shape in calls) == 32 < max(shape[1] for _, shape in whole_calls) == 100
+    prefills = [(firsts, shape[1]) for firsts, shape in calls if shape[1] > 1]  # (rows' first ids, chunk length)
+    a, b, c = ([i for i, (firsts, _) in enumerate(prefills) if firsts & set(prompts[n])] for n in "abc")
+    assert [prefills[i][1] for i in a] == [prefills[i][1] for i in b] == [32, 32, 32, 4]
+    assert max(a) < min(b), f"the second long prompt started before the first was done: {prefills}"
+    assert c == [0]  # a short prompt does not wait for the long one
