@@ -119,6 +119,16 @@ def test_reduced_logits_check_finds_equal_values_tokens_and_texts(q4_bundles):
     assert len(steps) == 6 and all(len(s["full_ms"]) == len(s["reduced_ms"]) == 2 for s in steps)
 
 
+def test_long_prompt_ttft_compares_two_prefill_chunks(tiny_bundle):
+    args = ("--bundle", str(tiny_bundle), "--tokens", "40", "--rounds", "2", "--chunks", "64,16")
+    result = run_cli("loadtests.long_prompt", *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [(r["prefill_chunk"], r["tokens"], len(r["ttft_ms"])) for r in rows] == [(64, 40, 2), (16, 40, 2)]
+    assert rows[0]["ratio_to_first"] == 1.0 and rows[1]["ratio_to_first"] > 0
+    assert all(t > 0 for r in rows for t in r["ttft_ms"])
+
+
 def test_event_loop_cpu_per_token_reads_the_servers_threads(tiny_bundle):
     args = ("--bundle", str(tiny_bundle), "--tokens", "8", "--requests", "2", "--rounds", "1")
     result = run_cli("loadtests.event_loop_cpu", *args, timeout=300)
