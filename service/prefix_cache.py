@@ -54,14 +54,16 @@ class PrefixCache:
             self.entries[a] = eb
         self.last_used[[a, b]] = self.last_used[[b, a]]
 
-    def lookup(self, prompt: np.ndarray, running: dict[int, np.ndarray], again: bool = False) -> tuple[int | None, int]:
+    def lookup(
+        self, prompt: np.ndarray, running: dict[int, np.ndarray], again: bool = False, beyond: int = 0
+    ) -> tuple[int | None, int]:
         """(slot, n): the slot holding the longest prefix of prompt (P,) among the entries and the running
         sequences' written tokens (`running`: slot -> tokens), and its length n <= P - 2; (None, 0) if none
-        reaches MIN_MATCH. Counts the query (once: not `again`, a second look just before the prompt's first
-        chunk) and the hit."""
+        reaches MIN_MATCH or passes `beyond` (the positions the prompt's slot holds already). Counts the query
+        (once: not `again`, a second look before the prompt's first computed chunk) and the hit's new tokens."""
         if not self.enabled:
             return None, 0
-        best, best_n = None, 0
+        best, best_n = None, beyond
         limit = len(prompt) - RECOMPUTED
         for slot, tokens in [*(() if again else self.entries.items()), *running.items()]:
             n = min(len(tokens), limit)
@@ -72,9 +74,9 @@ class PrefixCache:
             if n > best_n:  # entries come first, so a tie goes to an entry: no copy needed
                 best, best_n = slot, n
         self.queries += 0 if again else len(prompt)
-        if best_n < MIN_MATCH:
+        if best is None or best_n < MIN_MATCH:
             return None, 0
-        self.hits += best_n
+        self.hits += best_n - beyond
         if best in self.entries:
             self.last_used[best] = time.monotonic()
         return best, best_n

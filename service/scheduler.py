@@ -17,9 +17,10 @@ prompt chunks fill what is left. Continuing prompts (already partly in the cache
 onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty; fresh
 prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
 tokens, in calls of at most PREFILL_CALL_TOKENS. A padded row writes throwaway keys past its own length, which its
-next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU tokens a step, and at most one prompt
-with more than that left is part-way through its prefill at a time (vLLM's max_long_partial_prefills of 1): the
-other long ones wait for it, so a burst of long prompts is prefilled one after another, not all in lockstep. The
+next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU tokens a step, and of the prompts
+with more than that left only one computes at a time (vLLM's max_long_partial_prefills of 1): the others wait for
+it, so a burst of long prompts is prefilled one after another, not all in lockstep, and those sharing its prefix
+(a chat service's system prompt) copy that from its slot when their turn comes instead of computing it too. The
 decode call runs first, then the prompt calls; each call's tokens are sampled and sent before the next call starts,
 so a prompt's first token never waits for the prefill of the prompts after it.
 
@@ -311,40 +312,50 @@ class Scheduler:
             if source is not None:
                 self.cache.copy(source, slot, n)
             self.cache.lengths[slot] = n
-            seq.slot, seq.prefilled, seq.admitted = slot, n, time.perf_counter()
+            seq.slot, seq.prefilled, seq.cached, seq.admitted = slot, n, n, time.perf_counter()
             self.running[slot] = seq
 
     def _plan_prefill(self, budget: int) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         """Which prompts get how many tokens this step, within `budget` tokens: (continuing, fresh), each a list
         of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts, right-padded to
         the chunk length that fits the most real tokens (every row of it costs S tokens), split into calls later.
-        No chunk is longer than `prefill_chunk`; a fresh prompt longer than that starts only while no prompt with
-        more than that left is part-way through, and then alone among the long ones."""
+
+        No chunk is longer than `prefill_chunk`, and of the prompts with more than that left only one computes at a
+        time (the leader: the one part-way through, else the oldest); the others wait, and look for their prefix
+        again when their turn comes, so prompts sharing a long prefix with the leader copy it rather than compute
+        it beside it."""
         pending = sorted(
             (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0
         )
         if budget <= 0 or not pending:
             return [], []
-        written = {slot: s.written() for slot, s in self.running.items()}
-        for seq in pending:  # a second look: another prompt may have written this one's prefix since admission
-            if not seq.prefilled and not seq.state.request.prompt_logprobs:
-                source, n = self.prefix.lookup(seq.prompt, written, again=True)
-                if source is not None:
-                    self.cache.copy(source, seq.slot, n)
-                    seq.prefilled = n
         cap = self.prefill_chunk
+
+        def left(s: Sequence) -> int:
+            return len(s.prompt) - s.prefilled
+
+        leader = next((s for s in pending if s.prefilled > s.cached and left(s) > cap), None)
+        written = {slot: s.written() for slot, s in self.running.items()}
+        for seq in pending:  # a second look: others may have written more of its prefix since its admission
+            if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs:  # computing its own already
+                continue
+            if leader is not None and left(seq) > cap:  # it waits for the leader anyway: it looks when its turn comes
+                continue
+            others = {slot: tokens for slot, tokens in written.items() if slot != seq.slot}
+            source, n = self.prefix.lookup(seq.prompt, others, again=True, beyond=seq.prefilled)
+            if source is not None:
+                self.cache.copy(source, seq.slot, n)
+                seq.prefilled = seq.cached = n
+        if leader is None:
+            leader = next((s for s in pending if left(s) > cap), None)
+        ready = [s for s in pending if left(s) <= cap or s is leader]
         continuing = []
-        for seq in pending:
+        for seq in ready:
             if seq.prefilled and budget > 0:
-                chunk = min(len(seq.prompt) - seq.prefilled, budget, cap)
+                chunk = min(left(seq), budget, cap)
                 continuing.append((seq, chunk))
                 budget -= chunk
-        fresh = [s for s in pending if not s.prefilled]
-        long = [s for s in fresh if len(s.prompt) > cap]
-        if any(s.prefilled and len(s.prompt) - s.prefilled > cap for s in pending):  # one is part-way: they wait
-            fresh = [s for s in fresh if len(s.prompt) <= cap]
-        elif len(long) > 1:  # the oldest long prompt may start
-            fresh = [s for s in fresh if len(s.prompt) <= cap or s is long[0]]
+        fresh = [s for s in ready if not s.prefilled]
         if budget <= 0 or not fresh:
             return continuing, []
         best: tuple[int, int] = (0, 0)  # (real tokens, -S)

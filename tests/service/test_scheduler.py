@@ -388,3 +388,29 @@ def test_long_prompts_prefill_in_capped_chunks_one_after_another(tiny_bundle):
     assert [prefills[i][1] for i in a] == [prefills[i][1] for i in b] == [32, 32, 32, 4]
     assert max(a) < min(b), f"the second long prompt started before the first was done: {prefills}"
     assert c == [0]  # a short prompt does not wait for the long one
+
+
+def test_prompts_sharing_a_long_prefix_wait_and_copy_it_from_the_leader(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
+    system = tuple(range(30, 90))  # 60 tokens every prompt starts with
+    tails = {name: tuple(range(start, start + 10)) for name, start in (("a", 100), ("b", 200), ("c", 300))}
+
+    def generate(chunk):
+        s = Scheduler(Engine(bundle, 4, 256), tok, (), 256, 1024, prefill_chunk=chunk)
+        s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+        calls, got = [], {name: [] for name in tails}
+        real = s.engine.forward
+        s.engine.forward = lambda ids, *a: calls.append(ids[:, 0].tolist()) or real(ids, *a)
+        for name, tail in tails.items():
+            params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+            s.submit(GenerationRequest(name, system + tail, params), lambda e, name=name: got[name].extend(e.token_ids))
+        while s.running or s.waiting or not s._incoming.empty():
+            s.step()
+        return calls, got, s.prefix.hits
+
+    _, whole, _ = generate(256)
+    calls, chunked, hits = generate(16)
+    assert chunked == whole and all(len(t) == 6 for t in whole.values())
+    assert hits == 2 * 60  # b and c copied the whole system prompt from a's slot, not computed beside it
+    assert [firsts for firsts in calls if firsts[0] in (tails["b"][0], tails["c"][0])] == [[200], [300]]
