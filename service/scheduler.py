@@ -73,7 +73,7 @@ PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output t
 PREFILL_CALL_TOKENS = 512
 # On the CPU a prompt is prefilled in chunks of at most this many tokens, one a step: onnxruntime's CPU
 # GroupQueryAttention computes every chunk's whole square of scores against the positions before it, the masked half
-# too, so a long prompt costs less in chunks (1,024 tokens: 24% less time in chunks of 256 than in one call, fp32 and
+# too, so a long prompt costs less in chunks (1,024 tokens: 22-24% less time in chunks of 256 than in one call, fp32 and
 # int4; docs/BENCHMARKS.md). Elsewhere a prompt's chunk is bounded by the step's token budget alone (not measured).
 PREFILL_CHUNK_CPU = 256
 
