@@ -91,7 +91,7 @@ def build_runtime(settings: Settings) -> Runtime:
     client = EngineClient(scheduler, metrics, settings.request_timeout)
     serving = OpenAIServing(settings, validator, client, tokenizer, name)
     log.info(
-        "serving %s (%s, %s) from %s: %d slots x %d positions on %s",
+        "serving %s (%s, %s) from %s: %d slots x %d positions on %s; %d tokens a step, a prompt's at most %d",
         name,
         bundle.dtype,
         bundle.quantization,
@@ -99,6 +99,8 @@ def build_runtime(settings: Settings) -> Runtime:
         settings.max_num_seqs,
         max_len,
         engine.device,
+        settings.max_num_batched_tokens,
+        min(scheduler.prefill_chunk, settings.max_num_batched_tokens),
     )
     inspector = Inspector(bundle.inspect, engine.providers, settings.intra_op_threads) if bundle.inspect else None
     inspection = InspectServing(settings, scheduler, tokenizer, name, inspector)
