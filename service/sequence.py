@@ -49,6 +49,7 @@ class TokenEvent:
     error: str | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # with the first event when asked for
     queued_s: float | None = None  # with the first event: time from submission to admission
+    cached_tokens: int | None = None  # with the first event: prompt tokens taken from the prefix cache
 
 
 Sink = Callable[[TokenEvent], None]
@@ -151,6 +152,7 @@ class Sequence:
             finish_reason=reason,
             prompt_logprobs=tuple(self.prompt_logprobs) if first and self.state.request.prompt_logprobs else None,
             queued_s=(self.admitted - self.state.submitted) if first and self.admitted else None,
+            cached_tokens=self.cached if first else None,
         )
 
     def end(self, reason: str, error: str | None = None) -> TokenEvent:

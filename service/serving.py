@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from service.protocol import (
     Delta,
     DetokenizeRequest,
     DetokenizeResponse,
+    PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
     TopLogprob,
@@ -74,6 +75,7 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     offset: int = 0  # legacy logprobs: text_offset of this choice's next token
+    cached_tokens: int = 0  # of its prompt, the tokens the prefix cache held
 
 
 class OpenAIServing:
@@ -104,7 +106,7 @@ class OpenAIServing:
             text = (self.tokenizer.decode(list(prompt)) if req.echo else "") + c.text
             lp = self._completion_logprobs(c.logprobs, 0, prompt) if req.logprobs is not None else None
             out.append(CompletionChoice(text=text, index=index, logprobs=lp, finish_reason=c.finish_reason))
-        usage = self._usage(gen, choices.values())
+        usage = self._usage(gen, choices)
         return CompletionResponse(id=rid, created=created, model=self.model, choices=out, usage=usage).model_dump()
 
     async def chat(self, req: ChatCompletionRequest, http: Request) -> dict[str, Any] | AsyncIterator[str]:
@@ -123,7 +125,7 @@ class OpenAIServing:
             )
             for i, c in sorted(choices.items())
         ]
-        usage = self._usage(gen, choices.values())
+        usage = self._usage(gen, choices)
         return ChatCompletionResponse(id=rid, created=created, model=self.model, choices=out, usage=usage).model_dump()
 
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
@@ -219,7 +221,7 @@ class OpenAIServing:
             else:
                 yield render(ce.index, text, lp, c.finish_reason)
         if req.include_usage:
-            usage = self._usage(gen, choices.values())
+            usage = self._usage(gen, choices)
             yield CompletionResponse(id=rid, created=created, model=self.model, choices=[], usage=usage).model_dump()
 
     async def _chat_chunks(
@@ -256,15 +258,22 @@ class OpenAIServing:
             if ev.finish_reason:
                 yield chunk(ce.index, Delta(), None, c.finish_reason)
         if req.include_usage:
-            usage = self._usage(gen, choices.values())
+            usage = self._usage(gen, choices)
             yield ChatCompletionChunk(id=rid, created=created, model=self.model, choices=[], usage=usage).model_dump()
 
     # ------------------------------------------------------------------ shapes
 
-    def _usage(self, gen: Generation, choices: Iterable[Choice]) -> Usage:
+    def _usage(self, gen: Generation, choices: dict[int, Choice]) -> Usage:
         prompt = sum(len(p) for p in gen.prompts)  # each prompt once, whatever n (as OpenAI and vLLM count)
-        completion = sum(len(c.token_ids) for c in choices)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+        completion = sum(len(c.token_ids) for c in choices.values())
+        n = gen.valid.n  # a prompt's cached tokens: those of its first choice
+        cached = sum(choices[i].cached_tokens for i in range(0, len(gen.prompts) * n, n) if i in choices)
+        return Usage(
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=prompt + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+        )
 
     def _completion_logprobs(
         self, entries: list[TokenLogprob | None], offset: int, prompt: tuple[int, ...]
@@ -305,6 +314,8 @@ def _accumulate(c: Choice, ce: ChoiceEvent) -> None:
     ev = ce.event
     if ev.prompt_logprobs is not None:  # echo: the prompt's entries lead the choice's list
         c.logprobs[:0] = list(ev.prompt_logprobs)
+    if ev.cached_tokens is not None:
+        c.cached_tokens = ev.cached_tokens
     c.text += ev.text
     c.token_ids += ev.token_ids
     c.logprobs += list(ev.logprobs or ())

@@ -168,4 +168,6 @@ def test_unsupported_chat_fields_are_refused(tiny_server, extra, param, code):
 def test_usage_counts_each_prompt_once_whatever_n(tiny_server):
     body = {"model": "tiny", "prompt": EMOJI, "max_tokens": 3, "n": 3, "ignore_eos": True}
     usage = httpx.post(tiny_server.v1 + "/completions", json=body, timeout=60).json()["usage"]
+    cached = usage.pop("prompt_tokens_details")["cached_tokens"]
     assert usage == {"prompt_tokens": len(EMOJI_IDS), "completion_tokens": 9, "total_tokens": len(EMOJI_IDS) + 9}
+    assert 0 <= cached <= len(EMOJI_IDS) - 2  # the prefix cache recomputes a prompt's last two tokens at least

@@ -26,11 +26,15 @@ def servers(tiny_bundle, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
     stop_server(off)
 
 
+CACHED: list[int] = []  # usage.prompt_tokens_details.cached_tokens of each completion, in order
+
+
 def complete(server: Server, prompt: list[int], **params) -> tuple[str, list[str]]:
     """The completion's text and its tokens (from the logprobs object)."""
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 0}
     r = httpx.post(server.v1 + "/completions", json={**body, **params}, timeout=60)
     assert r.status_code == 200, r.text
+    CACHED.append(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
     choice = r.json()["choices"][0]
     return choice["text"], choice["logprobs"]["tokens"]
 
@@ -51,6 +55,7 @@ def test_answers_are_the_same_with_and_without_the_cache_and_hits_are_counted(se
     assert complete(on, second) == complete(off, second)
     q2, h2 = counters(on)
     assert q2 - q1 == len(second) and h2 - h1 == len(SYSTEM)
+    assert CACHED[-2:] == [len(SYSTEM), 0]  # the usage says so too; the server without the cache: none
 
     # a multi-turn chat resends its history: the previous prompt and answer, then a new turn
     text = complete(on, second)[0]
