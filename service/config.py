@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     prefill_chunk: int = Field(
         0,
         ge=0,
-        description="a prompt's most tokens per engine step (0: 256 on the CPU, where a long prompt prefills faster in "
-        "chunks; the token budget on CUDA)",
+        description="a prompt's most tokens per engine step, 0 or at least 16 (0: 256 on the CPU, where a long prompt "
+        "prefills faster in chunks; the token budget on CUDA)",
     )
     prefix_cache: CliImplicitFlag[bool] = Field(
         True, description="reuse the cached keys and values of a prompt's longest computed prefix (--no-prefix-cache)"
@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     def _bundle_is_dir(cls, v: Path) -> Path:
         if not v.is_dir():
             raise ValueError(f"{v}: no such bundle directory (run `make export` or `python -m export`)")
+        return v
+
+    @field_validator("prefill_chunk")
+    @classmethod
+    def _whole_chunks(cls, v: int) -> int:
+        if 0 < v < 16:
+            raise ValueError("0 (the device's default) or at least 16")
         return v
 
     @field_validator("cors_origins")

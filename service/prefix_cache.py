@@ -13,9 +13,10 @@ So a reused prompt prefix gives the same logits to the last bit as computing it 
 sequence wrote while decoding (a chat's previous answer) came from one-row products and may differ from a
 recomputation in the last bits (the tokens chosen are the same unless two candidates tie to within them).
 
-A prompt is looked up when it is admitted, and once more just before its first chunk is computed if nothing
-matched then: prompts that arrive together with the same system prompt wait for the first of them to write it,
-then copy it (the token budget rarely lets two long fresh prompts into one step anyway).
+A prompt is looked up when it is admitted, and again before each step until it computes a chunk of its own (the
+scheduler's second look, entries included): prompts that arrive together with the same system prompt wait for the
+first of them to write it, then copy it (on the CPU a prompt with more than `--prefill-chunk` tokens left waits
+while another such prompt computes; the token budget rarely lets two long fresh prompts into one step anyway).
 """
 
 from __future__ import annotations
@@ -60,12 +61,13 @@ class PrefixCache:
         """(slot, n): the slot holding the longest prefix of prompt (P,) among the entries and the running
         sequences' written tokens (`running`: slot -> tokens), and its length n <= P - 2; (None, 0) if none
         reaches MIN_MATCH or passes `beyond` (the positions the prompt's slot holds already). Counts the query
-        (once: not `again`, a second look before the prompt's first computed chunk) and the hit's new tokens."""
+        (once: not `again`, a second look before the prompt's first computed chunk) and the hit's new tokens.
+        Entries are looked at first, so a tie goes to an entry (at admission its slot is taken over, no copy)."""
         if not self.enabled:
             return None, 0
         best, best_n = None, beyond
         limit = len(prompt) - RECOMPUTED
-        for slot, tokens in [*(() if again else self.entries.items()), *running.items()]:
+        for slot, tokens in [*self.entries.items(), *running.items()]:
             n = min(len(tokens), limit)
             if n <= best_n or tokens[0] != prompt[0]:
                 continue

@@ -334,7 +334,9 @@ class Scheduler:
         def left(s: Sequence) -> int:
             return len(s.prompt) - s.prefilled
 
-        leader = next((s for s in pending if s.prefilled > s.cached and left(s) > cap), None)
+        # the leader: a prompt with more than `cap` to compute that has begun and not finished; the others wait for
+        # all of it, so that a prefix they share with it is whole when they copy it
+        leader = next((s for s in pending if s.prefilled > s.cached and len(s.prompt) - s.cached > cap), None)
         written = {slot: s.written() for slot, s in self.running.items()}
         for seq in pending:  # a second look: others may have written more of its prefix since its admission
             if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs:  # computing its own already
@@ -352,7 +354,7 @@ class Scheduler:
         continuing = []
         for seq in ready:
             if seq.prefilled and budget > 0:
-                chunk = min(left(seq), budget, cap)
+                chunk = _not_one_short(left(seq), min(left(seq), budget, cap))
                 continuing.append((seq, chunk))
                 budget -= chunk
         fresh = [s for s in ready if not s.prefilled]
@@ -363,7 +365,7 @@ class Scheduler:
             rows = fresh[: budget // S]
             best = max(best, (sum(min(len(s.prompt), S) for s in rows), -S))
         S = -best[1]
-        return continuing, [(s, min(len(s.prompt), S)) for s in fresh[: budget // S]]
+        return continuing, [(s, _not_one_short(len(s.prompt), min(len(s.prompt), S))) for s in fresh[: budget // S]]
 
     def _place(self, group: list[Sequence], lo: int) -> None:
         """Moves the sequences of `group` into slots [lo, lo + len(group)), swapping with whatever is there."""
@@ -530,6 +532,12 @@ class Scheduler:
         for i in range(n):
             top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[i], top_lps[i]))
             seq.prompt_logprobs.append(TokenLogprob(int(targets[i]), text(int(targets[i])), float(chosen[i]), top))
+
+
+def _not_one_short(left: int, chunk: int) -> int:
+    """A chunk of a prompt with `left` tokens to compute that does not leave exactly one for later: a last chunk of
+    one token would come from a one-row product, whose logits round differently (see service/prefix_cache.py)."""
+    return chunk - 1 if left - chunk == 1 and chunk > 1 else chunk
 
 
 def _prefill_calls(fresh: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:

@@ -393,7 +393,7 @@ def test_long_prompts_prefill_in_capped_chunks_one_after_another(tiny_bundle):
 def test_prompts_sharing_a_long_prefix_wait_and_copy_it_from_the_leader(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
-    system = tuple(range(30, 90))  # 60 tokens every prompt starts with
+    system = tuple(range(30, 100))  # 70 tokens every prompt starts with: they end inside a's last chunk of 16
     tails = {name: tuple(range(start, start + 10)) for name, start in (("a", 100), ("b", 200), ("c", 300))}
 
     def generate(chunk):
@@ -412,5 +412,22 @@ def test_prompts_sharing_a_long_prefix_wait_and_copy_it_from_the_leader(tiny_bun
     _, whole, _ = generate(256)
     calls, chunked, hits = generate(16)
     assert chunked == whole and all(len(t) == 6 for t in whole.values())
-    assert hits == 2 * 60  # b and c copied the whole system prompt from a's slot, not computed beside it
+    assert hits == 2 * 70  # b and c copied the whole system prompt from a's slot, not computed beside it
     assert [firsts for firsts in calls if firsts[0] in (tails["b"][0], tails["c"][0])] == [[200], [300]]
+
+
+def test_no_prompt_is_left_one_token_for_a_chunk_of_its_own(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
+    s = Scheduler(Engine(bundle, 2, 256), tok, (), 256, 1024, prefix_cache=False, prefill_chunk=16)
+    s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+    calls = []
+    real = s.engine.forward
+    s.engine.forward = lambda ids, *a: calls.append(ids.shape) or real(ids, *a)
+    for name, n in (("a", 33), ("b", 17)):  # 16 + 16 + 1 and 16 + 1 if cut plainly
+        params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+        s.submit(GenerationRequest(name, tuple(range(40, 40 + n)), params), lambda e: None)
+    while s.running or s.waiting or not s._incoming.empty():
+        s.step()
+    prefills = [S for rows, S in calls if S > 1]
+    assert sorted(prefills) == sorted([16, 15, 2, 15, 2]), calls  # a: 16 15 2, b: 15 2

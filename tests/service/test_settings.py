@@ -10,6 +10,7 @@ from service.__main__ import main
     [
         (["--prefill-chunk", "-1"], "prefill_chunk"),
         (["--prefill-chunk", "many"], "prefill_chunk"),
+        (["--prefill-chunk", "1"], "prefill_chunk"),
         (["--max-num-batched-tokens", "8"], "max_num_batched_tokens"),
         (["--max-num-seqs", "0"], "max_num_seqs"),
     ],
