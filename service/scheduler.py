@@ -323,7 +323,8 @@ class Scheduler:
         No chunk is longer than `prefill_chunk`, and of the prompts with more than that left only one computes at a
         time (the leader: the one part-way through, else the oldest); the others wait, and look for their prefix
         again when their turn comes, so prompts sharing a long prefix with the leader copy it rather than compute
-        it beside it."""
+        it beside it. The next one starts beside the leader's last chunk unless it shares more with the leader's
+        prompt than the leader has written (it then waits a step more and copies all of that)."""
         pending = sorted(
             (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0
         )
@@ -334,22 +335,31 @@ class Scheduler:
         def left(s: Sequence) -> int:
             return len(s.prompt) - s.prefilled
 
-        # the leader: a prompt with more than `cap` to compute that has begun and not finished; the others wait for
-        # all of it, so that a prefix they share with it is whole when they copy it
-        leader = next((s for s in pending if s.prefilled > s.cached and len(s.prompt) - s.cached > cap), None)
+        # prompts with more than `cap` to compute that have begun: the one with more than a chunk left leads
+        started = [s for s in pending if s.prefilled > s.cached and len(s.prompt) - s.cached > cap]
+        leader = next((s for s in started if left(s) > cap), None)
+        ending = [s for s in started if left(s) <= cap]  # their last chunk is this step's
+
+        def waits(s: Sequence) -> bool:
+            """A prompt with more than `cap` left that may neither start nor look for its prefix this step."""
+            if s in started or left(s) <= cap:
+                return False
+            if leader is not None:  # one long prompt computes at a time
+                return True
+            # start beside an ending one, unless it is writing a prefix this one would copy
+            return self.prefix.enabled and any(_common_prefix(s.prompt, e.prompt) > e.prefilled for e in ending)
+
         written = {slot: s.written() for slot, s in self.running.items()}
         for seq in pending:  # a second look: others may have written more of its prefix since its admission
-            if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs:  # computing its own already
-                continue
-            if leader is not None and left(seq) > cap:  # it waits for the leader anyway: it looks when its turn comes
-                continue
+            if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs or waits(seq):
+                continue  # computing its own already, or needing every position's logits, or not its turn
             others = {slot: tokens for slot, tokens in written.items() if slot != seq.slot}
             source, n = self.prefix.lookup(seq.prompt, others, again=True, beyond=seq.prefilled)
             if source is not None:
                 self.cache.copy(source, seq.slot, n)
                 seq.prefilled = seq.cached = n
         if leader is None:
-            leader = next((s for s in pending if left(s) > cap), None)
+            leader = next((s for s in pending if left(s) > cap and not waits(s)), None)
         ready = [s for s in pending if left(s) <= cap or s is leader]
         continuing = []
         for seq in ready:
@@ -532,6 +542,13 @@ class Scheduler:
         for i in range(n):
             top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[i], top_lps[i]))
             seq.prompt_logprobs.append(TokenLogprob(int(targets[i]), text(int(targets[i])), float(chosen[i]), top))
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens token arrays a and b begin with alike."""
+    n = min(len(a), len(b))
+    same = a[:n] == b[:n]
+    return n if same.all() else int(np.argmin(same))
 
 
 def _not_one_short(left: int, chunk: int) -> int:
