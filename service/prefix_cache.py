@@ -29,6 +29,13 @@ MIN_MATCH = 8  # shorter matches are recomputed: a copy of a few positions is no
 RECOMPUTED = 2  # prompt tokens always computed (see above)
 
 
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens the token arrays a and b begin with alike."""
+    n = min(len(a), len(b))
+    same = a[:n] == b[:n]
+    return n if same.all() else int(np.argmin(same))
+
+
 class PrefixCache:
     def __init__(self, slots: int, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -71,8 +78,7 @@ class PrefixCache:
             n = min(len(tokens), limit)
             if n <= best_n or tokens[0] != prompt[0]:
                 continue
-            same = tokens[:n] == prompt[:n]
-            n = n if same.all() else int(np.argmin(same))
+            n = common_prefix(tokens[:n], prompt)
             if n > best_n:  # entries come first, so a tie goes to an entry: no copy needed
                 best, best_n = slot, n
         self.queries += 0 if again else len(prompt)

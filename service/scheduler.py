@@ -49,7 +49,7 @@ import numpy as np
 
 from service.engine import Engine
 from service.grammar import Grammars
-from service.prefix_cache import PrefixCache
+from service.prefix_cache import PrefixCache, common_prefix
 from service.sampler import Candidates, Row, logprobs_batch, reduction_inputs, sample_batch
 from service.sequence import (
     GenerationRequest,
@@ -347,14 +347,14 @@ class Scheduler:
             if leader is not None:  # one long prompt computes at a time
                 return True
             # start beside an ending one, unless it is writing a prefix this one would copy
-            return self.prefix.enabled and any(_common_prefix(s.prompt, e.prompt) > e.prefilled for e in ending)
+            return self.prefix.enabled and any(common_prefix(s.prompt, e.prompt) > e.prefilled for e in ending)
 
         written = {slot: s.written() for slot, s in self.running.items()}
         for seq in pending:  # a second look: others may have written more of its prefix since its admission
             if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs or waits(seq):
                 continue  # computing its own already, or needing every position's logits, or not its turn
-            others = {slot: tokens for slot, tokens in written.items() if slot != seq.slot}
-            source, n = self.prefix.lookup(seq.prompt, others, again=True, beyond=seq.prefilled)
+            # its own slot holds `prefilled` tokens of it, never more than `beyond`: no need to leave it out
+            source, n = self.prefix.lookup(seq.prompt, written, again=True, beyond=seq.prefilled)
             if source is not None:
                 self.cache.copy(source, seq.slot, n)
                 seq.prefilled = seq.cached = n
@@ -542,13 +542,6 @@ class Scheduler:
         for i in range(n):
             top = tuple((int(t), text(int(t)), float(v)) for t, v in zip(top_ids[i], top_lps[i]))
             seq.prompt_logprobs.append(TokenLogprob(int(targets[i]), text(int(targets[i])), float(chosen[i]), top))
-
-
-def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many tokens token arrays a and b begin with alike."""
-    n = min(len(a), len(b))
-    same = a[:n] == b[:n]
-    return n if same.all() else int(np.argmin(same))
 
 
 def _not_one_short(left: int, chunk: int) -> int:
