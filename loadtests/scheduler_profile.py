@@ -9,6 +9,8 @@ emitting; with --reduce-logits also the reduction of the logits to Candidates, "
   batch 1 / batch 16, greedy and sampled (temperature 0.8, top-p 0.95, top-k 50, frequency penalty 0.3, seeded)
   batch 4 and 16 with the model's recommended sampling (the bundle's generation defaults, what a request that names no
   temperature or top_p gets: SmolLM2's temperature 0.2, top-p 0.9), seeded
+  batch 16 at temperature 1.0 with top-p 0.95, and at temperature 1.0 alone (wide distributions: the whole
+  vocabulary in play), seeded
   two streams in slots 0 and 1, and two streams left in slots 0 and 15 after 14 short ones between them ended
 Prints one JSON line per case.
 """
@@ -106,6 +108,8 @@ def main() -> None:
         }
         print(json.dumps(out), flush=True)
 
+    wide = SamplingParams(max_tokens=OUTPUT, temperature=1.0, top_p=0.95, seed=1, ignore_eos=True)
+    plain = SamplingParams(max_tokens=OUTPUT, temperature=1.0, seed=1, ignore_eos=True)
     short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     case("batch 1 greedy", [greedy], 1)
     case("batch 1 sampled", [sampled], 1)
@@ -113,6 +117,8 @@ def main() -> None:
     case("batch 16 sampled", [sampled] * 16, 16)
     case("batch 4, the model's defaults", [defaults] * 4, 4)
     case("batch 16, the model's defaults", [defaults] * 16, 16)
+    case("batch 16, temperature 1.0, top-p 0.95", [wide] * 16, 16)
+    case("batch 16, temperature 1.0", [plain] * 16, 16)
     case("2 streams, slots 0 and 1", [greedy] * 2, 2)
     case("2 streams, slots 0 and 15 (the 14 between ended)", [greedy] + [short] * 14 + [greedy], 2)
 

@@ -408,7 +408,7 @@ def _kth_largest(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
 def _left_aligned(mask: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Each row's (ids, vals) where mask (N, C') holds, left-aligned in (N, C) arrays, C the most any row has;
     padding id -1 (never drawn: its value is -inf)."""
-    r, c = np.nonzero(mask)  # row-major
+    r, c = _nonzero_rows(mask)
     out_ids = np.full((len(mask), int(np.bincount(r, minlength=len(mask)).max())), -1, np.int64)
     out_vals = np.full(out_ids.shape, -np.inf, vals.dtype)
     col = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
@@ -416,12 +416,22 @@ def _left_aligned(mask: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> tuple[
     return out_ids, out_vals
 
 
-def _nucleus_floor(q: np.ndarray, need: np.ndarray, before: np.ndarray | float = 0.0) -> np.ndarray:
-    """q (N, C) candidates holding enough mass, need (N,) the mass to reach, before (N,) the mass of the tokens
-    already in -> (N,) the probability of the last token of the smallest most-likely-first set reaching need."""
+def _nonzero_rows(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a 2-D mask (N, C) -> (rows, columns), row-major, through the flat indices: numpy's own 2-D
+    nonzero takes 2.3 ms over a 16 x 49,152 mask where this takes 0.14."""
+    return np.divmod(np.flatnonzero(mask), mask.shape[1])
+
+
+def _nucleus_floor(
+    q: np.ndarray, need: np.ndarray, before: np.ndarray | float = 0.0, count: np.ndarray | None = None
+) -> np.ndarray:
+    """q (N, C) candidates holding enough mass (count (N,) of them real in each row, the rest 0-padding), need (N,)
+    the mass to reach, before (N,) the mass of the tokens already in -> (N,) the probability of the last token of
+    the smallest most-likely-first set reaching need."""
     q = -np.sort(-q, axis=1)  # (N, C) descending
     cum = np.reshape(before, (-1, 1)) + np.cumsum(q, axis=1, dtype=np.float64)
-    keep = np.minimum((cum < need[:, None]).sum(axis=1), q.shape[1] - 1)
+    last = q.shape[1] - 1 if count is None else np.maximum(count - 1, 0)
+    keep = np.minimum((cum < need[:, None]).sum(axis=1), last)
     return q[np.arange(len(q)), keep]
 
 
@@ -444,21 +454,28 @@ def _last_positive(p: np.ndarray) -> np.ndarray:
     return p.shape[1] - 1 - np.argmax(p[:, ::-1] > 0, axis=1)
 
 
-def _cut_nucleus(p: np.ndarray, top_p: np.ndarray) -> np.ndarray:
-    """p (N, V) unnormalized, the top 1.0 -> p with every token below its row's top-p cut set to 0. Exact without
-    sorting the row: tokens fall into buckets of an eighth of an octave of probability (the float's bits); the
-    buckets above the one where the cumulative mass crosses top_p are all in, and only that bucket's tokens are
-    sorted to find the cut."""
-    p = p.astype(np.float32, copy=False)
-    bucket = (ONE_BITS - p.view(np.int32)) >> 20  # (N, V) exponent and top 3 mantissa bits; 0 = the top token
-    cut = np.zeros(len(p), np.float32)
-    for r in range(len(p)):
-        need = top_p[r] * p[r].sum(dtype=np.float64)
-        cum = np.cumsum(np.bincount(bucket[r], p[r], NUCLEUS_BUCKETS))  # mass up to each bucket, likeliest first
-        cross = min(int((cum < need).sum()), NUCLEUS_BUCKETS - 1)  # the bucket where top_p is reached
-        above = cum[cross - 1] if cross > 0 else 0.0  # the mass of the buckets wholly in
-        cut[r] = _nucleus_floor(p[r, bucket[r] == cross][None], np.array([need]), above)[0]
-    return np.where(p >= cut[:, None], p, np.float32(0.0))
+def _cut_nucleus(p: np.ndarray, top_p: np.ndarray, need: np.ndarray | None = None) -> np.ndarray:
+    """p (N, V) unnormalized float32, the top 1.0 -> p itself, every token below its row's top-p cut set to 0 (in
+    place); need (N,) the nucleus' mass where the caller has it. Exact without sorting a row: tokens fall into
+    buckets of an eighth of an octave of probability (the float's bits); the buckets above the one where the
+    cumulative mass crosses top_p are all in, and only that bucket's tokens are sorted to find the cut. All rows at
+    once, in few passes over (N, V): at 16 rows a pass costs about a millisecond."""
+    N, V = p.shape
+    if need is None:
+        need = top_p * p.sum(axis=1, dtype=np.float64)  # (N,)
+    first = NUCLEUS_BUCKETS * np.arange(N, dtype=np.int64)  # (N,) each row's first bin
+    keys = np.subtract((ONE_BITS + (first << 20))[:, None], p.view(np.int32), dtype=np.int64)  # (N, V)
+    keys >>= 20  # the row's first bin + its bucket: exponent and top 3 mantissa bits below 1.0 (0 = the top token's)
+    mass = np.bincount(keys.ravel(), p.ravel(), N * NUCLEUS_BUCKETS).reshape(N, NUCLEUS_BUCKETS)
+    cum = np.cumsum(mass, axis=1)  # (N, NUCLEUS_BUCKETS) mass up to each bucket, likeliest first
+    cross = np.minimum((cum < need[:, None]).sum(axis=1), NUCLEUS_BUCKETS - 1)  # (N,) where top_p is reached
+    above = np.where(cross > 0, cum[np.arange(N), np.maximum(cross - 1, 0)], 0.0)  # the buckets wholly in
+    r, c = _nonzero_rows(keys == (first + cross)[:, None])  # the crossing bucket's tokens
+    count = np.bincount(r, minlength=N)  # (N,)
+    q = np.zeros((N, max(int(count.max()), 1)), np.float32)  # (N, C) their probabilities, left-aligned
+    q[r, np.arange(len(r)) - np.searchsorted(r, r)] = p[r, c]
+    cut = _nucleus_floor(q, need, above, count)  # (N,)
+    return np.multiply(p, p >= cut[:, None], out=p)
 
 
 def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -478,32 +495,38 @@ def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarra
     nucleus = np.nonzero(top_p < 1.0)[0]
     if len(nucleus):
         pn = p if len(nucleus) == N else p[nucleus]
-        inside, drawn = _draw_nucleus_above_floor(pn, top_p[nucleus], u[nucleus])
+        need = top_p[nucleus] * pn.sum(axis=1, dtype=np.float64)  # (n,) the nucleus' mass, of the whole row
+        inside, drawn = _draw_nucleus_above_floor(pn, top_p[nucleus], u[nucleus], need)
         tokens[nucleus[inside]], blocks[nucleus[inside]] = drawn, False
         wide = nucleus[~inside]
-        if len(wide):
-            p[wide] = _cut_nucleus(p[wide], top_p[wide])
+        if len(wide) == N:
+            _cut_nucleus(p, top_p, need)
+        elif len(wide):
+            p[wide] = _cut_nucleus(p[wide], top_p[wide], need[~inside])
     rows = np.nonzero(blocks)[0]
     if len(rows):
         tokens[rows] = _draw_blocks(p if len(rows) == N else p[rows], u[rows])
     return tokens
 
 
-def _draw_nucleus_above_floor(p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _draw_nucleus_above_floor(
+    p: np.ndarray, top_p: np.ndarray, u: np.ndarray, need: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-p rows, p (n, V) unnormalized with the most likely token at 1.0 -> (inside (n,) bool, a token for each
     inside row). A row is inside when its tokens of p >= NUCLEUS_FLOOR, at most NUCLEUS_MOST of them, hold top_p of
     its whole mass: its nucleus (the most likely tokens down to the one that reaches that mass, and all tied with
     that one) is then among them, exactly, and the draw runs on them alone. The other rows are left to the
-    caller."""
+    caller. need (n,): the nucleus' mass, top_p of the whole row's, where the caller has it."""
     n, V = p.shape
-    need = top_p * p.sum(axis=1, dtype=np.float64)  # (n,) the nucleus' mass, of the whole row
+    if need is None:
+        need = top_p * p.sum(axis=1, dtype=np.float64)  # (n,)
     likely = p >= NUCLEUS_FLOOR  # (n, V)
     count = np.count_nonzero(likely, axis=1)  # (n,)
     rows = np.nonzero(count <= NUCLEUS_MOST)[0]  # (m,) the rows worth a look
     inside = np.zeros(n, bool)
     if not len(rows):
         return inside, np.zeros(0, np.int64)
-    r, c = np.nonzero(likely if len(rows) == n else likely[rows])  # row-major: (row among the m, token id)
+    r, c = _nonzero_rows(likely if len(rows) == n else likely[rows])  # row-major: (row among the m, token id)
     ids = np.full((len(rows), int(count[rows].max())), -1, np.int64)  # (m, C) left-aligned, padding -1
     ids[r, np.arange(len(r)) - np.searchsorted(r, r)] = c
     q = np.where(ids >= 0, p[rows[:, None], np.maximum(ids, 0)], np.float32(0.0))  # (m, C) their probabilities

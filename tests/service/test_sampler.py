@@ -64,7 +64,7 @@ def test_top_logprobs_sorted_and_normalized():
 def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_the_batch():
     rng = np.random.default_rng(5)
     V = 3000
-    logits = rng.normal(size=(6, V)).astype(np.float32) * 3
+    logits = rng.normal(size=(8, V)).astype(np.float32) * 3
     kinds = [
         SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9),
         SamplingParams(max_tokens=1, temperature=0.0),
@@ -72,8 +72,10 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_the_batch():
         SamplingParams(max_tokens=1, temperature=1.0, min_p=0.05, frequency_penalty=0.5),
         SamplingParams(max_tokens=1, temperature=0.7, repetition_penalty=1.3, logit_bias=((7, 5.0),)),
         SamplingParams(max_tokens=1, temperature=1.0, top_p=0.5, top_k=100),
+        SamplingParams(max_tokens=1, temperature=3.0, top_p=0.95),  # a wide nucleus: the bucket cut, alone or not
+        SamplingParams(max_tokens=1, temperature=0.2, top_p=0.9),  # a peaked one: drawn among its likely tokens
     ]
-    counts = [{}, {}, {}, {3: 2, 9: 1}, {4: 1}, {}]
+    counts = [{}, {}, {}, {3: 2, 9: 1}, {4: 1}, {}, {}, {}]
     prompt = np.array([1, 2, 3], np.int64)
 
     def rows(seed_offset):
@@ -82,13 +84,16 @@ def test_a_seeded_row_draws_the_same_tokens_whatever_else_is_in_the_batch():
             for i, (p, c) in enumerate(zip(kinds, counts))
         ]
 
-    alone = [[int(sample_batch(logits[i : i + 1], [rows(0)[i]])[0]) for i in range(6)] for _ in range(1)][0]
+    alone = [int(sample_batch(logits[i : i + 1], [rows(0)[i]])[0]) for i in range(8)]
     together = [int(t) for t in sample_batch(logits, rows(0))]
     assert together == alone
     # the same rows in another order and beside strangers
-    order = [5, 2, 0, 4, 1, 3]
+    order = [5, 2, 7, 0, 4, 6, 1, 3]
     mixed = sample_batch(np.concatenate([logits[order], logits[:2]]), [rows(0)[i] for i in order] + rows(100)[:2])
-    assert [int(mixed[j]) for j in range(6)] == [alone[i] for i in order]
+    assert [int(mixed[j]) for j in range(8)] == [alone[i] for i in order]
+    # top-p rows only, wide beside peaked: each row's cut is its own
+    wide = [6, 7, 0, 6]
+    assert [int(t) for t in sample_batch(logits[wide], [rows(0)[i] for i in wide])] == [alone[i] for i in wide]
 
 
 def test_batched_logprobs_match_the_row_by_row_ones():
@@ -162,7 +167,7 @@ def test_the_nucleus_cut_keeps_exactly_the_reference_nucleus(top_p):
     rng = np.random.default_rng(int(top_p * 1000))
     z = rng.normal(size=(8, 5000)).astype(np.float32) * rng.uniform(0.5, 6.0, size=(8, 1)).astype(np.float32)
     p = np.exp(z - z.max(axis=1, keepdims=True))
-    cut = _cut_nucleus(p, np.full(8, top_p))
+    cut = _cut_nucleus(p.copy(), np.full(8, top_p))  # in place
     for r in range(8):
         ref = reference_support(np.log(p[r]), SamplingParams(max_tokens=1, top_p=top_p))
         assert np.array_equal(cut[r] > 0, ref > 0)
