@@ -1,12 +1,13 @@
 """A burst of sampled chats against a running server: tokens/s and inter-token latency at the model's defaults.
 
     python -m loadtests.chat_burst --url http://127.0.0.1:8000/v1 --streams 16 --tokens 128 --bursts 2
+    python -m loadtests.chat_burst --temperature 1.0 --top-p 0.95     # a wide distribution, as many clients send
 
 Each burst sends `--streams` streamed chat completions at once through the openai client, without temperature or
-top_p (so each is sampled at the bundle's generation defaults), seeded, `ignore_eos` so that each writes exactly
-`--tokens` tokens; one request before the first burst warms the server. Prints one JSON line per burst: aggregate
-output tokens/s and the inter-token latency's p50/p99 over every stream. (make bench's workloads are greedy; this is
-the sampled counterpart docs/BENCHMARKS.md quotes for `--reduce-logits`.)
+top_p unless given (so each is sampled at the bundle's generation defaults), seeded, `ignore_eos` so that each
+writes exactly `--tokens` tokens; one request before the first burst warms the server. Prints one JSON line per
+burst: aggregate output tokens/s and the inter-token latency's p50/p99 over every stream. (make bench's workloads
+are greedy; this is the sampled counterpart docs/BENCHMARKS.md quotes for `--reduce-logits` and the sampler.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from openai import AsyncOpenAI
 from loadtests.workloads import median, pct
 
 
-async def one(client: AsyncOpenAI, model: str, i: int, tokens: int, gaps: list[float]) -> int:
+async def one(client: AsyncOpenAI, model: str, i: int, tokens: int, gaps: list[float], sampling: dict) -> int:
     """One streamed chat; appends its inter-token gaps; returns the tokens (content chunks) received."""
     stream = await client.chat.completions.create(
         model=model,
@@ -30,6 +31,7 @@ async def one(client: AsyncOpenAI, model: str, i: int, tokens: int, gaps: list[f
         stream=True,
         seed=i,
         extra_body={"ignore_eos": True},
+        **sampling,
     )
     n, last = 0, time.perf_counter()
     async for chunk in stream:
@@ -44,11 +46,13 @@ async def one(client: AsyncOpenAI, model: str, i: int, tokens: int, gaps: list[f
 async def main(args: argparse.Namespace) -> None:
     client = AsyncOpenAI(base_url=args.url, api_key=args.api_key)
     model = (await client.models.list()).data[0].id
-    await one(client, model, -1, args.tokens, [])
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None}
+    await one(client, model, -1, args.tokens, [], sampling)
     for burst in range(args.bursts):
         gaps: list[float] = []
         t = time.perf_counter()
-        n = sum(await asyncio.gather(*[one(client, model, i, args.tokens, gaps) for i in range(args.streams)]))
+        streams = [one(client, model, i, args.tokens, gaps, sampling) for i in range(args.streams)]
+        n = sum(await asyncio.gather(*streams))
         wall = time.perf_counter() - t
         out = {"burst": burst + 1, "streams": args.streams, "tokens_per_s": round(n / wall, 1)}
         out |= {"itl_p50_ms": round(median(gaps) * 1e3, 2), "itl_p99_ms": round(pct(gaps, 99) * 1e3, 2)}
@@ -62,4 +66,6 @@ if __name__ == "__main__":
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--bursts", type=int, default=2)
+    p.add_argument("--temperature", type=float, help="sent with every request (default: none, the model's own)")
+    p.add_argument("--top-p", type=float, help="sent with every request (default: none, the model's own)")
     asyncio.run(main(p.parse_args()))

@@ -42,8 +42,8 @@ def test_headless_locust_run_writes_reports_and_summary(tiny_server, tmp_path):
 def test_chat_burst_reports_each_burst_of_sampled_streams(tiny_server):
     """loadtests.chat_burst, whose tokens/s and inter-token latencies docs/BENCHMARKS.md quotes: every stream writes
     its --tokens tokens (ignore_eos), one JSON line per burst."""
-    args = ("--url", tiny_server.v1, "--streams", "3", "--tokens", "16", "--bursts", "2")
-    result = run_cli("loadtests.chat_burst", *args, timeout=300)
+    args = ("--url", tiny_server.v1, "--streams", "3", "--tokens", "16", "--bursts", "2", "--temperature", "1.0")
+    result = run_cli("loadtests.chat_burst", *args, "--top-p", "0.95", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     bursts = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [b["burst"] for b in bursts] == [1, 2] and all(b["streams"] == 3 for b in bursts)
