@@ -20,7 +20,8 @@ RESULTS ?= results
 # decodes about 15% faster, with fewer TLB misses (docs/BENCHMARKS.md). Read at process start; the image sets it too.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench peers llama-server soak fuzz \
+.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench bench-gpu peers llama-server \
+	soak fuzz \
 	inspect FORCE \
 	docker-base docker-cpu docker-gpu docker-test
 
@@ -92,6 +93,9 @@ peers: .venv-peers/.installed
 bundles/smollm2-135m-int4/manifest.json: | $(VENV)/.installed
 	$(BIN)/python -m export --source default --out bundles/smollm2-135m-int4 --quantize int4
 
+bundles/smollm2-135m-fp16/manifest.json: | $(VENV)/.installed
+	$(BIN)/python -m export --source default --out bundles/smollm2-135m-fp16 --dtype fp16
+
 # llama.cpp's server, the benchmark peer, built from the llama-cpp-python sdist (about ten minutes on two cores).
 .cache/llama.cpp/bin/llama-server: | $(VENV)/.installed
 	PIP=$(BIN)/pip loadtests/peers/build_llama_server.sh
@@ -102,6 +106,15 @@ llama-server: .cache/llama.cpp/bin/llama-server
 # BENCH_ARGS="--budget-curve 128,256,512,1024,2048" measures W2 per token budget instead.
 bench: $(VENV)/.installed-loadtest export bundles/smollm2-135m-int4/manifest.json peers llama-server
 	$(BIN)/python -m loadtests.bench --out $(RESULTS)/bench $(BENCH_ARGS)
+
+# On a CUDA host (docs/BENCHMARKS.md's GPU sections): the device checks, where a decode step's time goes (graph and
+# host, sampled cases included), then W1-W4 for ours on the fp16 bundle; the peers run on CPUs only, so not here.
+bench-gpu: $(VENV)/.installed-loadtest bundles/smollm2-135m-fp16/manifest.json
+	$(BIN)/python -m pytest tests/e2e/test_claims.py -k "auto_device or device_cuda"
+	$(BIN)/python -m pytest tests/e2e/test_bundle_matrix.py
+	$(BIN)/python -m loadtests.scheduler_profile --bundle bundles/smollm2-135m-fp16 --device cuda
+	$(BIN)/python -m loadtests.bench --device cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers \
+		--out $(RESULTS)/bench-gpu
 
 # The schemathesis run of make test, with more examples per operation.
 fuzz: setup export

@@ -39,22 +39,25 @@ def main() -> None:
     args = p.parse_args()
 
     from loadtests.step_profile import time_graph
-    from service.bundle import load_bundle
+    from service.bundle import BundleError, load_bundle
     from service.engine import Engine
     from service.sampler import SamplingParams
     from service.scheduler import GenerationRequest, Scheduler
     from service.tokenizer import TextTokenizer
 
-    bundle = load_bundle(args.bundle, verify_checksums=False)
-    engine = Engine(
-        bundle,
-        slots=16,
-        max_len=PROMPT + OUTPUT + 8,
-        device=args.device,
-        threads=args.threads,
-        cuda_graphs=args.cuda_graphs,
-        reduce_logits=args.reduce_logits,
-    )
+    try:
+        bundle = load_bundle(args.bundle, verify_checksums=False)
+        engine = Engine(
+            bundle,
+            slots=16,
+            max_len=PROMPT + OUTPUT + 8,
+            device=args.device,
+            threads=args.threads,
+            cuda_graphs=args.cuda_graphs,
+            reduce_logits=args.reduce_logits,
+        )
+    except BundleError as exc:  # no such bundle, or no usable GPU for --device cuda: one line
+        raise SystemExit(f"scheduler_profile: {exc}") from None
     tokenizer = TextTokenizer.from_bundle(bundle)
     graph_s = time_graph(engine.session)
     V = bundle.vocab_size
