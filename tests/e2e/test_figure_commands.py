@@ -96,12 +96,22 @@ def test_scheduler_profile_reports_graph_host_and_reduction_per_case(q4_bundles)
     result = run_cli("loadtests.scheduler_profile", "--bundle", str(q4_bundles("fp32")), "--reduce-logits", timeout=600)
     assert result.returncode == 0, result.stderr
     cases = {c["case"]: c for c in map(json.loads, result.stdout.strip().splitlines())}
-    assert len(cases) == 8
+    assert len(cases) == 10
     for c in cases.values():
         assert c["step_ms"] == pytest.approx(c["graph_ms"] + c["host_ms"], abs=0.02)
         assert 0 <= c["reduce_ms"] <= c["host_ms"] and 0 < c["host_share"] < 1
     assert cases["batch 16 sampled"]["reduce_ms"] > 0 and cases["batch 4, the model's defaults"]["reduce_ms"] > 0
     assert cases["batch 16 greedy"]["reduce_ms"] == 0 and cases["batch 1 sampled"]["reduce_ms"] == 0
+    assert cases["batch 16, temperature 1.0, top-p 0.95"]["reduce_ms"] > 0  # wide rows: reduced, then fetched
+
+
+def test_scheduler_profile_says_a_missing_bundle_or_device_in_one_line(tmp_path, q4_bundles):
+    """No bundle there; --device cuda on an fp32 bundle (no usable GPU here, or a GPU whose attention kernels do not
+    take fp32): one line each, no traceback."""
+    for args in (("--bundle", str(tmp_path / "nowhere")), ("--bundle", str(q4_bundles("fp32")), "--device", "cuda")):
+        result = run_cli("loadtests.scheduler_profile", *args, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("scheduler_profile: ")
 
 
 def test_reduced_logits_check_finds_equal_values_tokens_and_texts(q4_bundles):
