@@ -435,15 +435,17 @@ def _nucleus_floor(
     return q[np.arange(len(q)), keep]
 
 
-def _draw(ids: np.ndarray, p: np.ndarray, top_p: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """One token per row from candidate ids (N, C) with unnormalized probabilities p (N, C) (0 = excluded)."""
+def _draw(ids: np.ndarray, p: np.ndarray, top_p: np.ndarray, u: np.ndarray, ordered: bool = False) -> np.ndarray:
+    """One token per row from candidate ids (N, C) with unnormalized probabilities p (N, C) (0 = excluded); ordered:
+    each row's ids already ascend (its padding, of p 0, last)."""
     N = len(ids)
     nucleus = top_p < 1.0
     if nucleus.any():
         floor = _nucleus_floor(p[nucleus], top_p[nucleus] * p[nucleus].sum(axis=1, dtype=np.float64))
         p[nucleus] = np.where(p[nucleus] >= floor[:, None], p[nucleus], 0.0)
-    order = np.argsort(ids, axis=1)  # vocabulary order
-    p, ids = np.take_along_axis(p, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    if not ordered:  # vocabulary order
+        order = np.argsort(ids, axis=1)
+        p, ids = np.take_along_axis(p, order, axis=1), np.take_along_axis(ids, order, axis=1)
     cum = np.cumsum(p, axis=1, dtype=np.float64)  # (N, C)
     pick = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(axis=1), _last_positive(p))
     return ids[np.arange(N), pick]
@@ -535,7 +537,7 @@ def _draw_nucleus_above_floor(
     ids, q, need, u = ids[exact], q[exact], need[rows[exact]], u[rows[exact]]
     floor = _nucleus_floor(q, need)  # the probability of the nucleus' last token
     q = np.where(q >= floor[:, None], q, 0.0)
-    return inside, _draw(ids, q, np.ones(len(q)), u)
+    return inside, _draw(ids, q, np.ones(len(q)), u, ordered=True)
 
 
 def _draw_blocks(p: np.ndarray, u: np.ndarray) -> np.ndarray:

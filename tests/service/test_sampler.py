@@ -190,7 +190,7 @@ def test_a_nucleus_drawn_among_the_likely_tokens_is_exactly_the_reference_nucleu
     kept: list[np.ndarray] = []  # the tokens each inside row may draw
     draw = sampler._draw
     monkeypatch.setattr(
-        sampler, "_draw", lambda ids, q, *a: kept.extend(i[w > 0] for i, w in zip(ids, q)) or draw(ids, q, *a)
+        sampler, "_draw", lambda ids, q, *a, **k: kept.extend(i[w > 0] for i, w in zip(ids, q)) or draw(ids, q, *a, **k)
     )
     inside, drawn = sampler._draw_nucleus_above_floor(p, np.full(12, top_p), rng.uniform(size=12))
     assert inside[-1] and inside[0] == (top_p * 1.25 <= 1.0)  # the most peaked row is inside; the tail row as said
