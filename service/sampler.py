@@ -405,12 +405,14 @@ def _kth_largest(vals: np.ndarray, k: np.ndarray) -> np.ndarray:
     return -np.sort(-top, axis=1)[np.arange(len(vals)), k - 1]
 
 
-def _left_aligned(mask: np.ndarray, ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's (ids, vals) where mask (N, C') holds, left-aligned in (N, C) arrays, C the most any row has;
-    padding id -1 (never drawn: its value is -inf)."""
+def _left_aligned(
+    mask: np.ndarray, ids: np.ndarray, vals: np.ndarray, fill: float = -np.inf
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's (ids, vals) where mask (N, C') holds, left-aligned in (N, C) arrays, C the most any row has (at
+    least 1); padding id -1, value `fill` (-inf: never drawn)."""
     r, c = _nonzero_rows(mask)
-    out_ids = np.full((len(mask), int(np.bincount(r, minlength=len(mask)).max())), -1, np.int64)
-    out_vals = np.full(out_ids.shape, -np.inf, vals.dtype)
+    out_ids = np.full((len(mask), max(int(np.bincount(r, minlength=len(mask)).max()), 1)), -1, np.int64)
+    out_vals = np.full(out_ids.shape, fill, vals.dtype)
     col = np.arange(len(r)) - np.searchsorted(r, r)  # position within its row
     out_ids[r, col], out_vals[r, col] = ids[r, c], vals[r, c]
     return out_ids, out_vals
@@ -472,11 +474,9 @@ def _cut_nucleus(p: np.ndarray, top_p: np.ndarray, need: np.ndarray | None = Non
     cum = np.cumsum(mass, axis=1)  # (N, NUCLEUS_BUCKETS) mass up to each bucket, likeliest first
     cross = np.minimum((cum < need[:, None]).sum(axis=1), NUCLEUS_BUCKETS - 1)  # (N,) where top_p is reached
     above = np.where(cross > 0, cum[np.arange(N), np.maximum(cross - 1, 0)], 0.0)  # the buckets wholly in
-    r, c = _nonzero_rows(keys == (first + cross)[:, None])  # the crossing bucket's tokens
-    count = np.bincount(r, minlength=N)  # (N,)
-    q = np.zeros((N, max(int(count.max()), 1)), np.float32)  # (N, C) their probabilities, left-aligned
-    q[r, np.arange(len(r)) - np.searchsorted(r, r)] = p[r, c]
-    cut = _nucleus_floor(q, need, above, count)  # (N,)
+    crossing = keys == (first + cross)[:, None]  # (N, V) the crossing bucket's tokens
+    ids, q = _left_aligned(crossing, np.broadcast_to(np.arange(V), p.shape), p, fill=0.0)  # (N, C) each
+    cut = _nucleus_floor(q, need, above, (ids >= 0).sum(axis=1))  # (N,)
     return np.multiply(p, p >= cut[:, None], out=p)
 
 
