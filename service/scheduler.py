@@ -16,10 +16,10 @@ A token budget per step (`max_num_batched_tokens`, vLLM's name). Every decoding 
 prompt chunks fill what is left. Continuing prompts (already partly in the cache) run one per graph call, because
 onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty; fresh
 prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
-tokens, in calls of at most PREFILL_CALL_TOKENS. A padded row writes throwaway keys past its own length, which its
-next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU tokens a step, and of the prompts
-with more than that left only one computes at a time (vLLM's max_long_partial_prefills of 1): the others wait for
-it, so a burst of long prompts is prefilled one after another, not all in lockstep, and those sharing its prefix
+tokens, in calls of at most PREFILL_CALL_TOKENS (PREFILL_CALL_TOKENS_CPU on the CPU). A padded row writes throwaway
+keys past its own length, which its next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU
+tokens a step, and of the prompts with more than that left only one computes at a time (vLLM's
+max_long_partial_prefills of 1): the others wait for it, so a burst of long prompts is prefilled one after another, not all in lockstep, and those sharing its prefix
 (a chat service's system prompt) copy that from its slot when their turn comes instead of computing it too. The
 decode call runs first, then the prompt calls; each call's tokens are sampled and sent before the next call starts,
 so a prompt's first token never waits for the prefill of the prompts after it.
@@ -69,8 +69,11 @@ log = logging.getLogger(__name__)
 PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output token decodes in context
 # Fresh prompts are prefilled together in calls of at most this many (padded) tokens, each call's first tokens sent
 # before the next call: 4 rows of 128 tokens prefill as fast per token as 16 in one call (docs/BENCHMARKS.md), and
-# the first of a burst of prompts no longer waits for the last one's prefill.
+# the first of a burst of prompts no longer waits for the last one's prefill. On the CPU a call of 1 or 2 such rows
+# costs no more per token than one of 4, so calls there are smaller and the median prompt of a burst starts sooner
+# (16 x 128 tokens: 10-15% less median time to first token, docs/BENCHMARKS.md); elsewhere not measured.
 PREFILL_CALL_TOKENS = 512
+PREFILL_CALL_TOKENS_CPU = 256
 # On the CPU a prompt is prefilled in chunks of at most this many tokens, one a step: onnxruntime's CPU
 # GroupQueryAttention computes every chunk's whole square of scores against the positions before it, the masked half
 # too, so a long prompt costs less in chunks (1,024 tokens: 22-24% less time in chunks of 256 than in one call, fp32 and
@@ -120,6 +123,7 @@ class Scheduler:
         if prefill_chunk is None:
             prefill_chunk = PREFILL_CHUNK_CPU if engine.device == "cpu" else max_model_len
         self.prefill_chunk = prefill_chunk
+        self.prefill_call = PREFILL_CALL_TOKENS_CPU if engine.device == "cpu" else PREFILL_CALL_TOKENS
         self.max_queued_tokens = max_queued_tokens
         self.queued_tokens = 0  # prompt tokens of sequences not yet admitted
         self._queue_lock = threading.Lock()
@@ -258,7 +262,7 @@ class Scheduler:
         self._emit(self._sample(self._decode(decoding)))
         for seq, S in continuing:
             self._emit(self._sample(self._prefill_one(seq, S)))
-        for group in _prefill_calls(fresh):
+        for group in _prefill_calls(fresh, self.prefill_call):
             self._emit(self._sample(self._prefill_together(group)))
         self._retire([s for s in self.running.values() if s.finish_reason])
         self.steps += 1
@@ -550,11 +554,11 @@ def _not_one_short(left: int, chunk: int) -> int:
     return chunk - 1 if left - chunk == 1 and chunk > 1 else chunk
 
 
-def _prefill_calls(fresh: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-    """Splits the step's fresh prompts (placed in consecutive slots) into graph calls of at most
-    PREFILL_CALL_TOKENS padded tokens (at least one row each), in slot order."""
+def _prefill_calls(fresh: list[tuple[Sequence, int]], call_tokens: int) -> list[list[tuple[Sequence, int]]]:
+    """Splits the step's fresh prompts (placed in consecutive slots) into graph calls of at most `call_tokens`
+    padded tokens (at least one row each), in slot order."""
     if not fresh:
         return []
     fresh = sorted(fresh, key=lambda c: c[0].slot)
-    rows = max(1, PREFILL_CALL_TOKENS // max(c for _, c in fresh))
+    rows = max(1, call_tokens // max(c for _, c in fresh))
     return [fresh[i : i + rows] for i in range(0, len(fresh), rows)]

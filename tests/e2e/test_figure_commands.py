@@ -148,3 +148,15 @@ def test_event_loop_cpu_per_token_reads_the_servers_threads(tiny_bundle):
     for r in rows:
         assert r["wall_ms_per_token"] > 0 and r["event_loop_us_per_token"] >= 0
         assert r["busiest_other_threads_us_per_token"]  # the engine thread and onnxruntime's are there
+
+
+def test_prefill_calls_times_a_burst_per_rows_per_call(q4_bundles):
+    args = ("--prompts", "4", "--prompt-tokens", "8", "--rows", "1,4", "--rounds", "2")
+    result = run_cli("loadtests.prefill_calls", "--bundle", str(q4_bundles("fp32")), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [(r["round"], r["rows_per_call"]) for r in lines[:-1]] == [(1, 1), (1, 4), (2, 4), (2, 1)]
+    for r in lines[:-1]:  # one call of 4: every prompt's logits come at its end
+        assert 0 < r["median_first_ms"] <= r["burst_ms"]
+        assert r["rows_per_call"] == 1 or r["median_first_ms"] == r["burst_ms"]
+    assert set(lines[-1]) == {"bundle", "prompts", "1 rows", "4 rows"}

@@ -313,15 +313,16 @@ def test_a_prompt_first_token_is_sent_before_the_next_prefill_call_of_the_step(t
     calls, seen = [], []
     real = s.engine.forward
     s.engine.forward = lambda ids, *a: calls.append(ids.shape) or real(ids, *a)
-    for i in range(8):  # 8 x 100 tokens: more than one prefill call (PREFILL_CALL_TOKENS)
+    assert s.prefill_call == 256  # on the CPU (PREFILL_CALL_TOKENS_CPU)
+    for i in range(8):  # 8 x 100 tokens: more than one prefill call
         prompt = tuple(range(20 + i, 120 + i))
         s.submit(
             GenerationRequest(f"r{i}", prompt, SamplingParams(max_tokens=4, temperature=0.0)),
             lambda e, i=i: seen.append((i, len(calls))),
         )
     s.step()
-    assert [shape for shape in calls] == [(5, 100), (3, 100)]
-    assert sorted(seen) == [(i, 1 if i < 5 else 2) for i in range(8)], "first tokens waited for a later call"
+    assert [shape for shape in calls] == [(2, 100)] * 4
+    assert sorted(seen) == [(i, 1 + i // 2) for i in range(8)], "first tokens waited for a later call"
 
 
 def test_decode_computes_only_decoding_rows_after_middle_streams_end(make_scheduler):
