@@ -351,12 +351,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
     p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
+    p.add_argument("--w2-rounds", type=int, help="W2 only, ours and llama.cpp alternating, this many rounds")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget_curve:
         return budget_curve(args, [int(b) for b in args.budget_curve.split(",")])
     if args.w1_rounds:
-        return w1_rounds(args, args.w1_rounds)
+        return alternating_rounds(args, args.w1_rounds, "W1")
+    if args.w2_rounds:
+        return alternating_rounds(args, args.w2_rounds, "W2")
     report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "device": args.device, "systems": {}}
     systems = report["systems"]
     dev = (
@@ -424,8 +427,15 @@ def budget_curve(args: argparse.Namespace, budgets: list[int]) -> int:
     return 0
 
 
-def w1_rounds(args: argparse.Namespace, rounds: int) -> int:
-    """W1 alone, ours and llama.cpp alternating in each precision, `rounds` times: single-stream ratios that the
+# What each alternating round reads from a workload's result: (key, label, scale to the printed unit)
+ROUND_FIGURES = {
+    "W1": (("decode_tps", "decode tok/s", 1.0), ("ttft_s", "TTFT ms", 1e3)),
+    "W2": (("tokens_per_s", "tok/s", 1.0), ("ttft_p50_s", "TTFT p50 ms", 1e3), ("itl_p99_s", "ITL p99 ms", 1e3)),
+}
+
+
+def alternating_rounds(args: argparse.Namespace, rounds: int, workload: str) -> int:
+    """One workload alone, ours and llama.cpp alternating in each precision, `rounds` times: ratios that the
     machine's drift between the systems' turns in a full run does not skew. Medians over the rounds."""
     from export.checkpoints import default_gguf_path
 
@@ -434,25 +444,29 @@ def w1_rounds(args: argparse.Namespace, rounds: int) -> int:
         "fp32": (args.bundle, llama_f32_gguf(q4, args.out)),
         "int4": (args.int4_bundle, q4),
     }
-    report: dict = run_header()
-    rows = ["| round | precision | ours decode tok/s (TTFT ms) | llama.cpp decode tok/s (TTFT ms) |", "|---" * 4 + "|"]
+    figures = ROUND_FIGURES[workload]
+    labels = ", ".join(label for _, label, _ in figures)
+    report: dict = {**run_header(), "workload": workload}
+    rows = [f"| round | precision | ours: {labels} | llama.cpp: {labels} |", "|---" * 4 + "|"]
+
+    def cell(w: dict) -> str:
+        return " / ".join(f"{w[key] * scale:.1f}" for key, _, scale in figures)
+
     for r in range(rounds):
         for precision, (bundle, gguf) in pairs.items():
-            ours = bench_ours(bundle, args.threads, which=("W1",))["W1"]
-            peer = bench_llama(gguf, args.threads, which=("W1",))["W1"]
+            ours = bench_ours(bundle, args.threads, which=(workload,))[workload]
+            peer = bench_llama(gguf, args.threads, which=(workload,))[workload]
             report.setdefault(precision, []).append({"ours": ours, "llama.cpp": peer})
-            rows.append(
-                f"| {r + 1} | {precision} | {ours['decode_tps']:.1f} ({ours['ttft_s'] * 1e3:.0f}) | "
-                f"{peer['decode_tps']:.1f} ({peer['ttft_s'] * 1e3:.0f}) |"
-            )
+            rows.append(f"| {r + 1} | {precision} | {cell(ours)} | {cell(peer)} |")
             print(rows[-1], file=sys.stderr)
     for precision in pairs:
         runs = report[precision]
-        ours_d, peer_d = (median([x[k]["decode_tps"] for x in runs]) for k in ("ours", "llama.cpp"))
-        ours_t, peer_t = (median([x[k]["ttft_s"] for x in runs]) for k in ("ours", "llama.cpp"))
-        ratios = f"decode {ours_d / peer_d:.2f}x, TTFT {ours_t / peer_t:.2f}x of llama.cpp"
-        rows.append(f"| median | {precision} | {ratios} | |")
-    (args.out / "w1-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
+        ratios = []
+        for key, label, _ in figures:
+            ours_m, peer_m = (median([x[side][key] for x in runs]) for side in ("ours", "llama.cpp"))
+            ratios.append(f"{label.removesuffix(' ms')} {ours_m / peer_m:.2f}x")
+        rows.append(f"| median | {precision} | {', '.join(ratios)} of llama.cpp | |")
+    (args.out / f"{workload.lower()}-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(rows))
     return 0
 
