@@ -19,10 +19,12 @@ prompts start together, right-padded to a common chunk length S chosen to fill t
 tokens, in calls of at most PREFILL_CALL_TOKENS (PREFILL_CALL_TOKENS_CPU on the CPU). A padded row writes throwaway
 keys past its own length, which its next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU
 tokens a step, and of the prompts with more than that left only one computes at a time (vLLM's
-max_long_partial_prefills of 1): the others wait for it, so a burst of long prompts is prefilled one after another, not all in lockstep, and those sharing its prefix
-(a chat service's system prompt) copy that from its slot when their turn comes instead of computing it too. The
-decode call runs first, then the prompt calls; each call's tokens are sampled and sent before the next call starts,
-so a prompt's first token never waits for the prefill of the prompts after it.
+max_long_partial_prefills of 1): the others wait for it, so a burst of long prompts is prefilled one after another,
+not all in lockstep, and those sharing its prefix (a chat service's system prompt) copy that from its slot when their
+turn comes instead of computing it too. The decode call runs first, then the prompt calls; each call's tokens are
+sampled and sent before the next call starts, so a prompt's first token never waits for the prefill of the prompts
+after it. (The prompt calls first measured worse: a chat's next turn, sent right after a decode call brought its
+previous answer's last token, then just misses the next step's start; docs/BENCHMARKS.md.)
 
 No idle rows. A graph call binds one contiguous range of cache rows, so before the calls the scheduler places
 the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
@@ -71,7 +73,8 @@ PROMPT_TAIL = 4  # prompt tokens given to each detokenizer so the first output t
 # before the next call: 4 rows of 128 tokens prefill as fast per token as 16 in one call (docs/BENCHMARKS.md), and
 # the first of a burst of prompts no longer waits for the last one's prefill. On the CPU a call of 1 or 2 such rows
 # costs no more per token than one of 4, so calls there are smaller and the median prompt of a burst starts sooner
-# (16 x 128 tokens: 10-15% less median time to first token, docs/BENCHMARKS.md); elsewhere not measured.
+# (16 x 128 tokens: the median prompt's first token 7-9% sooner in the engine, 14% served; docs/BENCHMARKS.md);
+# elsewhere not measured.
 PREFILL_CALL_TOKENS = 512
 PREFILL_CALL_TOKENS_CPU = 256
 # On the CPU a prompt is prefilled in chunks of at most this many tokens, one a step: onnxruntime's CPU
