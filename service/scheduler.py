@@ -30,7 +30,9 @@ No idle rows. A graph call binds one contiguous range of cache rows, so before t
 the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
 valid positions on the CPU; device to device on CUDA) with whatever holds the slot it needs: another sequence, a
 prefix-cache entry, or nothing. In a steady batch nothing moves; when a stream in the middle ends, the last one
-moves into its place once.
+moves into its place once. On the CPU, decoding sequences that already hold a contiguous range, and fresh prompts
+that hold another apart from it, are computed where they are (a lone stream is never moved, so a new request does
+not first copy the cached entry of the one before it out of slot 0).
 
 Sampling runs over all rows of a call at once (service/sampler.py); on CUDA a decode call with REDUCE_SAMPLED_ROWS
 sampled rows or more asks the engine for its logits reduced on the device (sampler.Candidates), not copied whole.
@@ -258,8 +260,9 @@ class Scheduler:
         self._admit()
         decoding = [s for s in self.running.values() if s.decoding]
         continuing, fresh = self._plan_prefill(self.budget - len(decoding))
-        self._place(decoding, 0)
-        self._place([seq for seq, _ in fresh], len(decoding))
+        if not self._in_place(decoding, [seq for seq, _ in fresh]):
+            self._place(decoding, 0)
+            self._place([seq for seq, _ in fresh], len(decoding))
         # One graph call at a time, its tokens sampled and sent before the next call runs: a stream's token never
         # waits for another sequence's call. (sequences, logits (N, V)) -> [(sequence, token, logprob)] -> events
         self._emit(self._sample(self._decode(decoding)))
@@ -384,6 +387,21 @@ class Scheduler:
         S = -best[1]
         return continuing, [(s, _not_one_short(len(s.prompt), min(len(s.prompt), S))) for s in fresh[: budget // S]]
 
+    def _in_place(self, decoding: list[Sequence], fresh: list[Sequence]) -> bool:
+        """On the CPU: the decoding sequences hold a contiguous range of slots, and the fresh prompts another, apart
+        from it (a lone stream, a steady batch): their calls bind those ranges where they are, and nothing moves.
+        (On CUDA the decode call stays at [0, D), where its graphs are captured.)"""
+        if self.engine.device != "cpu":
+            return False
+        ranges = []
+        for group in (decoding, fresh):
+            slots = sorted(s.slot for s in group)
+            if slots and slots != list(range(slots[0], slots[0] + len(slots))):
+                return False
+            if slots:
+                ranges.append((slots[0], slots[-1]))
+        return len(ranges) < 2 or ranges[0][1] < ranges[1][0] or ranges[1][1] < ranges[0][0]
+
     def _place(self, group: list[Sequence], lo: int) -> None:
         """Moves the sequences of `group` into slots [lo, lo + len(group)), swapping with whatever is there."""
         hi = lo + len(group)
@@ -446,21 +464,21 @@ class Scheduler:
         return seq.prefilled == len(seq.prompt)
 
     def _decode(self, decoding: list[Sequence]) -> Ready:
-        """One new token for each decoding sequence, all in one graph call over slots [0, D)."""
+        """One new token for each decoding sequence, all in one graph call over their slots [lo, lo + D)."""
         if not decoding:
             return [], np.zeros((0, 0), np.float32)
         seqs = sorted(decoding, key=lambda s: s.slot)
-        D = len(seqs)
-        assert [s.slot for s in seqs] == list(range(D)), "placed in [0, D)"
-        lengths = self.cache.lengths[:D].copy()  # (D,) positions already written per row
+        D, lo = len(seqs), seqs[0].slot
+        assert [s.slot for s in seqs] == list(range(lo, lo + D)), "placed in [lo, lo + D)"
+        lengths = self.cache.lengths[lo : lo + D].copy()  # (D,) positions already written per row
         input_ids = np.array([[s.output[-1]] for s in seqs], np.int64)  # (D, 1)
         reduce = None
         if self.engine.reducer is not None and sum(not s.params.greedy for s in seqs) >= REDUCE_SAMPLED_ROWS:
             reduce = reduction_inputs([self._row(s, grammar=False) for s in seqs])  # the sampler gets Candidates
         logits = self.engine.forward(
-            input_ids, lengths[:, None], lengths.astype(np.int32), 0, D, np.arange(D), reduce
+            input_ids, lengths[:, None], lengths.astype(np.int32), lo, lo + D, np.arange(D), reduce
         )  # (D, V) or their Candidates
-        self.cache.lengths[:D] += 1
+        self.cache.lengths[lo : lo + D] += 1
         return seqs, logits
 
     def _sample(self, ready: Ready) -> list[tuple[Sequence, int, TokenLogprob | None]]:

@@ -345,6 +345,20 @@ def test_decode_computes_only_decoding_rows_after_middle_streams_end(make_schedu
     assert (0, 2) in tail and all(lo == 0 and hi <= 2 for lo, hi in tail), f"decode calls at the end: {tail}"
 
 
+def test_one_request_after_another_moves_no_cache_rows(make_scheduler):
+    s = make_scheduler(slots=4)
+    solo = make_scheduler(slots=1, prefix_cache=False)
+    swaps = []
+    real = s.cache.swap
+    s.cache.swap = lambda a, b: swaps.append((a, b)) or real(a, b)
+    for i in range(4):  # each new prompt is taken into a slot beside the cached entries of the ones before
+        prompt = list(range(100 + 10 * i, 140 + 10 * i))
+        got, want = run(s, prompt, ignore_eos=True), run(solo, prompt, ignore_eos=True)
+        assert got.done.wait(60) and want.done.wait(60)
+        assert got.tokens() == want.tokens()
+    assert swaps == [], "a lone stream is computed in the slot it was given"
+
+
 def test_swapping_slots_through_the_device_copy_graph_matches_numpy(tiny_bundle):
     from service.kv_cache import KVCache
 
