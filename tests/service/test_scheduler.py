@@ -342,7 +342,8 @@ def test_decode_computes_only_decoding_rows_after_middle_streams_end(make_schedu
     assert all(c.done.wait(60) for c in streams)
     assert streams[0].tokens() == solo.tokens() and streams[15].tokens() == solo.tokens()
     tail = [(lo, hi) for (B, S), lo, hi in shapes[-10:] if S == 1]
-    assert (0, 2) in tail and all(lo == 0 and hi <= 2 for lo, hi in tail), f"decode calls at the end: {tail}"
+    # the two together in [0, 2); a last one alone stays in its slot (on the CPU)
+    assert (0, 2) in tail and all(hi - lo <= 2 and hi <= 2 for lo, hi in tail), f"decode calls at the end: {tail}"
 
 
 def test_one_request_after_another_moves_no_cache_rows(make_scheduler):
