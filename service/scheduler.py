@@ -388,19 +388,13 @@ class Scheduler:
         return continuing, [(s, _not_one_short(len(s.prompt), min(len(s.prompt), S))) for s in fresh[: budget // S]]
 
     def _in_place(self, decoding: list[Sequence], fresh: list[Sequence]) -> bool:
-        """On the CPU: the decoding sequences hold a contiguous range of slots, and the fresh prompts another, apart
-        from it (a lone stream, a steady batch): their calls bind those ranges where they are, and nothing moves.
-        (On CUDA the decode call stays at [0, D), where its graphs are captured.)"""
+        """On the CPU: the decoding sequences hold a contiguous range of slots, and the fresh prompts another (apart
+        from it, as no two sequences share a slot; a lone stream, a steady batch): their calls bind those ranges where
+        they are, and nothing moves. (On CUDA the decode call stays at [0, D), where its graphs are captured.)"""
         if self.engine.device != "cpu":
             return False
-        ranges = []
-        for group in (decoding, fresh):
-            slots = sorted(s.slot for s in group)
-            if slots and slots != list(range(slots[0], slots[0] + len(slots))):
-                return False
-            if slots:
-                ranges.append((slots[0], slots[-1]))
-        return len(ranges) < 2 or ranges[0][1] < ranges[1][0] or ranges[1][1] < ranges[0][0]
+        groups = [sorted(s.slot for s in group) for group in (decoding, fresh)]
+        return all(not slots or slots == list(range(slots[0], slots[0] + len(slots))) for slots in groups)
 
     def _place(self, group: list[Sequence], lo: int) -> None:
         """Moves the sequences of `group` into slots [lo, lo + len(group)), swapping with whatever is there."""
