@@ -2,14 +2,15 @@
 API reference, then vLLM's extensions), and the one error body every part of the service answers with.
 
 Pydantic lives here, at the HTTP edge; `service.validation` turns a request into the scheduler's plain dataclasses.
-Unknown request fields are refused with 400, as OpenAI does ("Unrecognized request argument supplied").
+Unknown request fields are refused with 400, as OpenAI does ("Unrecognized request argument supplied"); `null` for a
+field that has a default means that default, as in OpenAI's API.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
@@ -24,6 +25,21 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 class _Strict(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """`"n": null` is n's default, 1, as OpenAI's API reads it (and vLLM's): clients that forward every option
+        they were given send nulls. A required field stays null, and is refused."""
+        if not isinstance(data, dict):
+            return data
+        defaulted = {
+            key
+            for name, field in cls.model_fields.items()
+            if not field.is_required() and field.default is not None
+            for key in (name, field.alias)
+        }
+        return {k: v for k, v in data.items() if v is not None or k not in defaulted}
 
 
 # ---------------------------------------------------------------------- requests
@@ -120,6 +136,17 @@ class ChatMessage(_Strict):
         return "".join(p.text for p in self.content)
 
 
+class Prediction(_Strict):
+    """A predicted output: OpenAI uses it to answer sooner, never to answer otherwise."""
+
+    type: Literal["content"]
+    content: str | list[TextPart]
+
+
+MetadataKey = Annotated[str, Field(max_length=64)]
+MetadataValue = Annotated[str, Field(max_length=512)]
+
+
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool = False
@@ -131,6 +158,19 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
+    # OpenAI fields that leave the answer as it is: accepted (service.validation refuses the values that would not)
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    modalities: list[Literal["text", "audio"]] | None = None
+    prediction: Prediction | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=1024)] | None = None
+    safety_identifier: Annotated[str, Field(max_length=64)] | None = None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority"] | None = None
+    store: bool | None = None
+    # OpenAI fields this server does not implement: refused unless null (service.validation)
+    audio: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
 
 
 class TokenizeRequest(_Strict):

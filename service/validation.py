@@ -73,6 +73,7 @@ class Validator:
             raise unsupported("tool_choice" if req.tool_choice else "function_call", "tool calling is not implemented")
         if any(m.tool_calls for m in req.messages):
             raise unsupported("messages", "messages with tool_calls (tool calling is not implemented)")
+        self._no_effect_fields(req)
         requested, param = (
             (req.max_completion_tokens, "max_completion_tokens")
             if req.max_completion_tokens is not None
@@ -87,6 +88,29 @@ class Validator:
         return ValidRequest((tuple(prompt),), self._params(req, max_tokens, top), req.n)
 
     # ------------------------------------------------------------------ the rules
+
+    @staticmethod
+    def _no_effect_fields(req: ChatCompletionRequest) -> None:
+        """OpenAI's chat fields that would change nothing here are accepted (metadata, prediction: a speed hint,
+        prompt_cache_key: the prefix cache needs none, safety_identifier); those asking for what this server does
+        not do are refused, never ignored."""
+        if req.store:
+            raise unsupported("store", "completions are not stored")
+        if req.service_tier not in (None, "auto", "default"):
+            raise unsupported("service_tier", "there is one service tier (auto, default)")
+        if req.modalities is not None and set(req.modalities) != {"text"}:
+            if "audio" in req.modalities:
+                raise unsupported("modalities", "audio output is not implemented")
+            raise bad_request("modalities must include text", "modalities")
+        refused = {
+            "audio": "audio output is not implemented",
+            "reasoning_effort": "the model does not reason before it answers",
+            "verbosity": "output verbosity is not implemented; use max_tokens",
+            "web_search_options": "web search is not implemented",
+        }
+        for field, why in refused.items():
+            if getattr(req, field) is not None:
+                raise unsupported(field, why)
 
     def get_max_tokens(
         self, prompt_len: int, requested: int | None, default: int, prompt_param: str, tokens_param: str

@@ -1,5 +1,6 @@
 """The OpenAI surface on a real server: streamed and non-streamed answers agree (logprobs, offsets, echo), the
-context rules, usage chunks, keep-alives, /tokenize and /detokenize, logit_bias, unsupported fields refused."""
+context rules, usage chunks, keep-alives, /tokenize and /detokenize, logit_bias, unsupported fields refused, null
+read as the default, OpenAI's no-effect chat fields accepted."""
 
 from __future__ import annotations
 
@@ -142,6 +143,22 @@ BAD_CHAT = [
     ),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, None, None),
     ({"whatever": True}, "whatever", "unknown_parameter"),
+    ({"store": True}, "store", "unsupported_parameter"),
+    ({"service_tier": "priority"}, "service_tier", "unsupported_parameter"),
+    ({"service_tier": "fastest"}, "service_tier", None),
+    ({"modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
+    ({"modalities": []}, "modalities", None),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio", "unsupported_parameter"),
+    ({"reasoning_effort": "low"}, "reasoning_effort", "unsupported_parameter"),
+    ({"verbosity": "low"}, "verbosity", "unsupported_parameter"),
+    ({"web_search_options": {}}, "web_search_options", "unsupported_parameter"),
+    ({"metadata": {"k": 1}}, "metadata.k", None),
+    ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", None),
+    ({"metadata": {"k" * 65: "v"}}, None, None),
+    ({"prediction": {"type": "content"}}, "prediction.content", None),
+    ({"prediction": {"type": "guess", "content": "x"}}, None, None),
+    ({"safety_identifier": "x" * 65}, "safety_identifier", None),
+    ({"n": None, "model": None}, "model", None),  # null is a default's, and model has none
 ]
 
 
@@ -163,6 +180,66 @@ def test_unsupported_chat_fields_are_refused(tiny_server, extra, param, code):
     err = r.json()["error"]
     assert param is None or err["param"] == param, err
     assert code is None or err["code"] == code, err
+
+
+NULLS = {  # every field with a default, sent as null: OpenAI's API (and vLLM) read that as the default
+    "frequency_penalty": None,
+    "n": None,
+    "presence_penalty": None,
+    "stream": None,
+    "top_k": None,
+    "min_p": None,
+    "repetition_penalty": None,
+    "min_tokens": None,
+    "seed": None,
+    "stop": None,
+    "logit_bias": None,
+    "response_format": None,
+    "stream_options": None,
+    "user": None,
+}
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_null_means_the_default(tiny_server, endpoint):
+    if endpoint == "completions":
+        path, body, extra = "/completions", {"prompt": EMOJI}, {"echo": None, "logprobs": None, "best_of": None}
+    else:
+        path, body = "/chat/completions", {"messages": [{"role": "user", "content": EMOJI}]}
+        extra = {"logprobs": None, "top_logprobs": None, "max_completion_tokens": None, "store": None}
+    body = {"model": "tiny", "max_tokens": 12, "temperature": 0, "ignore_eos": True, **body}
+
+    def answer(r: httpx.Response) -> list:
+        assert r.status_code == 200, r.text
+        return [c.get("text", c.get("message")) for c in r.json()["choices"]]
+
+    plain = httpx.post(tiny_server.v1 + path, json=body, timeout=60)
+    nulls = httpx.post(tiny_server.v1 + path, json={**body, **NULLS, **extra}, timeout=60)
+    assert answer(nulls) == answer(plain) and len(answer(plain)) == 1  # n: null is one choice
+    assert nulls.headers["content-type"].startswith("application/json")  # stream: null is not streamed
+    ids = httpx.post(tiny_server.url + "/tokenize", json={"prompt": "a b", "add_generation_prompt": None})
+    assert ids.status_code == 200, ids.text
+
+
+def test_chat_fields_that_change_nothing_are_accepted(tiny_server):
+    """Through the official client: metadata, store false, service tier auto, a predicted output, a prompt cache key,
+    a safety identifier and text-only modalities leave the answer as it is."""
+    c = client(tiny_server)
+    kw = dict(model="tiny", messages=[{"role": "user", "content": EMOJI}], max_tokens=12, temperature=0)
+    plain = c.chat.completions.create(**kw, extra_body={"ignore_eos": True}).choices[0].message.content
+    given = c.chat.completions.create(
+        **kw,
+        metadata={"team": "search", "run": "7"},
+        store=False,
+        service_tier="auto",
+        prediction={"type": "content", "content": "The sea"},
+        prompt_cache_key="poems",
+        safety_identifier="user-42",
+        modalities=["text"],
+        reasoning_effort=None,
+        extra_body={"ignore_eos": True},
+    )
+    assert given.choices[0].message.content == plain
 
 
 def test_usage_counts_each_prompt_once_whatever_n(tiny_server):
