@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from service.bundle import load_bundle
-from service.engine import Engine, _ChunkGraphs, _DecodeGraphs
+from service.cuda_graphs import ChunkGraphs, DecodeGraphs
+from service.engine import Engine
 
 
 def _prefill(engine: Engine, ids: np.ndarray) -> np.ndarray:
@@ -21,7 +22,7 @@ def _prefill(engine: Engine, ids: np.ndarray) -> np.ndarray:
 def test_reused_bindings_and_the_decode_graph_path_give_the_plain_calls_logits(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     plain, fast = Engine(bundle, 4, 64, "cpu"), Engine(bundle, 4, 64, "cpu")
-    fast.graphs = graphs = _DecodeGraphs(fast)  # as on CUDA: forward routes decode calls to it
+    fast.graphs = graphs = DecodeGraphs(fast)  # as on CUDA: forward routes decode calls to it
     assert graphs.check() == 0.0
     replays = []
     run = graphs.run
@@ -66,8 +67,8 @@ def test_the_warm_up_leaves_nothing_a_sequence_reads(tiny_bundle):
     values into empty rows: prompts and decode steps after it get the logits of an engine that never warmed up."""
     bundle = load_bundle(tiny_bundle)
     cold, warm = Engine(bundle, 3, 64, "cpu"), Engine(bundle, 3, 64, "cpu")
-    warm.graphs = graphs = _DecodeGraphs(warm)
-    warm.chunks = chunks = _ChunkGraphs(warm)
+    warm.graphs = graphs = DecodeGraphs(warm)
+    warm.chunks = chunks = ChunkGraphs(warm)
     assert warm.warm_up(prefill_tokens=32) > 0
     assert sorted(graphs.by_rows) == [1, 2, 3]  # one decode graph per batch size, made before any request
     assert sorted(chunks.by_key) == [(row, L) for row in range(3) for L in (16, 32)]  # and per row and chunk length
@@ -83,9 +84,9 @@ def test_the_warm_up_leaves_nothing_a_sequence_reads(tiny_bundle):
 
 
 def test_the_warm_up_captures_decode_graphs_up_to_its_bound(tiny_bundle, monkeypatch):
-    monkeypatch.setattr("service.engine.WARM_GRAPHS", 2)  # each graph keeps a (D, V) buffer: larger D when first seen
+    monkeypatch.setattr("service.cuda_graphs.WARM_GRAPHS", 2)  # each graph keeps a (D, V) buffer: larger D later
     engine = Engine(load_bundle(tiny_bundle), 4, 32, "cpu")
-    engine.graphs = graphs = _DecodeGraphs(engine)
+    engine.graphs = graphs = DecodeGraphs(engine)
     engine.warm_up(prefill_tokens=16)
     assert sorted(graphs.by_rows) == [1, 2]
 
@@ -103,7 +104,7 @@ def test_the_chunk_graph_path_gives_the_plain_calls_logits(tiny_bundle):
     past the sequence's end) gives the plain call's logits, and so do the decode steps after it."""
     bundle = load_bundle(tiny_bundle)
     plain, fast = Engine(bundle, 3, 64, "cpu"), Engine(bundle, 3, 64, "cpu")
-    fast.chunks = chunks = _ChunkGraphs(fast)  # as on CUDA: forward routes continuing chunks to it
+    fast.chunks = chunks = ChunkGraphs(fast)  # as on CUDA: forward routes continuing chunks to it
     assert chunks.check() <= 1e-5
     replays = []
     run = chunks.run
@@ -129,8 +130,8 @@ def test_the_chunk_graph_path_gives_the_plain_calls_logits(tiny_bundle):
 def test_a_graph_that_fails_while_serving_turns_graphs_off_and_the_call_runs_plainly(kind, tiny_bundle, caplog):
     bundle = load_bundle(tiny_bundle)
     plain, engine = Engine(bundle, 2, 32, "cpu"), Engine(bundle, 2, 32, "cpu")
-    graphs = engine.graphs = _DecodeGraphs(engine)
-    chunks = engine.chunks = _ChunkGraphs(engine)
+    graphs = engine.graphs = DecodeGraphs(engine)
+    chunks = engine.chunks = ChunkGraphs(engine)
 
     def capture_fails(*args):
         raise RuntimeError("CUDA failure 2: out of memory\nmore detail")
@@ -161,7 +162,7 @@ def test_reduced_logits_are_the_full_logits_reduction(tiny_bundle, graph):
     bundle = load_bundle(tiny_bundle)
     plain, reducing = Engine(bundle, 4, 64, "cpu"), Engine(bundle, 4, 64, "cpu", reduce_logits=True)
     if graph:
-        reducing.graphs = _DecodeGraphs(reducing)
+        reducing.graphs = DecodeGraphs(reducing)
     rng = np.random.default_rng(1)
     tokens, n = rng.integers(3, bundle.vocab_size, (3, 1)), np.zeros(3, np.int64)
     inv_t = np.array([0.0, 5.0, 1.0], np.float32)
