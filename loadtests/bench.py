@@ -140,6 +140,7 @@ def aggregate(results: list[dict]) -> dict:
     ok = [r for r in results if r["ok"]]
     wall = max(r["end"] for r in ok) - min(r["start"] for r in ok)
     gaps = [g for r in ok for g in r["gaps"]]
+    t0 = min(r["start"] for r in ok)
     return {
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
         "ttft_p50_s": pct([r["ttft"] for r in ok], 50),
@@ -148,6 +149,14 @@ def aggregate(results: list[dict]) -> dict:
         "itl_p99_s": pct(gaps, 99),
         "e2e_p99_s": pct([r["e2e"] for r in ok], 99),
         "failures": len(results) - len(ok),
+        # what explains a p99 (a stall that many streams waited out, a burst the server took in parts): how many
+        # gaps were over 3x the median, and each request's first token (from the first request's start) and its
+        # longest gap, in the order their first tokens came
+        "gaps": len(gaps),
+        "gaps_over_3x_median": int(sum(g > 3 * median(gaps) for g in gaps)) if gaps else 0,
+        "first_token_and_longest_gap_s": sorted(
+            [round(r["start"] + r["ttft"] - t0, 4), round(max(r["gaps"], default=0.0), 4)] for r in ok
+        ),
     }
 
 
