@@ -20,7 +20,7 @@ from service.bundle import Bundle, load_bundle
 from service.client import EngineClient
 from service.config import Settings
 from service.engine import Engine
-from service.errors import APIError
+from service.errors import APIError, model_not_found
 from service.grammar import Grammars
 from service.inspect_api import InspectRequest, InspectServing, page
 from service.inspector import Inspector
@@ -184,25 +184,31 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
         )
         return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
+    def model_card(rt: Runtime) -> dict:
+        """The served model as OpenAI's model object, with vLLM's max_model_len and what it runs on."""
+        return {
+            "id": rt.model_name,
+            "object": "model",
+            "created": rt.started,
+            "owned_by": "gpt-onnx-serve",
+            "max_model_len": rt.scheduler.max_model_len,
+            "device": rt.engine.device,
+            "providers": rt.engine.providers,
+            "dtype": rt.bundle.dtype,
+            "quantization": rt.bundle.quantization,
+        }
+
     @v1.get("/models")
     async def models(request: Request) -> dict:
+        return {"object": "list", "data": [model_card(runtime(request))]}
+
+    @v1.get("/models/{model:path}")
+    async def model(model: str, request: Request) -> dict:
+        """OpenAI's "retrieve model" (the openai client's `models.retrieve`): the served model, else 404."""
         rt = runtime(request)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": rt.model_name,
-                    "object": "model",
-                    "created": rt.started,
-                    "owned_by": "gpt-onnx-serve",
-                    "max_model_len": rt.scheduler.max_model_len,
-                    "device": rt.engine.device,
-                    "providers": rt.engine.providers,
-                    "dtype": rt.bundle.dtype,
-                    "quantization": rt.bundle.quantization,
-                }
-            ],
-        }
+        if model != rt.model_name:
+            raise model_not_found(model)
+        return model_card(rt)
 
     @app.get("/metrics", dependencies=[Depends(authorized)] if settings.metrics_require_key else [])
     async def metrics(request: Request) -> Response:

@@ -37,6 +37,12 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def model_not_found(model: str) -> APIError:
+    """404 for a model id this server does not serve, in OpenAI's words (a long id cut short in the message)."""
+    shown = model if len(model) <= 128 else model[:128] + "..."
+    return APIError(404, f"The model `{shown}` does not exist.", "not_found_error", "model", "model_not_found")
+
+
 def overloaded(message: str) -> APIError:
     """429: the waiting queue is full. OpenAI's rate-limit type, so clients' retry-with-backoff applies."""
     return APIError(429, f"server busy: {message}", "rate_limit_error", code="overloaded", headers={"Retry-After": "1"})

@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.config import Settings
-from service.errors import APIError, bad_request, overloaded
+from service.errors import APIError, bad_request, model_not_found, overloaded
 from service.inspector import Inspection, Inspector, top_tokens
 from service.protocol import ChatMessage
 from service.scheduler import EngineStopped, QueueFull, Scheduler
@@ -83,9 +83,7 @@ class InspectServing:
         if self.scheduler.saturated():
             raise overloaded("the waiting queue is full")
         if req.model != self.model_name:
-            raise APIError(
-                404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found"
-            )
+            raise model_not_found(req.model)
         if self.inspector is None:
             raise unavailable()
         graph = self.inspector.graph

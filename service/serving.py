@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from service.client import ChoiceEvent, ClientGone, EngineClient, Generation
 from service.config import Settings
-from service.errors import APIError
+from service.errors import APIError, model_not_found
 from service.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -145,7 +145,7 @@ class OpenAIServing:
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model:
-            raise APIError(404, f"The model `{model}` does not exist.", "not_found_error", "model", "model_not_found")
+            raise model_not_found(model)
 
     # ------------------------------------------------------------------ one response
 

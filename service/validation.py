@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.config import Settings
-from service.errors import APIError, bad_request, unsupported
+from service.errors import bad_request, model_not_found, unsupported
 from service.grammar import JSON_OBJECT_SCHEMA, GrammarError, Grammars
 from service.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ResponseFormat, _Sampling
 from service.sampler import SamplingParams
@@ -136,9 +136,7 @@ class Validator:
 
     def _common(self, req: _Sampling, requested: int | None, param: str = "max_tokens") -> None:
         if req.model != self.model_name:
-            raise APIError(
-                404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found"
-            )
+            raise model_not_found(req.model)
         if requested is not None and requested > self.settings.max_tokens_limit:
             raise bad_request(
                 f"{param} must be at most {self.settings.max_tokens_limit}", param, "max_tokens_too_large"

@@ -56,6 +56,7 @@ def test_api_keys(guarded):
         assert_error(h.post("/v1/completions", json=body), 401, "invalid_api_key")
         assert_error(h.post("/v1/completions", json=body, headers={"Authorization": "Bearer nope"}), 401)
         assert_error(h.get("/v1/models", headers={"Authorization": "Basic key-one"}), 401)
+        assert_error(h.get("/v1/models/tiny", headers={"Authorization": "Bearer nope"}), 401)
         for key in KEYS:
             assert h.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}).status_code == 200
         assert h.get("/health").status_code == 200 and h.get("/ready").status_code == 200

@@ -22,8 +22,15 @@ def client(server) -> openai.OpenAI:
 
 
 def test_models_health_ready(default_server):
-    models = client(default_server).models.list()
+    c = client(default_server)
+    models = c.models.list()
     assert [m.id for m in models.data] == ["smollm2-135m"]
+    one = c.models.retrieve("smollm2-135m")  # GET /v1/models/{model}
+    assert one.model_dump() == models.data[0].model_dump()
+    for hostile in ("gpt-4o", "org/other model", "x" * 3000, "../health", "%00"):
+        with pytest.raises(openai.NotFoundError) as lost:
+            c.models.retrieve(hostile)
+        assert lost.value.body["code"] == "model_not_found" and len(lost.value.body["message"]) < 200
     health = httpx.get(default_server.url + "/health").json()
     assert health["status"] == "ok" and health["device"] in ("cpu", "cuda")
     assert httpx.get(default_server.url + "/ready").status_code == 200
