@@ -24,7 +24,9 @@ not all in lockstep, and those sharing its prefix (a chat service's system promp
 turn comes instead of computing it too. The decode call runs first, then the prompt calls; each call's tokens are
 sampled and sent before the next call starts, so a prompt's first token never waits for the prefill of the prompts
 after it. (The prompt calls first measured worse: a chat's next turn, sent right after a decode call brought its
-previous answer's last token, then just misses the next step's start; docs/BENCHMARKS.md.)
+previous answer's last token, then just misses the next step's start; docs/BENCHMARKS.md.) Prompts that arrive while
+a step's calls run join that step, within what is left of its budget: a burst the engine began before all of it had
+arrived stalls the running streams once, not once per part.
 
 No idle rows. A graph call binds one contiguous range of cache rows, so before the calls the scheduler places
 the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
@@ -259,19 +261,49 @@ class Scheduler:
         self._retire(self._cancelled())
         self._admit()
         decoding = [s for s in self.running.values() if s.decoding]
-        continuing, fresh = self._plan_prefill(self.budget - len(decoding))
+        budget = self.budget - len(decoding)
+        continuing, fresh = self._plan_prefill(budget)
         if not self._in_place(decoding, [seq for seq, _ in fresh]):
             self._place(decoding, 0)
             self._place([seq for seq, _ in fresh], len(decoding))
         # One graph call at a time, its tokens sampled and sent before the next call runs: a stream's token never
         # waits for another sequence's call. (sequences, logits (N, V)) -> [(sequence, token, logprob)] -> events
         self._emit(self._sample(self._decode(decoding)))
+        budget -= self._prefill(continuing, fresh)
+        self._join_late(budget)
+        self._retire([s for s in self.running.values() if s.finish_reason])
+        self.steps += 1
+
+    def _prefill(self, continuing: list[tuple[Sequence, int]], fresh: list[tuple[Sequence, int]]) -> int:
+        """The planned prompt chunks, each call's first tokens sent before the next call; -> the budget they used
+        (a fresh prompt's row costs its call's padded length)."""
         for seq, S in continuing:
             self._emit(self._sample(self._prefill_one(seq, S)))
         for group in _prefill_calls(fresh, self.prefill_call):
             self._emit(self._sample(self._prefill_together(group)))
-        self._retire([s for s in self.running.values() if s.finish_reason])
-        self.steps += 1
+        return sum(c for _, c in continuing) + len(fresh) * max((c for _, c in fresh), default=0)
+
+    def _join_late(self, budget: int) -> None:
+        """Prompts that arrived while this step's calls ran are prefilled in it too, within what is left of its
+        token budget, as they would have been had they come before it began: the streams already running are
+        waiting out this step's prompt calls anyway, and would otherwise wait out a second step of them (a burst
+        the engine began before all of it had arrived; docs/BENCHMARKS.md, W2 read back). A prompt longer than a
+        chunk is left for the next step, where one long prompt computes at a time."""
+        while budget > 0 and not self._incoming.empty():
+            before = {id(seq) for seq in self.running.values()}
+            self._admit()
+            late = [
+                seq
+                for seq in self.running.values()
+                if id(seq) not in before and len(seq.prompt) - seq.prefilled <= min(budget, self.prefill_chunk)
+            ]
+            continuing, fresh = self._plan_prefill(budget, among=late)
+            if not continuing and not fresh:
+                return
+            group = [seq for seq, _ in fresh]
+            if group and not self._in_place([], group):
+                self._place(group, len(self.running) - len(group))
+            budget -= self._prefill(continuing, fresh)
 
     def _run_job(self) -> None:
         try:
@@ -325,19 +357,21 @@ class Scheduler:
             seq.slot, seq.prefilled, seq.cached, seq.admitted = slot, n, n, time.perf_counter()
             self.running[slot] = seq
 
-    def _plan_prefill(self, budget: int) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
+    def _plan_prefill(
+        self, budget: int, among: list[Sequence] | None = None
+    ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         """Which prompts get how many tokens this step, within `budget` tokens: (continuing, fresh), each a list
         of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts, right-padded to
         the chunk length that fits the most real tokens (every row of it costs S tokens), split into calls later.
+        `among`: only these sequences (late arrivals) are planned.
 
         No chunk is longer than `prefill_chunk`, and of the prompts with more than that left only one computes at a
         time (the leader: the one part-way through, else the oldest); the others wait, and look for their prefix
         again when their turn comes, so prompts sharing a long prefix with the leader copy it rather than compute
         it beside it. The next one starts beside the leader's last chunk unless it shares more with the leader's
         prompt than the leader has written (it then waits a step more and copies all of that)."""
-        pending = sorted(
-            (s for s in self.running.values() if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0
-        )
+        candidates = self.running.values() if among is None else among
+        pending = sorted((s for s in candidates if s.prefilled < len(s.prompt)), key=lambda s: s.admitted or 0)
         if budget <= 0 or not pending:
             return [], []
         cap = self.prefill_chunk

@@ -325,6 +325,41 @@ def test_a_prompt_first_token_is_sent_before_the_next_prefill_call_of_the_step(t
     assert sorted(seen) == [(i, 1 + i // 2) for i in range(8)], "first tokens waited for a later call"
 
 
+@pytest.mark.parametrize(("budget", "joined"), [(1024, True), (150, False)])
+def test_prompts_arriving_during_a_step_join_it_within_its_budget(tiny_bundle, budget, joined):
+    """Two requests sent when the first one's first token comes out (as a burst's stragglers arrive while the
+    engine prefills its first request) are prefilled in that same step if its token budget has room, in one call."""
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
+    s = Scheduler(Engine(bundle, 8, 256), tok, (), 256, budget)
+    s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+    calls = []
+    real = s.engine.forward
+    s.engine.forward = lambda ids, *a: calls.append(ids.shape) or real(ids, *a)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    late = [Collector(), Collector()]
+
+    def first(event) -> None:
+        if len(calls) == 1:  # r0's first token: the others arrive now, while the step runs
+            for i, c in enumerate(late):
+                s.submit(GenerationRequest(f"r{i + 1}", tuple(range(30 + i, 130 + i)), params), c)
+
+    s.submit(GenerationRequest("r0", tuple(range(20, 120)), params), first)
+    s.step()
+    assert calls == ([(1, 100), (2, 100)] if joined else [(1, 100)])
+    assert all(c.started.is_set() for c in late) == joined
+    while s.running or not s._incoming.empty():
+        s.step()
+    for i, c in enumerate(late):  # the same tokens as alone
+        alone = Scheduler(Engine(bundle, 1, 256), tok, (), 256, budget)
+        alone._thread = threading.current_thread()
+        solo = Collector()
+        alone.submit(GenerationRequest("solo", tuple(range(30 + i, 130 + i)), params), solo)
+        while alone.running or not alone._incoming.empty():
+            alone.step()
+        assert c.tokens() == solo.tokens() and len(c.tokens()) == 4
+
+
 def test_decode_computes_only_decoding_rows_after_middle_streams_end(make_scheduler):
     s = make_scheduler(slots=16, prefix_cache=False)
     probe = list(range(400, 420))
