@@ -48,3 +48,10 @@ def test_chat_burst_reports_each_burst_of_sampled_streams(tiny_server):
     bursts = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [b["burst"] for b in bursts] == [1, 2] and all(b["streams"] == 3 for b in bursts)
     assert all(b["tokens_per_s"] > 0 and 0 < b["itl_p50_ms"] <= b["itl_p99_ms"] for b in bursts)
+    staggered = run_cli("loadtests.chat_burst", *args, "--parts", "2", "--stagger", "0.2", timeout=300)
+    assert staggered.returncode == 0, staggered.stderr[-2000:]
+    parts = [json.loads(line) for line in staggered.stdout.strip().splitlines()]
+    # a token ending inside a character is held back: fewer content chunks than tokens
+    assert all(b["parts"] == 2 and 0 < b["gaps"] <= 3 * 15 for b in parts)
+    assert all(0 <= b["gaps_over_3x_median"] <= b["gaps"] for b in parts)
+    assert all(0 < b["ttft_p50_ms"] <= b["ttft_p99_ms"] for b in parts)
