@@ -290,12 +290,12 @@ class Scheduler:
         the engine began before all of it had arrived; docs/BENCHMARKS.md, W2 read back). A prompt longer than a
         chunk is left for the next step, where one long prompt computes at a time."""
         while budget > 0 and not self._incoming.empty():
-            before = {id(seq) for seq in self.running.values()}
+            taken = set(self.running)  # slots; admitting moves no one
             self._admit()
             late = [
                 seq
-                for seq in self.running.values()
-                if id(seq) not in before and len(seq.prompt) - seq.prefilled <= min(budget, self.prefill_chunk)
+                for slot, seq in self.running.items()
+                if slot not in taken and len(seq.prompt) - seq.prefilled <= min(budget, self.prefill_chunk)
             ]
             continuing, fresh = self._plan_prefill(budget, among=late)
             if not continuing and not fresh:
