@@ -48,6 +48,7 @@ from loadtests.workloads import (
     median,
     pct,
     prompt,
+    stalls,
 )
 from service.config import HUGE_PAGES, huge_pages
 
@@ -138,9 +139,9 @@ async def run_workloads(url: str, which: tuple[str, ...] = ("W1", "W2", "W3", "W
 
 def aggregate(results: list[dict]) -> dict:
     ok = [r for r in results if r["ok"]]
-    wall = max(r["end"] for r in ok) - min(r["start"] for r in ok)
-    gaps = [g for r in ok for g in r["gaps"]]
     t0 = min(r["start"] for r in ok)
+    wall = max(r["end"] for r in ok) - t0
+    gaps = [g for r in ok for g in r["gaps"]]
     return {
         "tokens_per_s": sum(r["tokens"] for r in ok) / wall,
         "ttft_p50_s": pct([r["ttft"] for r in ok], 50),
@@ -153,7 +154,7 @@ def aggregate(results: list[dict]) -> dict:
         # gaps were over 3x the median, and each request's first token (from the first request's start) and its
         # longest gap, in the order their first tokens came
         "gaps": len(gaps),
-        "gaps_over_3x_median": int(sum(g > 3 * median(gaps) for g in gaps)) if gaps else 0,
+        "gaps_over_3x_median": int(stalls(gaps)),
         "first_token_and_longest_gap_s": sorted(
             [round(r["start"] + r["ttft"] - t0, 4), round(max(r["gaps"], default=0.0), 4)] for r in ok
         ),

@@ -25,7 +25,7 @@ import time
 
 from openai import AsyncOpenAI
 
-from loadtests.workloads import median, pct
+from loadtests.workloads import median, pct, stalls
 
 
 async def one(
@@ -85,7 +85,7 @@ async def main(args: argparse.Namespace) -> None:
             out |= {
                 "parts": args.parts,
                 "stagger_s": args.stagger,
-                "gaps_over_3x_median": sum(g > 3 * median(gaps) for g in gaps),
+                "gaps_over_3x_median": stalls(gaps),
                 "gaps": len(gaps),
                 "ttft_p50_ms": round(median(ttfts) * 1e3, 1),
                 "ttft_p99_ms": round(pct(ttfts, 99) * 1e3, 1),

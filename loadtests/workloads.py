@@ -38,6 +38,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def stalls(gaps: list[float]) -> int:
+    """How many inter-token gaps were over 3x the median one: the stalls a p99 lands on once they pass 1%."""
+    if not gaps:
+        return 0
+    bound = 3 * median(gaps)
+    return sum(g > bound for g in gaps)
+
+
 def static_w3(run_batch: Callable[[list[list[int]]], object]) -> dict:
     """W3 for a static-batching peer: 64 requests as 4 batches of 16, one after another."""
     ends, t0 = [], time.perf_counter()
