@@ -31,13 +31,15 @@ def main() -> None:
     for slot in range(rows):
         prompt = rng.integers(100, bundle.vocab_size, prompt_tokens)[None]  # (1, P)
         seqlens = np.array([prompt_tokens - 1], np.int32)
-        logits = engine.forward(prompt, np.arange(prompt_tokens)[None], seqlens, slot, slot + 1)  # (1, P, V)
+        # (1, P, V) from the old checkout's Engine.forward, which takes no logits_index (mypy sees this checkout's)
+        logits = engine.forward(prompt, np.arange(prompt_tokens)[None], seqlens, slot, slot + 1)  # type: ignore[call-overload]
         last[slot, 0] = int(logits[0, -1].argmax())
     times = []
     for t in range(steps):
         length = prompt_tokens + t
         start = time.perf_counter()
-        logits = engine.forward(last, np.full((rows, 1), length, np.int64), np.full(rows, length, np.int32), 0, rows)
+        positions, seqlens = np.full((rows, 1), length, np.int64), np.full(rows, length, np.int32)
+        logits = engine.forward(last, positions, seqlens, 0, rows)  # type: ignore[call-overload]  # (B, 1, V)
         last = logits[:, -1].argmax(-1)[:, None]
         times.append(time.perf_counter() - start)
     step = statistics.median(times)

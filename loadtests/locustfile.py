@@ -80,7 +80,8 @@ class OpenAIUser(HttpUser):
 
     def _request(self, path: str, name: str, body: dict) -> None:
         start = time.perf_counter()
-        first = last = None
+        first: float | None = None
+        last = start
         tokens = 0
         error = None
         with self.client.post(

