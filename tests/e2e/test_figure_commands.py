@@ -60,6 +60,21 @@ def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bun
     assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # its temporary copy is gone
 
 
+def test_attention_alone_times_the_bundles_attention_node_with_and_without_flash(q4_bundles):
+    bundle = q4_bundles("fp32")
+    args = ("--compare-flash", "--rounds", "1", "--calls", "5", "--cache-len", "300")
+    result = run_cli("loadtests.attention", "--bundle", str(bundle), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    cases = [(1, 1, 256), (16, 1, 128), (16, 1, 256), (1, 128, 0)]  # those that fit 300 positions
+    assert [(r["rows"], r["new_tokens"], r["cached"]) for r in rows] == cases * 2
+    assert [r["flash"] for r in rows] == [True] * 4 + [False] * 4
+    n_layer = json.loads((bundle / "manifest.json").read_text())["model"]["n_layer"]
+    assert all(
+        r["ms_per_call"] > 0 and r["ms_all_layers"] == pytest.approx(r["ms_per_call"] * n_layer, abs=0.1) for r in rows
+    )
+
+
 def test_divergence_of_an_int4_bundle_from_its_fp32_one(q4_bundles, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)

@@ -1,0 +1,133 @@
+"""Attention alone: one GroupQueryAttention node shaped like a bundle's layers, timed per call, on the CPU.
+
+    python -m loadtests.attention --bundle bundles/smollm2-135m [--compare-flash]
+
+The node is the bundle's: packed q/k/v in, rotary inside, one shared buffer bound as past and present (the cache of
+`--cache-len` positions), the bundle's heads and head size. Cases (rows x new tokens over positions already cached):
+decode steps of 1 and 16 rows at a few cache lengths, a fresh 128-token prompt, and a 32-token continuation of a
+1,000-token cached prefix (W4's later turns); those that do not fit the buffer are left out. Prints one JSON line per
+case: the median milliseconds of a call, the same times the bundle's layer count (a forward pass's attention), and
+the keys and values read per second (every row's cached positions, once). `--compare-flash` runs the cases again
+with onnxruntime's flash/decode kernels off (ORT_DISABLE_FLASH_ATTENTION=1, read when a session is created) in a
+second process, alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+CASES = [  # (rows, new tokens a row, positions already cached)
+    (1, 1, 256),
+    (1, 1, 1024),
+    (16, 1, 128),
+    (16, 1, 256),
+    (16, 1, 1024),
+    (1, 128, 0),
+    (1, 32, 1000),
+]
+
+
+def attention_graph(n_head: int, n_kv_head: int, head_dim: int, cache_len: int) -> bytes:
+    """One GroupQueryAttention node as the exporter writes it (export/ops.py GroupQueryAttention.symbolic)."""
+    f = TensorProto.FLOAT
+    inputs = [
+        helper.make_tensor_value_info("qkv", f, ["B", "S", (n_head + 2 * n_kv_head) * head_dim]),
+        helper.make_tensor_value_info("past_key", f, ["B", n_kv_head, cache_len, head_dim]),
+        helper.make_tensor_value_info("past_value", f, ["B", n_kv_head, cache_len, head_dim]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("cos_cache", f, [cache_len, head_dim // 2]),
+        helper.make_tensor_value_info("sin_cache", f, [cache_len, head_dim // 2]),
+    ]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        ["out", "present_key", "present_value"],
+        domain="com.microsoft",
+        num_heads=n_head,
+        kv_num_heads=n_kv_head,
+        do_rotary=1,
+        rotary_interleaved=0,
+    )
+    outputs = [helper.make_tensor_value_info(name, f, None) for name in ("out", "present_key", "present_value")]
+    graph = helper.make_graph([node], "attention", inputs, outputs)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def measure(model: dict, cache_len: int, threads: int, calls: int) -> list[dict]:
+    n_head, n_kv, D, layers = model["n_head"], model["n_kv_head"], model["d_model"] // model["n_head"], model["n_layer"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(attention_graph(n_head, n_kv, D, cache_len), options, ["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    cos, sin = (rng.standard_normal((cache_len, D // 2), dtype=np.float32) for _ in range(2))  # (T_max, D/2)
+    rows = []
+    for B, S, L in [c for c in CASES if c[1] + c[2] <= cache_len]:  # those whose positions fit the buffer
+        cache = [ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((B, n_kv, cache_len, D), dtype=np.float32))]
+        cache.append(ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((B, n_kv, cache_len, D), dtype=np.float32)))
+        binding = session.io_binding()
+        binding.bind_cpu_input("qkv", rng.standard_normal((B, S, (n_head + 2 * n_kv) * D), dtype=np.float32))
+        binding.bind_cpu_input("seqlens_k", np.full(B, L + S - 1, np.int32))  # (B,) each row's length - 1
+        binding.bind_cpu_input("total_sequence_length", np.array(L + S, np.int32))
+        binding.bind_cpu_input("cos_cache", cos)
+        binding.bind_cpu_input("sin_cache", sin)
+        for name, value in zip(("key", "value"), cache):  # one buffer as past and present, as the engine binds it
+            binding.bind_ortvalue_input(f"past_{name}", value)
+            binding.bind_ortvalue_output(f"present_{name}", value)
+        binding.bind_output("out")
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            session.run_with_iobinding(binding)
+            times.append(time.perf_counter() - start)
+        ms = statistics.median(times[3:]) * 1e3
+        kv_bytes = B * n_kv * 2 * (L + S) * D * 4
+        rows.append(
+            {
+                "rows": B,
+                "new_tokens": S,
+                "cached": L,
+                "ms_per_call": round(ms, 3),
+                "ms_all_layers": round(ms * layers, 1),
+                "kv_read_gbs": round(kv_bytes / ms / 1e6, 1),
+            }
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.attention", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=Path("bundles/smollm2-135m"))
+    p.add_argument("--cache-len", type=int, default=1280, help="the cache buffer's positions (make bench serves 1,280)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per core)")
+    p.add_argument("--calls", type=int, default=30)
+    p.add_argument("--rounds", type=int, default=2, help="with --compare-flash: alternations")
+    p.add_argument("--compare-flash", action="store_true")
+    args = p.parse_args()
+    model = json.loads((args.bundle / "manifest.json").read_text())["model"]
+    if not args.compare_flash:
+        flash = os.environ.get("ORT_DISABLE_FLASH_ATTENTION", "0") != "1"
+        for row in measure(model, args.cache_len, args.threads, args.calls):
+            print(json.dumps({"flash": flash, **row}), flush=True)
+        return
+    again = [sys.executable, "-m", "loadtests.attention", "--bundle", str(args.bundle), "--cache-len"]
+    again += [str(args.cache_len), "--threads", str(args.threads), "--calls", str(args.calls)]
+    for _ in range(args.rounds):
+        for off in ("0", "1"):
+            subprocess.run(again, check=True, env={**os.environ, "ORT_DISABLE_FLASH_ATTENTION": off})
+
+
+if __name__ == "__main__":
+    main()
