@@ -9,7 +9,8 @@ decode steps of 1 and 16 rows at a few cache lengths, a fresh 128-token prompt, 
 case: the median milliseconds of a call, the same times the bundle's layer count (a forward pass's attention), and
 the keys and values read per second (every row's cached positions, once). `--compare-flash` runs the cases again
 with onnxruntime's flash/decode kernels off (ORT_DISABLE_FLASH_ATTENTION=1, read when a session is created) in a
-second process, alternating.
+second process, alternating. `--cache int8-per-channel` (or `int8-per-tensor`) times onnxruntime's quantized cache
+instead: int8 keys and values with static scales, written and read by the same node (not what a bundle exports).
 """
 
 from __future__ import annotations
@@ -38,52 +39,71 @@ CASES = [  # (rows, new tokens a row, positions already cached)
 ]
 
 
-def attention_graph(n_head: int, n_kv_head: int, head_dim: int, cache_len: int) -> bytes:
-    """One GroupQueryAttention node as the exporter writes it (export/ops.py GroupQueryAttention.symbolic)."""
+def attention_graph(n_head: int, n_kv_head: int, head_dim: int, cache_len: int, cache: str = "fp32") -> bytes:
+    """One GroupQueryAttention node as the exporter writes it (export/ops.py GroupQueryAttention.symbolic); with an
+    int8 cache, onnxruntime's quantized-cache form of it (symmetric, static scales per channel or per tensor)."""
     f = TensorProto.FLOAT
+    cache_type = f if cache == "fp32" else TensorProto.INT8
     inputs = [
         helper.make_tensor_value_info("qkv", f, ["B", "S", (n_head + 2 * n_kv_head) * head_dim]),
-        helper.make_tensor_value_info("past_key", f, ["B", n_kv_head, cache_len, head_dim]),
-        helper.make_tensor_value_info("past_value", f, ["B", n_kv_head, cache_len, head_dim]),
+        helper.make_tensor_value_info("past_key", cache_type, ["B", n_kv_head, cache_len, head_dim]),
+        helper.make_tensor_value_info("past_value", cache_type, ["B", n_kv_head, cache_len, head_dim]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("cos_cache", f, [cache_len, head_dim // 2]),
         helper.make_tensor_value_info("sin_cache", f, [cache_len, head_dim // 2]),
     ]
+    names = ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"]
+    quantized: dict = {}
+    scales = []
+    if cache != "fp32":  # inputs 9-11 (position_ids, attention_bias, head_sink) omitted, then k_scale, v_scale
+        kind = {"int8-per-channel": "PER_CHANNEL", "int8-per-tensor": "PER_TENSOR"}[cache]
+        quantized = {"k_quant_type": kind, "v_quant_type": kind, "kv_cache_bit_width": 8}
+        shape = [n_kv_head * head_dim] if kind == "PER_CHANNEL" else [1]
+        scales = [helper.make_tensor(name, f, shape, [0.05] * shape[0]) for name in ("k_scale", "v_scale")]
+        names += ["", "", "", "k_scale", "v_scale"]
     node = helper.make_node(
         "GroupQueryAttention",
-        ["qkv", "", "", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache", "sin_cache"],
+        names,
         ["out", "present_key", "present_value"],
         domain="com.microsoft",
         num_heads=n_head,
         kv_num_heads=n_kv_head,
         do_rotary=1,
         rotary_interleaved=0,
+        **quantized,
     )
-    outputs = [helper.make_tensor_value_info(name, f, None) for name in ("out", "present_key", "present_value")]
-    graph = helper.make_graph([node], "attention", inputs, outputs)
+    outputs = [helper.make_tensor_value_info("out", f, None)]
+    outputs += [helper.make_tensor_value_info(name, cache_type, None) for name in ("present_key", "present_value")]
+    graph = helper.make_graph([node], "attention", inputs, outputs, initializer=scales)
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
-def measure(model: dict, cache_len: int, threads: int, calls: int) -> list[dict]:
+def measure(model: dict, cache_len: int, threads: int, calls: int, cache: str) -> list[dict]:
     n_head, n_kv, D, layers = model["n_head"], model["n_kv_head"], model["d_model"] // model["n_head"], model["n_layer"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(attention_graph(n_head, n_kv, D, cache_len), options, ["CPUExecutionProvider"])
+    graph = attention_graph(n_head, n_kv, D, cache_len, cache)
+    session = ort.InferenceSession(graph, options, ["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     cos, sin = (rng.standard_normal((cache_len, D // 2), dtype=np.float32) for _ in range(2))  # (T_max, D/2)
     rows = []
     for B, S, L in [c for c in CASES if c[1] + c[2] <= cache_len]:  # those whose positions fit the buffer
-        cache = [ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((B, n_kv, cache_len, D), dtype=np.float32))]
-        cache.append(ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((B, n_kv, cache_len, D), dtype=np.float32)))
+        shape = (B, n_kv, cache_len, D)  # (B, H_kv, T_max, D)
+        buffers: list[np.ndarray]
+        if cache == "fp32":
+            buffers = [rng.standard_normal(shape, dtype=np.float32) for _ in range(2)]
+        else:
+            buffers = [rng.integers(-100, 100, shape, dtype=np.int8) for _ in range(2)]
+        kv = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
         binding = session.io_binding()
         binding.bind_cpu_input("qkv", rng.standard_normal((B, S, (n_head + 2 * n_kv) * D), dtype=np.float32))
         binding.bind_cpu_input("seqlens_k", np.full(B, L + S - 1, np.int32))  # (B,) each row's length - 1
         binding.bind_cpu_input("total_sequence_length", np.array(L + S, np.int32))
         binding.bind_cpu_input("cos_cache", cos)
         binding.bind_cpu_input("sin_cache", sin)
-        for name, value in zip(("key", "value"), cache):  # one buffer as past and present, as the engine binds it
+        for name, value in zip(("key", "value"), kv):  # one buffer as past and present, as the engine binds it
             binding.bind_ortvalue_input(f"past_{name}", value)
             binding.bind_ortvalue_output(f"present_{name}", value)
         binding.bind_output("out")
@@ -93,7 +113,7 @@ def measure(model: dict, cache_len: int, threads: int, calls: int) -> list[dict]
             session.run_with_iobinding(binding)
             times.append(time.perf_counter() - start)
         ms = statistics.median(times[3:]) * 1e3
-        kv_bytes = B * n_kv * 2 * (L + S) * D * 4
+        kv_bytes = B * n_kv * 2 * (L + S) * D * (4 if cache == "fp32" else 1)
         rows.append(
             {
                 "rows": B,
@@ -115,15 +135,16 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=30)
     p.add_argument("--rounds", type=int, default=2, help="with --compare-flash: alternations")
     p.add_argument("--compare-flash", action="store_true")
+    p.add_argument("--cache", choices=["fp32", "int8-per-channel", "int8-per-tensor"], default="fp32")
     args = p.parse_args()
     model = json.loads((args.bundle / "manifest.json").read_text())["model"]
     if not args.compare_flash:
         flash = os.environ.get("ORT_DISABLE_FLASH_ATTENTION", "0") != "1"
-        for row in measure(model, args.cache_len, args.threads, args.calls):
-            print(json.dumps({"flash": flash, **row}), flush=True)
+        for row in measure(model, args.cache_len, args.threads, args.calls, args.cache):
+            print(json.dumps({"cache": args.cache, "flash": flash, **row}), flush=True)
         return
     again = [sys.executable, "-m", "loadtests.attention", "--bundle", str(args.bundle), "--cache-len"]
-    again += [str(args.cache_len), "--threads", str(args.threads), "--calls", str(args.calls)]
+    again += [str(args.cache_len), "--threads", str(args.threads), "--calls", str(args.calls), "--cache", args.cache]
     for _ in range(args.rounds):
         for off in ("0", "1"):
             subprocess.run(again, check=True, env={**os.environ, "ORT_DISABLE_FLASH_ATTENTION": off})

@@ -73,6 +73,12 @@ def test_attention_alone_times_the_bundles_attention_node_with_and_without_flash
     assert all(
         r["ms_per_call"] > 0 and r["ms_all_layers"] == pytest.approx(r["ms_per_call"] * n_layer, abs=0.1) for r in rows
     )
+    # onnxruntime's int8 cache form of the same node runs too
+    args = ("--cache", "int8-per-channel", "--calls", "4", "--cache-len", "300")
+    result = run_cli("loadtests.attention", "--bundle", str(bundle), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["cache"] for r in rows] == ["int8-per-channel"] * 4 and all(r["ms_per_call"] > 0 for r in rows)
 
 
 def test_divergence_of_an_int4_bundle_from_its_fp32_one(q4_bundles, tmp_path):
