@@ -30,7 +30,10 @@ from service.sampler import Candidates
 
 log = logging.getLogger(__name__)
 
-CUDA_ATTENTION_DTYPES = ("float16", "bfloat16")  # onnxruntime's CUDA GroupQueryAttention kernels
+# onnxruntime's CUDA GroupQueryAttention has fp16 and bf16 kernels; the exporter writes fp16 (bf16 would need a bf16
+# cache here too)
+CUDA_ATTENTION_DTYPES = ("float16",)
+NO_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
 
 
 def choose_providers(device: str) -> tuple[list[str], str]:
@@ -55,11 +58,16 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool
             f"{bundle.path}: its GroupQueryAttention is {bundle.cache_dtype}, which onnxruntime's CUDA provider does "
             f"not run (only {'/'.join(CUDA_ATTENTION_DTYPES)}): export with --dtype fp16, or serve with --device cpu"
         )
-    options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    try:  # set once: the options are reused for the sessions made again later, and adding a key twice warns
+        options.get_session_config_entry(NO_CPU_FALLBACK)
+    except RuntimeError:
+        options.add_session_config_entry(NO_CPU_FALLBACK, "1")
     why = ""
     try:
         cuda = ("CUDAExecutionProvider", {"enable_cuda_graph": "1"} if graphs else {})
-        session = ort.InferenceSession(str(bundle.graph), options, providers=[cuda])
+        # enable_fallback=0: no retry on the CPU provider, whose error (it conflicts with the option above) would
+        # hide the CUDA provider's own
+        session = ort.InferenceSession(str(bundle.graph), options, providers=[cuda], enable_fallback=0)
         if session.get_providers()[0] == "CUDAExecutionProvider":  # onnxruntime's Python layer may retry on CPU
             return session
     except Exception as exc:
@@ -96,9 +104,11 @@ class Engine:
         try:
             self.session = ort.InferenceSession(str(bundle.graph), options, providers=providers)
         except Exception as exc:
-            if self.device != "cuda" or device == "cuda":
+            if self.device != "cuda":
                 raise
-            log.warning("CUDA provider failed to start (%s); falling back to CPU", exc)
+            if device == "cuda":
+                raise BundleError(f"--device cuda, but the CUDA provider did not start: {_first_line(exc)}") from exc
+            log.warning("CUDA provider failed to start (%s); falling back to CPU", _first_line(exc))
             providers, self.device = ["CPUExecutionProvider"], "cpu"
             self.session = ort.InferenceSession(str(bundle.graph), options, providers=providers)
         finally:
@@ -208,10 +218,12 @@ class Engine:
         B, S = input_ids.shape
         if self.graphs is not None and lo == 0 and S == 1 and np.array_equal(logits_index, np.arange(B)):
             try:
-                return self._reduced(self.graphs.run(input_ids, position_ids, seqlens_k), reduce)
+                replayed = self.graphs.run(input_ids, position_ids, seqlens_k)
             except Exception as exc:  # a capture that fails while serving (a new batch size): this call runs plainly
                 log.warning("CUDA graphs off: a decode call of %d row(s) failed: %s", B, _first_line(exc))
                 self._without_graphs()
+            else:  # outside the try: the reducer's own failure is not the graphs'
+                return self._reduced(replayed, reduce)
         if self.chunks is not None and B == 1 and S > 1 and list(logits_index) == [S - 1]:
             past = int(seqlens_k[0]) + 1 - S
             if past > 0 and self.chunks.length(S, past) is not None:  # a continuing prompt's chunk, its last logits

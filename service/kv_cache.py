@@ -49,6 +49,8 @@ class KVCache:
             ]
         self.row_bytes = int(np.prod(self.shape[1:])) * np.dtype(self.np_dtype).itemsize
         self._copier = _RowCopier(self) if (device_copies if device_copies is not None else device != "cpu") else None
+        if device != "cpu" and self._copier is not None:  # zeroed like the CPU's: no row holds NaN or Inf bits
+            self._copier.zero()
         self.lengths = np.zeros(slots, dtype=np.int64)  # valid positions per slot
 
     @property
@@ -119,6 +121,18 @@ class _RowCopier:
         self.session = ort.InferenceSession(model.SerializeToString(), providers=providers)
         self.cache, self.elems = cache, elems
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}  # (src, dst) -> its 2 x n_layer rows, bound once
+
+    def zero(self) -> None:
+        """Every row of every buffer set to zeros, copied from one zeroed row on the device (fresh device memory holds
+        whatever was there; a host array of zeros the size of a buffer is not needed)."""
+        c = self.cache
+        zero = ort.OrtValue.ortvalue_from_numpy(np.zeros(self.elems, c.np_dtype), c.device, 0)  # (H_kv*T_max*D,)
+        for row in range(c.slots + 1):
+            b = self.session.io_binding()
+            for i, buf in enumerate(c.buffers):
+                b.bind_input(f"x{i}", c.device, 0, c.np_dtype, [self.elems], zero.data_ptr())
+                b.bind_output(f"y{i}", c.device, 0, c.np_dtype, [self.elems], buf.data_ptr() + row * c.row_bytes)
+            self.session.run_with_iobinding(b)
 
     def copy(self, src: int, dst: int) -> None:
         c, b = self.cache, self._bindings.get((src, dst))

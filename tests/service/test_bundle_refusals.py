@@ -22,7 +22,7 @@ def test_a_format_1_bundle_is_refused_with_a_re_export_hint(tiny_bundle, tmp_pat
 
 
 def test_fp32_attention_is_refused_on_cuda_before_any_session(tiny_bundle):
-    """onnxruntime's CUDA GroupQueryAttention is fp16/bf16 only: an fp32 bundle would run attention on the CPU and
+    """onnxruntime's CUDA GroupQueryAttention is fp16 (and bf16) only: an fp32 bundle would run attention on the CPU and
     move the cache every step, so the engine refuses it (the check needs no GPU)."""
     bundle = load_bundle(tiny_bundle)
     assert bundle.cache_dtype == "float32"
