@@ -101,12 +101,16 @@ class DecodeGraphs:
         return logits
 
     def check(self) -> float:
-        """The one-row graph (onnxruntime's warm-up calls, the capture, replays) against the plain call: the first
-        token at position 0 of row 0, rewritten alike by each. Returns the largest logit difference; raises past the
-        bundle's golden bound."""
-        e, ids, zero = self.engine, np.zeros((1, 1), np.int64), np.zeros(1, np.int32)
-        want = e._forward_plain(ids, ids, zero, 0, 1, np.arange(1))  # (1, V)
-        worst = max(float(np.abs(self.run(ids, ids, zero).numpy() - want).max()) for _ in range(4))
+        """The one-row graph (onnxruntime's warm-up calls, the capture, replays) against the plain call, each making
+        the same call in turn, which rewrites the same position of row 0 alike: the first token at position 0 four
+        times, then other tokens at positions 1 and 2 (a replay that kept its capture's inputs would differ there).
+        Returns the largest logit difference; raises past the bundle's golden bound."""
+        e, worst = self.engine, 0.0
+        for token, position in ((0, 0), (0, 0), (0, 0), (0, 0), (7, 1), (11, 2)):
+            ids, positions = np.array([[token]], np.int64), np.array([[position]], np.int64)  # (1, 1)
+            lengths = np.array([position], np.int32)  # (1,) the row's length after this token, minus one
+            want = e._forward_plain(ids, positions, lengths, 0, 1, np.arange(1)).copy()  # (1, V)
+            worst = max(worst, float(np.abs(self.run(ids, positions, lengths).numpy() - want).max()))
         if not worst <= e.bundle.golden_atol:
             raise RuntimeError(f"the graph's logits differ from the plain call's by {worst:.3g}")
         return worst
@@ -164,14 +168,18 @@ class ChunkGraphs:
         return out.copy() if self.engine.device == "cpu" else out
 
     def check(self) -> float:
-        """A 3-token chunk after a 2-token prompt in row 0 through the graph (onnxruntime's warm-up calls, the
-        capture, replays) against the same chunk run plainly, each rewriting those positions alike. Returns the
-        largest logit difference; raises past the bundle's golden bound."""
-        e, first, chunk = self.engine, np.array([[1, 2]]), np.array([[3, 4, 5]])
-        e._forward_plain(first, np.arange(2)[None], np.array([1], np.int32), 0, 1, np.array([1]))
-        positions = np.arange(2, 5)[None]
-        want = e._forward_plain(chunk, positions, np.array([4], np.int32), 0, 1, np.array([2])).copy()  # (1, V)
-        worst = max(float(np.abs(self.run(chunk, positions, 2, 0) - want).max()) for _ in range(4))
+        """Chunks after a 2-token prompt in row 0 through the graph (onnxruntime's warm-up calls, the capture,
+        replays) against the same chunks run plainly, each rewriting those positions alike: a 3-token chunk four
+        times, then a 2-token one after it (other tokens, length and past: a replay that kept its capture's inputs
+        would differ). Returns the largest logit difference; raises past the bundle's golden bound."""
+        e, worst = self.engine, 0.0
+        e._forward_plain(np.array([[1, 2]]), np.arange(2)[None], np.array([1], np.int32), 0, 1, np.array([1]))
+        for chunk, past in [(np.array([[3, 4, 5]]), 2)] * 4 + [(np.array([[9, 8]]), 5)]:
+            S = chunk.shape[1]
+            positions = np.arange(past, past + S)[None]  # (1, S)
+            lengths = np.array([past + S - 1], np.int32)
+            want = e._forward_plain(chunk, positions, lengths, 0, 1, np.array([S - 1])).copy()  # (1, V)
+            worst = max(worst, float(np.abs(self.run(chunk, positions, past, 0) - want).max()))
         if not worst <= e.bundle.golden_atol:
             raise RuntimeError(f"the chunk graph's logits differ from the plain call's by {worst:.3g}")
         return worst
