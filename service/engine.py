@@ -135,7 +135,8 @@ class Engine:
         self.providers = self.session.get_providers()
         log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
         on = reduce_logits if reduce_logits is not None else self.device == "cuda"
-        self.reducer = LogitReducer(self) if on else None
+        # on CUDA the reducer reads the logits a graph leaves on the device; plain calls copy them whole to the host
+        self.reducer = LogitReducer(self) if on and (self.device == "cpu" or graphs) else None
         if self.reducer is not None:
             log.info("decode steps' logits reduced on %s to each row's %d largest", self.device, self.reducer.k)
         self.cache = KVCache(
@@ -281,6 +282,7 @@ class Engine:
         self._bindings.clear()
         if self.device == "cuda":
             self.session = _cuda_only_session(self.bundle, self._options)
+            self.reducer = None  # it reads a graph's logits on the device; plain calls bring them to the host whole
 
     def warm_up(self, prefill_tokens: int) -> float:
         """On CUDA, the kinds of call serving makes, made once at start, so that no request pays what a kind's first
