@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     )
     reduce_logits: CliImplicitFlag[bool] = Field(
         True,
-        description="on CUDA, reduce each decode step's logits on the device to what sampling reads (each row's 128 "
-        "largest, ...); --no-reduce-logits copies every logit to the host",
+        description="on CUDA with graphs, reduce each decode step's logits on the device to what sampling reads (each "
+        "row's 128 largest, ...); --no-reduce-logits copies every logit to the host",
     )
 
     # batching and the KV cache
