@@ -73,7 +73,7 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool
         # enable_fallback=0: no retry on the CPU provider, whose error (it conflicts with the option above) would
         # hide the CUDA provider's own
         session = ort.InferenceSession(str(bundle.graph), options, providers=[cuda], enable_fallback=0)
-        if session.get_providers()[0] == "CUDAExecutionProvider":  # onnxruntime's Python layer may retry on CPU
+        if session.get_providers()[0] == "CUDAExecutionProvider":  # a guard: without fallback it cannot be another
             return session
     except Exception as exc:
         why = f" ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
