@@ -51,18 +51,13 @@ def choose_providers(device: str) -> tuple[list[str], str]:
 SESSION_CONFIG = {"session.dynamic_block_base": "4"}
 
 
-def _refuse_cpu_attention(bundle: Bundle) -> None:
-    """One line, before any session is made, for a bundle whose attention onnxruntime's CUDA provider cannot run."""
+def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool = False) -> ort.InferenceSession:
+    """The session on the CUDA provider alone, every node on the device, or one line saying why it cannot be."""
     if bundle.cache_dtype not in CUDA_ATTENTION_DTYPES:
         raise BundleError(
             f"{bundle.path}: its GroupQueryAttention is {bundle.cache_dtype}, which onnxruntime's CUDA provider does "
             f"not run (only {'/'.join(CUDA_ATTENTION_DTYPES)}): export with --dtype fp16, or serve with --device cpu"
         )
-
-
-def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool = False) -> ort.InferenceSession:
-    """The session on the CUDA provider alone, every node on the device, or one line saying why it cannot be."""
-    _refuse_cpu_attention(bundle)
     try:  # set once: the options are reused for the sessions made again later, and adding a key twice warns
         options.get_session_config_entry(NO_CPU_FALLBACK)
     except RuntimeError:
@@ -104,8 +99,6 @@ class Engine:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
         providers, self.device = choose_providers(device)
-        if device == "cuda":  # asked for: refused now rather than after the weights went to the GPU
-            _refuse_cpu_attention(bundle)
         if self.device == "cuda":
             ort.set_default_logger_severity(4)  # a machine without CUDA libraries: our one warning below says it
         try:
