@@ -8,6 +8,7 @@ field that has a default means that default, as in OpenAI's API.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -33,13 +34,19 @@ class _Strict(BaseModel):
         they were given send nulls. A required field stays null, and is refused."""
         if not isinstance(data, dict):
             return data
-        defaulted = {
-            key
-            for name, field in cls.model_fields.items()
-            if not field.is_required() and field.default is not None
-            for key in (name, field.alias)
-        }
+        defaulted = _defaulted_keys(cls)
         return {k: v for k, v in data.items() if v is not None or k not in defaulted}
+
+
+@functools.cache
+def _defaulted_keys(model: type[BaseModel]) -> frozenset[str | None]:
+    """The names (and aliases) of a request model's fields with a non-null default, once per model class."""
+    return frozenset(
+        key
+        for name, field in model.model_fields.items()
+        if not field.is_required() and field.default is not None
+        for key in (name, field.alias)
+    )
 
 
 # ---------------------------------------------------------------------- requests
