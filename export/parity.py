@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+import ortkernels
 from export.config import ModelConfig
 from export.errors import ExportError
 from export.model import GPT, KVCache, decode_one_token, prefill
@@ -127,6 +128,7 @@ class OrtRunner:
     def __init__(self, path: Path, config: ModelConfig) -> None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        ortkernels.register(options)  # a graph over a GGUF's Q4_1 blocks runs the project's MatMulQ4_1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.config = config
         inputs = {i.name: i for i in self.session.get_inputs()}

@@ -2,8 +2,9 @@
 
 - int8: dynamic quantization of the MatMul weights (onnxruntime.quantization.quantize_dynamic, per channel).
 - int4: weight-only MatMulNBits (block 32, asymmetric) from onnxruntime's MatMulNBitsQuantizer.
-- int4 from a GGUF whose linears are Q4_0/Q4_1: the file's blocks go into MatMulNBits as they are, so nothing is
-  rounded twice (see carry_gguf_blocks); tensors the file keeps more precise (the tied Q8_0 embedding) stay fp32.
+- int4 from a GGUF whose linears are Q4_0/Q4_1: the file's blocks go into the graph as they are, so nothing is
+  rounded twice (see carry_gguf_blocks): into this project's MatMulQ4_1 (ortkernels/) where it is built, else into
+  onnxruntime's MatMulNBits; the tied Q8_0 embedding into an 8-bit MatMulNBits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from onnx import helper, numpy_helper
 from export.checkpoints import PackedLinear
 from export.model import PACKED
 from export.onnx_export import save_model
+from ortkernels import DOMAIN as KERNELS_DOMAIN
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +61,14 @@ def quantize_int4(src: Path, dst: Path, accuracy_level: int) -> None:
     save_model(quantizer.model.model, dst)
 
 
-def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], accuracy_level: int) -> int:
-    """Replaces each projection whose weights the GGUF stores in Q4_0/Q4_1 by MatMulNBits over those blocks.
+def carry_gguf_blocks(
+    src: Path, dst: Path, packed: dict[str, PackedLinear], accuracy_level: int, q4_1_kernel: bool = False
+) -> int:
+    """Replaces each projection whose weights the GGUF stores in Q4_0/Q4_1 by one node over those blocks.
+
+    With `q4_1_kernel` (the project's kernels built, int8 activations: accuracy level 4) that node is MatMulQ4_1,
+    which reads Q4_1's own 20 bytes a block, its minimum term included (_q4_1_projection). Otherwise it is
+    onnxruntime's MatMulNBits, as follows.
 
     A packed projection (q/k/v, gate/up: one MatMul in the graph) takes its parts' blocks side by side along N.
     Q4_0 (w = d·(q − 8)) is MatMulNBits with scale d and zero point 8. Q4_1 (w = d·q + m = d·(q − z) + r) is
@@ -89,7 +97,11 @@ def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], acc
         if len({b.qtype for b in blocks}) > 1 and any(b.qtype == "Q8_0" for b in blocks):
             continue
         prefix = parts[0].removesuffix(".weight") if len(parts) == 1 else node.name.strip("/").replace("/", ".")
-        new_inits, new_nodes = _nbits_projection(node, blocks, prefix, accuracy_level)
+        tied = any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in graph.node)  # read by the embedding
+        if q4_1_kernel and accuracy_level >= 4 and not tied and all(b.qtype in ("Q4_0", "Q4_1") for b in blocks):
+            new_inits, new_nodes = _q4_1_projection(node, blocks, prefix)
+        else:
+            new_inits, new_nodes = _nbits_projection(node, blocks, prefix, accuracy_level)
         graph.initializer.extend(new_inits)
         idx = list(graph.node).index(node)
         graph.node.remove(node)
@@ -100,8 +112,50 @@ def carry_gguf_blocks(src: Path, dst: Path, packed: dict[str, PackedLinear], acc
         if not any(node.input[1] in n.input for n in graph.node):
             graph.initializer.remove(inits.pop(node.input[1]))
         carried += len(parts)
+    if any(n.domain == KERNELS_DOMAIN for n in graph.node):
+        model.opset_import.append(helper.make_opsetid(KERNELS_DOMAIN, 1))
     save_model(model, dst)
     return carried
+
+
+def _q4_1_projection(
+    node: onnx.NodeProto, blocks: list[PackedLinear], prefix: str
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
+    """One MatMulQ4_1 (ortkernels/q4_1_matmul.c) over the parts' Q4_0/Q4_1 blocks side by side: its packed weights
+    are the file's bytes rearranged, 20 a block (a Q4_0 block w = d * (q - 8) is the Q4_1 block of m = -8d, exact
+    in fp16)."""
+    K = blocks[0].shape[1]
+    N = sum(b.shape[0] for b in blocks)
+    packed = numpy_helper.from_array(q4_1_packed(blocks), f"{prefix}.q4_1")
+    x, y = node.input[0], list(node.output)
+    new_node = helper.make_node(
+        "MatMulQ4_1", [x, packed.name], y, name=node.name + "Q4_1", domain=KERNELS_DOMAIN, K=K, N=N
+    )
+    return [packed], [new_node]
+
+
+def q4_1_packed(blocks: list[PackedLinear]) -> np.ndarray:
+    """GGUF rows of Q4_0/Q4_1 blocks (parts side by side along N) -> MatMulQ4_1's weights (ceil(N/16), K/32, 320):
+    columns in groups of 16; a group's block is its 16 columns' digits in 4 chunks (chunk c: each column's qs[4c ..
+    4c+3]), then their 16 d, then their 16 m (fp16). Columns past N are zero."""
+    K = blocks[0].shape[1]
+    nb = K // BLOCK
+    rows = []
+    for b in blocks:
+        raw = b.blocks.reshape(b.shape[0], nb, _BLOCK_BYTES[b.qtype])
+        if b.qtype == "Q4_0":  # d, qs -> d, m = -8d, qs
+            d = raw[..., 0:2].copy().view(np.float16)
+            m = (d.astype(np.float32) * -8).astype(np.float16)
+            assert np.isfinite(m).all()
+            raw = np.concatenate([raw[..., 0:2], m.view(np.uint8), raw[..., 2:18]], axis=-1)
+        rows.append(raw)  # (n, nb, 20): d, m, qs[16]
+    q41 = np.concatenate(rows)  # (N, nb, 20)
+    N = q41.shape[0]
+    G = -(-N // 16)
+    q41 = np.concatenate([q41, np.zeros((G * 16 - N, nb, 20), np.uint8)]).reshape(G, 16, nb, 20).transpose(0, 2, 1, 3)
+    digits = q41[..., 4:20].reshape(G, nb, 16, 4, 4).transpose(0, 1, 3, 2, 4).reshape(G, nb, 256)  # chunk, column
+    d, m = q41[..., 0:2].reshape(G, nb, 32), q41[..., 2:4].reshape(G, nb, 32)
+    return np.ascontiguousarray(np.concatenate([digits, d, m], axis=-1))  # (G, nb, 320)
 
 
 def _embed_from_blocks(graph: onnx.GraphProto, table: str, prefix: str, block: PackedLinear) -> None:

@@ -51,6 +51,7 @@ class Bundle:
     golden_atol: float
     generation_defaults: dict[str, float]  # the model's recommended sampling (temperature, top_p, top_k)
     manifest: dict[str, Any]
+    kernels: tuple[str, ...] = ()  # ops of the project's ortkernels/ library the graph runs (MatMulQ4_1)
     inspect: InspectGraph | None = None  # bundles exported before it existed, and quantized ones, have none
 
     @property
@@ -116,6 +117,7 @@ def load_bundle(path: Path, verify_checksums: bool = True) -> Bundle:
             golden_atol=m["golden"]["logits_atol"],
             generation_defaults=dict(m.get("generation_defaults") or {}),
             manifest=m,
+            kernels=tuple(m["graph"].get("kernels", ())),
             inspect=_inspect_graph(path, m["inspect"]) if "inspect" in m else None,
         )
     except KeyError as exc:

@@ -21,6 +21,7 @@ from typing import overload
 import numpy as np
 import onnxruntime as ort
 
+import ortkernels
 from service import cuda_graphs
 from service.bundle import Bundle, BundleError
 from service.cuda_graphs import ChunkGraphs, DecodeGraphs
@@ -95,6 +96,11 @@ class Engine:
         for key, value in {**SESSION_CONFIG, **(session_config or {})}.items():
             options.add_session_config_entry(key, value)
         options.log_severity_level = 3
+        if bundle.kernels and not ortkernels.register(options):
+            raise BundleError(
+                f"{bundle.path}: its graph runs {', '.join(bundle.kernels)} from this project's ortkernels/ library, "
+                f"which is not built here: {ortkernels.BUILD_HINT}"
+            )
         if profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = profile_prefix
@@ -134,6 +140,8 @@ class Engine:
             self.session = _cuda_only_session(bundle, options, graphs)
         self.providers = self.session.get_providers()
         log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
+        if bundle.kernels:
+            log.info("ortkernels/ %s on the CPU: %s code", ", ".join(bundle.kernels), ortkernels.q4_1_kernel())
         on = reduce_logits if reduce_logits is not None else self.device == "cuda"
         # on CUDA the reducer reads the logits a graph leaves on the device; plain calls copy them whole to the host
         self.reducer = LogitReducer(self) if on and (self.device == "cpu" or graphs) else None

@@ -96,7 +96,9 @@ BUNDLE_TYPES: dict[str, list[str]] = {
     "fp32": [],
     "fp16": ["--dtype", "fp16"],
     "int8": ["--quantize", "int8"],
-    "int4-gguf": ["--quantize", "int4"],  # the GGUF's own Q4_1 blocks carried into MatMulNBits
+    "int4-gguf": ["--quantize", "int4"],  # the GGUF's own Q4_1 blocks carried into MatMulQ4_1 (ortkernels/)
+    # the same blocks in onnxruntime's MatMulNBits, exact minimum terms as extra digits (without ortkernels/)
+    "int4-gguf-matmulnbits": ["--quantize", "int4", "--int4-kernel", "matmulnbits"],
     "int4": ["--quantize", "int4", "--int4-source", "requantize"],  # re-quantized from the dequantized weights
 }
 

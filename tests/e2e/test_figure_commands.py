@@ -29,7 +29,7 @@ def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
     assert "ms per session run" in lines[0] and "in kernels" in lines[0]
     assert lines[1] == "| op | ms/step | share | nodes |"
     ops = {line.split(" | ")[0].removeprefix("| ") for line in lines[3:]}
-    assert {"MatMulNBits", "GroupQueryAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
+    assert {"MatMulQ4_1", "GroupQueryAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
 
 
 def test_profiler_prefill_mode_times_whole_prompts(q4_bundles):
@@ -47,7 +47,7 @@ def test_profiler_prefill_mode_times_whole_prompts(q4_bundles):
 
 
 def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bundles):
-    bundle = q4_bundles("int4-gguf")
+    bundle = q4_bundles("int4-gguf-matmulnbits")
     args = ("--rounds", "1", "--prompt-tokens", "8", "--steps", "4")
     result = run_cli("loadtests.minterm", "--bundle", str(bundle), *args, timeout=300)
     assert result.returncode == 0, result.stderr

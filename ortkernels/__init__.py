@@ -1,0 +1,46 @@
+"""Custom onnxruntime ops of this project, one C library: `MatMulQ4_1` (ortkernels/q4_1_matmul.c), a GGUF's Q4_1 blocks
+as they are, read by an int4 bundle's projections.
+
+The exporter writes the op into a graph only where the library is built (`make setup` builds it with the system C
+compiler; nothing else needs one), and every session that loads a bundle graph registers it, so a bundle that uses
+the op runs wherever the library is. The service refuses, in one line, a bundle that needs it where it is not built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import onnx
+
+DOMAIN = "gpt_onnx_serve"
+LIBRARY = Path(__file__).resolve().parent / "libgpt_onnx_serve_kernels.so"
+BUILD_HINT = "build it with `make kernels` (a C compiler is all it needs)"
+
+
+def available() -> bool:
+    return LIBRARY.is_file()
+
+
+def register(options) -> bool:  # noqa: ANN001  onnxruntime.SessionOptions
+    """Registers the library's ops with a session's options, where it is built. -> whether it is."""
+    if not available():
+        return False
+    options.register_custom_ops_library(str(LIBRARY))
+    return True
+
+
+@functools.cache
+def q4_1_kernel() -> str:
+    """The MatMulQ4_1 code path this CPU runs: `avx512vnni`, `avx2` or `generic` (GPT_ONNX_SERVE_Q4_1_KERNEL, read
+    once per process, overrides it)."""
+    lib = ctypes.CDLL(str(LIBRARY))
+    lib.MatMulQ4_1Kernel.restype = ctypes.c_char_p
+    return lib.MatMulQ4_1Kernel().decode()
+
+
+def uses_kernels(graph_file: Path) -> bool:
+    """Whether a graph has nodes of this project's ops (its structure only: the weights stay on disk)."""
+    model = onnx.load(str(graph_file), load_external_data=False)
+    return any(opset.domain == DOMAIN for opset in model.opset_import)

@@ -1,0 +1,480 @@
+/* MatMulQ4_1: an onnxruntime custom op (CPU) that multiplies float activations by a GGUF's own Q4_1 blocks.
+
+   Y (..., N) = A (..., K) @ W^T, with W (N, K) given as Q4_1 blocks of 32 weights: w = d * q + m, q in 0..15, d and m
+   fp16. onnxruntime's MatMulNBits takes an fp32 scale and a 4-bit zero point per block, so Q4_1's minimum m needs
+   extra terms in the graph (exactly: more digits and nodes, docs/EXPORT.md); this op reads Q4_1's 20 bytes a block
+   as they are and adds m's term itself.
+
+   Arithmetic (llama.cpp's Q4_1 x Q8_1, MLAS's int8 path of MatMulNBits alike): each row of A is rounded per block of
+   32 to int8 with one scale (dx = max|a| / 127), so a block's product is d * dx * sum(q * aq) (integer dot products:
+   AVX-512 VNNI, or AVX2) plus m * dx * sum(aq). The sum is of the rounded block, as llama.cpp's Q8_1 keeps it: the
+   rounding's error then meets the weights d * q + m themselves, mostly centred on zero, not d * q alone (against
+   fp64 over SmolLM2-135M's first layer: 0.05-0.30 worst error where the exact float sum gave 0.15-0.38, as
+   MatMulNBits with zero points does).
+
+   Packed weights B (uint8, shape (G, K/32, 320), G = ceil(N/16)): columns in groups of 16; for group g and block b,
+   320 bytes: 4 chunks c of 16 columns j of 4 bytes, Q4_1's qs[4c .. 4c+3] of column 16g+j (qs[i] holds element i in
+   its low nibble and element i+16 in its high one), then the 16 columns' d (fp16), then their m (fp16). The same 20
+   bytes a block as the file; columns past N are zero. export/quantize.py writes it.
+
+   The onnxruntime C API is used through its ABI: a function table whose slots are append-only (indices below, from
+   onnxruntime_c_api.h; onnxruntime 1.17 or later for KernelContext_ParallelFor). No onnxruntime header is needed. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define Q41_X86 1
+#endif
+
+#define QK 32          /* weights a block */
+#define GROUP 16       /* columns a packed group */
+#define GROUP_BYTES 320 /* one block of a group: 256 bytes of digits, 16 d, 16 m */
+
+/* ---- activations: rows of A rounded to int8 per block ------------------------------------------------------ */
+
+typedef struct {
+  int8_t* aq;  /* (M, K) */
+  float* da;   /* (M, K/32) scales */
+  float* sa;   /* (M, K/32) sums of the rounded blocks, times their scale */
+} Rows;
+
+static void quantize_row(const float* a, int K, int8_t* aq, float* da, float* sa) {
+  for (int b = 0; b < K / QK; b++) {
+    const float* v = a + b * QK;
+    float amax = 0.f;
+    for (int i = 0; i < QK; i++) {
+      float x = fabsf(v[i]);
+      amax = x > amax ? x : amax;
+    }
+    float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int32_t s = 0;
+    for (int i = 0; i < QK; i++) {
+      int8_t q = (int8_t)lrintf(v[i] * inv);
+      aq[b * QK + i] = q;
+      s += q;
+    }
+    da[b] = amax / 127.f;
+    sa[b] = da[b] * (float)s;
+  }
+}
+
+static inline int32_t load_i32(const int8_t* p) {
+  int32_t v;
+  memcpy(&v, p, 4);
+  return v;
+}
+
+static inline float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0x1Fu) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else { /* subnormal: normalize */
+    int e = -1;
+    do {
+      e++;
+      man <<= 1;
+    } while (!(man & 0x400u));
+    bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3FFu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* ---- kernels: columns [16 g0, 16 g1) of rows [0, M) -------------------------------------------------------- */
+
+typedef void (*GroupsFn)(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0, int g1);
+
+static void groups_generic(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0, int g1) {
+  int nb = K / QK;
+  for (int g = g0; g < g1; g++) {
+    for (int r = 0; r < M; r++) {
+      float acc[GROUP] = {0};
+      for (int b = 0; b < nb; b++) {
+        const uint8_t* blk = w + ((size_t)g * nb + b) * GROUP_BYTES;
+        const int8_t* a = rows->aq + (size_t)r * K + b * QK;
+        float da = rows->da[(size_t)r * nb + b], sa = rows->sa[(size_t)r * nb + b];
+        for (int j = 0; j < GROUP; j++) {
+          int32_t dot = 0;
+          for (int c = 0; c < 4; c++) {
+            for (int i = 0; i < 4; i++) {
+              uint8_t q = blk[64 * c + 4 * j + i];
+              dot += (q & 0x0F) * a[4 * c + i] + (q >> 4) * a[16 + 4 * c + i];
+            }
+          }
+          uint16_t dh, mh;
+          memcpy(&dh, blk + 256 + 2 * j, 2);
+          memcpy(&mh, blk + 288 + 2 * j, 2);
+          acc[j] += half_to_float(dh) * da * (float)dot + half_to_float(mh) * sa;
+        }
+      }
+      for (int j = 0; j < GROUP && g * GROUP + j < N; j++) y[(size_t)r * N + g * GROUP + j] = acc[j];
+    }
+  }
+}
+
+#ifdef Q41_X86
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
+
+/* R rows (1..4) of one group: its weights unpacked once a block, each row a dot product per column. */
+VNNI_TARGET __attribute__((always_inline)) static inline void tile_vnni(const uint8_t* wg, int K, int N,
+                                                                        const Rows* rows, float* y, int n0, int r0,
+                                                                        const int R) {
+  const int nb = K / QK;
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[4];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* blk = wg + (size_t)b * GROUP_BYTES;
+    __m512i q[8]; /* chunk c: low nibbles (elements 4c..4c+3), high (16+4c..) for 16 columns, 4 bytes each */
+    for (int c = 0; c < 4; c++) {
+      __m512i v = _mm512_loadu_si512((const void*)(blk + 64 * c));
+      q[2 * c] = _mm512_and_si512(v, low);
+      q[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+    }
+    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 256)));
+    __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 288)));
+    for (int r = 0; r < R; r++) {
+      const int8_t* a = rows->aq + (size_t)(r0 + r) * K + b * QK;
+      __m512i s = _mm512_setzero_si512();
+      for (int c = 0; c < 4; c++) {
+        s = _mm512_dpbusd_epi32(s, q[2 * c], _mm512_set1_epi32(load_i32(a + 4 * c)));
+        s = _mm512_dpbusd_epi32(s, q[2 * c + 1], _mm512_set1_epi32(load_i32(a + 16 + 4 * c)));
+      }
+      size_t i = (size_t)(r0 + r) * nb + b;
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_mul_ps(d, _mm512_set1_ps(rows->da[i])), acc[r]);
+      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(rows->sa[i]), acc[r]);
+    }
+  }
+  int cols = N - n0 < GROUP ? N - n0 : GROUP;
+  __mmask16 keep = (__mmask16)((1u << cols) - 1u);
+  for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)(r0 + r) * N + n0, keep, acc[r]);
+}
+
+VNNI_TARGET static void groups_vnni(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0,
+                                    int g1) {
+  int nb = K / QK;
+  for (int g = g0; g < g1; g++) {
+    const uint8_t* wg = w + (size_t)g * nb * GROUP_BYTES;
+    int r0 = 0;
+    for (; r0 + 4 <= M; r0 += 4) tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 4);
+    switch (M - r0) {
+      case 3: tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 3); break;
+      case 2: tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 2); break;
+      case 1: tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 1); break;
+      default: break;
+    }
+  }
+}
+
+#define AVX2_TARGET __attribute__((target("avx2,f16c,fma")))
+
+/* AVX2 (no VNNI): unsigned x signed byte products summed in pairs (maddubs, at most 2 * 15 * 127 each), eight of
+   them a block added in int16 (at most 30,480), then widened to int32 once. Two halves of 8 columns a group. */
+AVX2_TARGET __attribute__((always_inline)) static inline void tile_avx2(const uint8_t* wg, int K, int N,
+                                                                        const Rows* rows, float* y, int n0, int r0,
+                                                                        const int R) {
+  const int nb = K / QK;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[2][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    const uint8_t* blk = wg + (size_t)b * GROUP_BYTES;
+    for (int h = 0; h < 2; h++) {
+      __m256i s16[2];
+      for (int r = 0; r < R; r++) s16[r] = _mm256_setzero_si256();
+      for (int c = 0; c < 4; c++) {
+        __m256i v = _mm256_loadu_si256((const __m256i*)(blk + 64 * c + 32 * h));
+        __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; r++) {
+          const int8_t* a = rows->aq + (size_t)(r0 + r) * K + b * QK;
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(load_i32(a + 4 * c))));
+          s16[r] = _mm256_add_epi16(s16[r], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(load_i32(a + 16 + 4 * c))));
+        }
+      }
+      __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 256 + 16 * h)));
+      __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(blk + 288 + 16 * h)));
+      for (int r = 0; r < R; r++) {
+        size_t i = (size_t)(r0 + r) * nb + b;
+        __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[r], ones));
+        acc[r][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(d, _mm256_set1_ps(rows->da[i])), acc[r][h]);
+        acc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(rows->sa[i]), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    float out[GROUP];
+    _mm256_storeu_ps(out, acc[r][0]);
+    _mm256_storeu_ps(out + 8, acc[r][1]);
+    for (int j = 0; j < GROUP && n0 + j < N; j++) y[(size_t)(r0 + r) * N + n0 + j] = out[j];
+  }
+}
+
+AVX2_TARGET static void groups_avx2(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0,
+                                    int g1) {
+  int nb = K / QK;
+  for (int g = g0; g < g1; g++) {
+    const uint8_t* wg = w + (size_t)g * nb * GROUP_BYTES;
+    int r0 = 0;
+    for (; r0 + 2 <= M; r0 += 2) tile_avx2(wg, K, N, rows, y, g * GROUP, r0, 2);
+    if (r0 < M) tile_avx2(wg, K, N, rows, y, g * GROUP, r0, 1);
+  }
+}
+#endif
+
+/* The kernel this CPU runs: GPT_ONNX_SERVE_Q4_1_KERNEL=vnni|avx2|generic overrides (tests run each). */
+static GroupsFn g_groups;
+static const char* g_kernel_name;
+
+static void choose_kernel(void) {
+  if (g_groups) return;
+  const char* want = getenv("GPT_ONNX_SERVE_Q4_1_KERNEL");
+  g_groups = groups_generic;
+  g_kernel_name = "generic";
+#ifdef Q41_X86
+  __builtin_cpu_init();
+  int vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             __builtin_cpu_supports("fma");
+  int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (want && strcmp(want, "generic") == 0) return;
+  if (vnni && !(want && strcmp(want, "avx2") == 0)) {
+    g_groups = groups_vnni;
+    g_kernel_name = "avx512vnni";
+  } else if (avx2) {
+    g_groups = groups_avx2;
+    g_kernel_name = "avx2";
+  }
+#endif
+}
+
+__attribute__((visibility("default"))) const char* MatMulQ4_1Kernel(void) {
+  choose_kernel();
+  return g_kernel_name;
+}
+
+/* ---- the onnxruntime side ------------------------------------------------------------------------------------ */
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtApi OrtApi;
+typedef struct {
+  const OrtApi* (*GetApi)(uint32_t version);
+  const char* (*GetVersionString)(void);
+} OrtApiBase;
+
+#define ORT_API_VERSION_USED 17 /* onnxruntime 1.17: KernelContext_ParallelFor */
+#define API(api, slot) (((void* const*)(api))[slot])
+enum { /* OrtApi slots */
+       CreateStatus = 0,
+       CreateCustomOpDomain = 26,
+       CustomOpDomain_Add = 27,
+       AddCustomOpDomain = 28,
+       GetTensorMutableData = 51,
+       GetTensorElementType = 60,
+       GetDimensionsCount = 61,
+       GetDimensions = 62,
+       GetTensorTypeAndShape = 65,
+       KernelInfoGetAttribute_int64 = 86,
+       KernelContext_GetInput = 90,
+       KernelContext_GetOutput = 91,
+       ReleaseTensorTypeAndShapeInfo = 99,
+       KernelContext_ParallelFor = 274 };
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
+enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
+
+typedef struct CustomOp { /* OrtCustomOp, fields up to ORT_API_VERSION 17 */
+  uint32_t version;
+  void* (*CreateKernel)(const struct CustomOp*, const OrtApi*, const void*);
+  const char* (*GetName)(const struct CustomOp*);
+  const char* (*GetExecutionProviderType)(const struct CustomOp*);
+  int (*GetInputType)(const struct CustomOp*, size_t);
+  size_t (*GetInputTypeCount)(const struct CustomOp*);
+  int (*GetOutputType)(const struct CustomOp*, size_t);
+  size_t (*GetOutputTypeCount)(const struct CustomOp*);
+  void (*KernelCompute)(void*, void*);
+  void (*KernelDestroy)(void*);
+  int (*GetInputCharacteristic)(const struct CustomOp*, size_t);
+  int (*GetOutputCharacteristic)(const struct CustomOp*, size_t);
+  int (*GetInputMemoryType)(const struct CustomOp*, size_t);
+  int (*GetVariadicInputMinArity)(const struct CustomOp*);
+  int (*GetVariadicInputHomogeneity)(const struct CustomOp*);
+  int (*GetVariadicOutputMinArity)(const struct CustomOp*);
+  int (*GetVariadicOutputHomogeneity)(const struct CustomOp*);
+  OrtStatus* (*CreateKernelV2)(const struct CustomOp*, const OrtApi*, const void*, void**);
+  OrtStatus* (*KernelComputeV2)(void*, void*);
+  OrtStatus* (*InferOutputShapeFn)(const struct CustomOp*, void*);
+  int (*GetStartVersion)(const struct CustomOp*);
+  int (*GetEndVersion)(const struct CustomOp*);
+} CustomOp;
+
+typedef struct {
+  const OrtApi* api;
+  int64_t K, N;
+} Kernel;
+
+static OrtStatus* fail(const OrtApi* api, int code, const char* message) {
+  return ((OrtStatus * (*)(int, const char*)) API(api, CreateStatus))(code, message);
+}
+
+static const char* op_name(const CustomOp* op) { (void)op; return "MatMulQ4_1"; }
+static const char* op_provider(const CustomOp* op) { (void)op; return NULL; /* CPU */ }
+static int op_input_type(const CustomOp* op, size_t i) { (void)op; return i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
+static size_t op_two(const CustomOp* op) { (void)op; return 2; }
+static int op_output_type(const CustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
+static size_t op_one(const CustomOp* op) { (void)op; return 1; }
+static int op_required(const CustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int op_default_memory(const CustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static int op_arity(const CustomOp* op) { (void)op; return 1; }
+static void kernel_destroy(void* kernel) { free(kernel); }
+
+static OrtStatus* kernel_create(const CustomOp* op, const OrtApi* api, const void* info, void** out) {
+  (void)op;
+  OrtStatus* (*get_int)(const void*, const char*, int64_t*) = API(api, KernelInfoGetAttribute_int64);
+  Kernel* k = calloc(1, sizeof(Kernel));
+  if (!k) return fail(api, ORT_FAIL, "MatMulQ4_1: out of memory");
+  k->api = api;
+  OrtStatus* s;
+  if ((s = get_int(info, "K", &k->K)) || (s = get_int(info, "N", &k->N))) {
+    free(k);
+    return s;
+  }
+  if (k->K <= 0 || k->K % QK || k->N <= 0 || k->K > (1 << 24) || k->N > (1 << 24)) {
+    free(k);
+    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32 and N positive");
+  }
+  *out = k;
+  return NULL;
+}
+
+typedef struct { /* one call's work, shared by the threads */
+  const float* a;
+  const uint8_t* w;
+  float* y;
+  Rows rows;
+  int K, N, M, G, parts;
+} Work;
+
+static void quantize_part(void* user, size_t part) {
+  Work* t = user;
+  int nb = t->K / QK;
+  int r0 = (int)((int64_t)t->M * part / t->parts), r1 = (int)((int64_t)t->M * (part + 1) / t->parts);
+  for (int r = r0; r < r1; r++)
+    quantize_row(t->a + (size_t)r * t->K, t->K, t->rows.aq + (size_t)r * t->K, t->rows.da + (size_t)r * nb,
+                 t->rows.sa + (size_t)r * nb);
+}
+
+static void multiply_part(void* user, size_t part) {
+  Work* t = user;
+  int g0 = (int)((int64_t)t->G * part / t->parts), g1 = (int)((int64_t)t->G * (part + 1) / t->parts);
+  g_groups(t->w, t->K, t->N, &t->rows, t->M, t->y, g0, g1);
+}
+
+static OrtStatus* tensor_shape(const OrtApi* api, const void* value, int* type, int64_t* dims, size_t* rank) {
+  void* info;
+  OrtStatus* s = ((OrtStatus * (*)(const void*, void**)) API(api, GetTensorTypeAndShape))(value, &info);
+  if (s) return s;
+  ((OrtStatus * (*)(const void*, int*)) API(api, GetTensorElementType))(info, type);
+  ((OrtStatus * (*)(const void*, size_t*)) API(api, GetDimensionsCount))(info, rank);
+  if (*rank > 8) {
+    ((void (*)(void*))API(api, ReleaseTensorTypeAndShapeInfo))(info);
+    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: at most 8 dimensions");
+  }
+  ((OrtStatus * (*)(const void*, int64_t*, size_t)) API(api, GetDimensions))(info, dims, *rank);
+  ((void (*)(void*))API(api, ReleaseTensorTypeAndShapeInfo))(info);
+  return NULL;
+}
+
+static OrtStatus* kernel_compute(void* kernel, void* context) {
+  Kernel* k = kernel;
+  const OrtApi* api = k->api;
+  OrtStatus* (*get_input)(const void*, size_t, const void**) = API(api, KernelContext_GetInput);
+  OrtStatus* (*get_output)(void*, size_t, const int64_t*, size_t, void**) = API(api, KernelContext_GetOutput);
+  OrtStatus* (*data)(void*, void**) = API(api, GetTensorMutableData);
+  OrtStatus* (*parallel_for)(const void*, void (*)(void*, size_t), size_t, size_t, void*) =
+      API(api, KernelContext_ParallelFor);
+  const void *a_value, *w_value;
+  int a_type, w_type;
+  int64_t a_dims[8], w_dims[8];
+  size_t a_rank, w_rank;
+  OrtStatus* s;
+  if ((s = get_input(context, 0, &a_value)) || (s = get_input(context, 1, &w_value))) return s;
+  if ((s = tensor_shape(api, a_value, &a_type, a_dims, &a_rank)) ||
+      (s = tensor_shape(api, w_value, &w_type, w_dims, &w_rank)))
+    return s;
+  int K = (int)k->K, N = (int)k->N, G = (N + GROUP - 1) / GROUP;
+  if (a_type != TYPE_FLOAT || a_rank < 1 || a_dims[a_rank - 1] != K)
+    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: A must be float with K as its last dimension");
+  if (w_type != TYPE_UINT8 || w_rank != 3 || w_dims[0] != G || w_dims[1] != K / QK || w_dims[2] != GROUP_BYTES)
+    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: B must be uint8 (ceil(N/16), K/32, 320)");
+  int64_t M = 1;
+  for (size_t i = 0; i + 1 < a_rank; i++) M *= a_dims[i];
+  int64_t y_dims[8];
+  memcpy(y_dims, a_dims, sizeof(int64_t) * a_rank);
+  y_dims[a_rank - 1] = N;
+  void* y_value;
+  if ((s = get_output(context, 0, y_dims, a_rank, &y_value))) return s;
+  if (M == 0) return NULL;
+  if (M > (1 << 24)) return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: too many rows");
+  Work t = {.K = K, .N = N, .M = (int)M, .G = G};
+  void *a_data, *w_data, *y_data;
+  data((void*)a_value, &a_data);
+  data((void*)w_value, &w_data);
+  data(y_value, &y_data);
+  t.a = a_data;
+  t.w = w_data;
+  t.y = y_data;
+  size_t nb = (size_t)(K / QK);
+  void* scratch = malloc((size_t)M * K + 2 * (size_t)M * nb * sizeof(float));
+  if (!scratch) return fail(api, ORT_FAIL, "MatMulQ4_1: out of memory");
+  t.rows.da = scratch;
+  t.rows.sa = t.rows.da + (size_t)M * nb;
+  t.rows.aq = (int8_t*)(t.rows.sa + (size_t)M * nb);
+  t.parts = M < 16 ? 1 : (int)(M < 64 ? M : 64);
+  s = t.parts == 1 ? (quantize_part(&t, 0), NULL) : parallel_for(context, quantize_part, (size_t)t.parts, 0, &t);
+  if (!s) {
+    t.parts = G; /* one group a task: 36-192 for the projections of a small model */
+    s = parallel_for(context, multiply_part, (size_t)t.parts, 0, &t);
+  }
+  free(scratch);
+  return s;
+}
+
+static CustomOp g_op;
+
+__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
+  const OrtApi* api = base->GetApi(ORT_API_VERSION_USED);
+  if (!api) return NULL; /* an onnxruntime older than 1.17: the op stays unknown and the graph is refused by name */
+  choose_kernel();
+  memset(&g_op, 0, sizeof g_op);
+  g_op.version = ORT_API_VERSION_USED;
+  g_op.GetName = op_name;
+  g_op.GetExecutionProviderType = op_provider;
+  g_op.GetInputType = op_input_type;
+  g_op.GetInputTypeCount = op_two;
+  g_op.GetOutputType = op_output_type;
+  g_op.GetOutputTypeCount = op_one;
+  g_op.KernelDestroy = kernel_destroy;
+  g_op.GetInputCharacteristic = op_required;
+  g_op.GetOutputCharacteristic = op_required;
+  g_op.GetInputMemoryType = op_default_memory;
+  g_op.GetVariadicInputMinArity = op_arity;
+  g_op.GetVariadicInputHomogeneity = op_arity;
+  g_op.GetVariadicOutputMinArity = op_arity;
+  g_op.GetVariadicOutputHomogeneity = op_arity;
+  g_op.CreateKernelV2 = kernel_create;
+  g_op.KernelComputeV2 = kernel_compute;
+  void* domain;
+  OrtStatus* s;
+  if ((s = ((OrtStatus * (*)(const char*, void**)) API(api, CreateCustomOpDomain))("gpt_onnx_serve", &domain)))
+    return s;
+  if ((s = ((OrtStatus * (*)(void*, const void*)) API(api, CustomOpDomain_Add))(domain, &g_op))) return s;
+  /* the domain must outlive every session that uses it: kept for the life of the process */
+  return ((OrtStatus * (*)(void*, void*)) API(api, AddCustomOpDomain))(options, domain);
+}
