@@ -3,7 +3,8 @@
 
     python -m loadtests.minterm --bundle bundles/smollm2-135m-int4 --rounds 4
 
-A Q4_1 projection is one MatMulNBits whose input is [x, its block means spread over the digit segments] and whose
+A Q4_1 projection of a bundle exported with `--int4-kernel matmulnbits` (the form without ortkernels/) is one
+MatMulNBits whose input is [x, its block means spread over the digit segments] and whose
 weights are the blocks followed by the minimum term's 4-bit digits (export/quantize.py, _minimum_digits). The
 variant gives each such MatMulNBits x itself and only its first K/32 blocks of weights, in a copy of the bundle in a
 temporary directory beside it (the weights rewritten, the other files hard-linked where they can be). Each run is
