@@ -99,7 +99,12 @@ def carry_gguf_blocks(
         prefix = parts[0].removesuffix(".weight") if len(parts) == 1 else node.name.strip("/").replace("/", ".")
         tied = any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in graph.node)  # read by the embedding
         if q4_1_kernel and accuracy_level >= 4 and not tied and all(b.qtype in ("Q4_0", "Q4_1") for b in blocks):
-            new_inits, new_nodes = _q4_1_projection(node, blocks, prefix)
+            swiglu = _swiglu_after(node, graph) if len(blocks) == 2 and blocks[0].shape == blocks[1].shape else None
+            new_inits, new_nodes = _q4_1_projection(node, blocks, prefix, swiglu)
+            for n in swiglu or ():
+                graph.node.remove(n)
+            if swiglu and not any(swiglu[0].input[1] in n.input for n in graph.node):  # its split sizes
+                graph.initializer.remove(inits.pop(swiglu[0].input[1]))
         else:
             new_inits, new_nodes = _nbits_projection(node, blocks, prefix, accuracy_level)
         graph.initializer.extend(new_inits)
@@ -119,19 +124,48 @@ def carry_gguf_blocks(
 
 
 def _q4_1_projection(
-    node: onnx.NodeProto, blocks: list[PackedLinear], prefix: str
+    node: onnx.NodeProto, blocks: list[PackedLinear], prefix: str, swiglu: list[onnx.NodeProto] | None = None
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """One MatMulQ4_1 (ortkernels/q4_1_matmul.c) over the parts' Q4_0/Q4_1 blocks side by side: its packed weights
     are the file's bytes rearranged, 20 a block (a Q4_0 block w = d * (q - 8) is the Q4_1 block of m = -8d, exact
-    in fp16)."""
+    in fp16). With `swiglu` (the Split, QuickGelu and Mul after a gate/up projection) the node is gated: its groups
+    of gate and up columns interleaved, it writes silu(gate) * up, the Mul's output, itself."""
     K = blocks[0].shape[1]
     N = sum(b.shape[0] for b in blocks)
-    packed = numpy_helper.from_array(q4_1_packed(blocks), f"{prefix}.q4_1")
-    x, y = node.input[0], list(node.output)
+    if swiglu:
+        gate, up = q4_1_packed(blocks[:1]), q4_1_packed(blocks[1:])  # (G, K/32, 320) each
+        weights = np.stack([gate, up], axis=1).reshape(-1, *gate.shape[1:])  # (2G, K/32, 320): gate 0, up 0, ...
+    else:
+        weights = q4_1_packed(blocks)
+    packed = numpy_helper.from_array(weights, f"{prefix}.q4_1")
+    x, y = node.input[0], list(swiglu[-1].output) if swiglu else list(node.output)
+    gated = int(bool(swiglu))
     new_node = helper.make_node(
-        "MatMulQ4_1", [x, packed.name], y, name=node.name + "Q4_1", domain=KERNELS_DOMAIN, K=K, N=N
+        "MatMulQ4_1", [x, packed.name], y, name=node.name + "Q4_1", domain=KERNELS_DOMAIN, K=K, N=N, gated=gated
     )
     return [packed], [new_node]
+
+
+def _swiglu_after(node: onnx.NodeProto, graph: onnx.GraphProto) -> list[onnx.NodeProto] | None:
+    """[Split, QuickGelu, Mul] when a projection's output is only split in two halves, silu (QuickGelu with alpha 1)
+    taken of the first and multiplied by the second, as export/model.py writes a gated MLP; else None."""
+
+    def readers(name: str) -> list[onnx.NodeProto]:
+        return [n for n in graph.node if name in n.input]
+
+    split = readers(node.output[0])
+    if len(split) != 1 or split[0].op_type != "Split" or len(split[0].output) != 2:
+        return None
+    act, mul = readers(split[0].output[0]), readers(split[0].output[1])
+    alpha = [a.f for a in act[0].attribute if a.name == "alpha"] if len(act) == 1 else []
+    if len(act) != 1 or act[0].op_type != "QuickGelu" or alpha != [1.0]:  # its default, 1.702, is GELU's fit
+        return None
+    sizes = [numpy_helper.to_array(i) for i in graph.initializer if i.name == split[0].input[-1]]
+    if len(split[0].input) != 2 or len(sizes) != 1 or len(set(sizes[0].tolist())) != 1:  # two equal halves
+        return None
+    if len(mul) != 1 or mul[0].op_type != "Mul" or set(mul[0].input) != {act[0].output[0], split[0].output[1]}:
+        return None
+    return [split[0], act[0], mul[0]]
 
 
 def q4_1_packed(blocks: list[PackedLinear]) -> np.ndarray:

@@ -17,6 +17,10 @@
    its low nibble and element i+16 in its high one), then the 16 columns' d (fp16), then their m (fp16). The same 20
    bytes a block as the file; columns past N are zero. export/quantize.py writes it.
 
+   With the attribute gated = 1 (a Llama MLP's gate/up projection), W's N columns are the gate's N/2 then the up's,
+   packed as gate group 0, up group 0, gate group 1, ... (each half padded to whole groups), and Y (..., N/2) is
+   SwiGLU's silu(gate) * up, computed where the products are: one node in place of MatMul, Split, QuickGelu, Mul.
+
    The onnxruntime C API is used through its ABI: a function table whose slots are append-only (indices below, from
    onnxruntime_c_api.h; onnxruntime 1.17 or later for KernelContext_ParallelFor). No onnxruntime header is needed. */
 
@@ -88,45 +92,50 @@ static inline float half_to_float(uint16_t h) {
   return f;
 }
 
-/* ---- kernels: columns [16 g0, 16 g1) of rows [0, M) -------------------------------------------------------- */
+/* ---- kernels: R rows (1..4) of one group of 16 columns ------------------------------------------------------ */
 
-typedef void (*GroupsFn)(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0, int g1);
+/* Writes rows r0 .. r0+R-1 of the group whose weights start at wg: row r's first `cols` columns at dst + r * ld. */
+typedef void (*TileFn)(const uint8_t* wg, int K, const Rows* rows, int r0, int R, float* dst, size_t ld, int cols);
+/* SwiGLU's product: out[j] = silu(gate[j]) * up[j] = gate[j] / (1 + exp(-gate[j])) * up[j], j < n (n <= 16). */
+typedef void (*GateFn)(const float* gate, const float* up, float* out, int n);
 
-static void groups_generic(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0, int g1) {
+static void tile_generic(const uint8_t* wg, int K, const Rows* rows, int r0, int R, float* dst, size_t ld, int cols) {
   int nb = K / QK;
-  for (int g = g0; g < g1; g++) {
-    for (int r = 0; r < M; r++) {
-      float acc[GROUP] = {0};
-      for (int b = 0; b < nb; b++) {
-        const uint8_t* blk = w + ((size_t)g * nb + b) * GROUP_BYTES;
-        const int8_t* a = rows->aq + (size_t)r * K + b * QK;
-        float da = rows->da[(size_t)r * nb + b], sa = rows->sa[(size_t)r * nb + b];
-        for (int j = 0; j < GROUP; j++) {
-          int32_t dot = 0;
-          for (int c = 0; c < 4; c++) {
-            for (int i = 0; i < 4; i++) {
-              uint8_t q = blk[64 * c + 4 * j + i];
-              dot += (q & 0x0F) * a[4 * c + i] + (q >> 4) * a[16 + 4 * c + i];
-            }
+  for (int r = 0; r < R; r++) {
+    float acc[GROUP] = {0};
+    for (int b = 0; b < nb; b++) {
+      const uint8_t* blk = wg + (size_t)b * GROUP_BYTES;
+      const int8_t* a = rows->aq + (size_t)(r0 + r) * K + b * QK;
+      float da = rows->da[(size_t)(r0 + r) * nb + b], sa = rows->sa[(size_t)(r0 + r) * nb + b];
+      for (int j = 0; j < GROUP; j++) {
+        int32_t dot = 0;
+        for (int c = 0; c < 4; c++) {
+          for (int i = 0; i < 4; i++) {
+            uint8_t q = blk[64 * c + 4 * j + i];
+            dot += (q & 0x0F) * a[4 * c + i] + (q >> 4) * a[16 + 4 * c + i];
           }
-          uint16_t dh, mh;
-          memcpy(&dh, blk + 256 + 2 * j, 2);
-          memcpy(&mh, blk + 288 + 2 * j, 2);
-          acc[j] += half_to_float(dh) * da * (float)dot + half_to_float(mh) * sa;
         }
+        uint16_t dh, mh;
+        memcpy(&dh, blk + 256 + 2 * j, 2);
+        memcpy(&mh, blk + 288 + 2 * j, 2);
+        acc[j] += half_to_float(dh) * da * (float)dot + half_to_float(mh) * sa;
       }
-      for (int j = 0; j < GROUP && g * GROUP + j < N; j++) y[(size_t)r * N + g * GROUP + j] = acc[j];
     }
+    for (int j = 0; j < cols; j++) dst[(size_t)r * ld + j] = acc[j];
   }
+}
+
+static void gate_generic(const float* gate, const float* up, float* out, int n) {
+  for (int j = 0; j < n; j++) out[j] = gate[j] / (1.f + expf(-gate[j])) * up[j];
 }
 
 #ifdef Q41_X86
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,f16c,fma")))
 
-/* R rows (1..4) of one group: its weights unpacked once a block, each row a dot product per column. */
-VNNI_TARGET __attribute__((always_inline)) static inline void tile_vnni(const uint8_t* wg, int K, int N,
-                                                                        const Rows* rows, float* y, int n0, int r0,
-                                                                        const int R) {
+/* Its weights unpacked once a block, then each row's dot products, 16 columns at once. */
+VNNI_TARGET __attribute__((always_inline)) static inline void tile_vnni_r(const uint8_t* wg, int K, const Rows* rows,
+                                                                          int r0, float* dst, size_t ld, int cols,
+                                                                          const int R) {
   const int nb = K / QK;
   const __m512i low = _mm512_set1_epi8(0x0F);
   __m512 acc[4];
@@ -153,34 +162,53 @@ VNNI_TARGET __attribute__((always_inline)) static inline void tile_vnni(const ui
       acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(rows->sa[i]), acc[r]);
     }
   }
-  int cols = N - n0 < GROUP ? N - n0 : GROUP;
   __mmask16 keep = (__mmask16)((1u << cols) - 1u);
-  for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(y + (size_t)(r0 + r) * N + n0, keep, acc[r]);
+  for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(dst + (size_t)r * ld, keep, acc[r]);
 }
 
-VNNI_TARGET static void groups_vnni(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0,
-                                    int g1) {
-  int nb = K / QK;
-  for (int g = g0; g < g1; g++) {
-    const uint8_t* wg = w + (size_t)g * nb * GROUP_BYTES;
-    int r0 = 0;
-    for (; r0 + 4 <= M; r0 += 4) tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 4);
-    switch (M - r0) {
-      case 3: tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 3); break;
-      case 2: tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 2); break;
-      case 1: tile_vnni(wg, K, N, rows, y, g * GROUP, r0, 1); break;
-      default: break;
-    }
+VNNI_TARGET static void tile_vnni(const uint8_t* wg, int K, const Rows* rows, int r0, int R, float* dst, size_t ld,
+                                  int cols) {
+  switch (R) { /* the row count a constant in each copy: accumulators stay in registers */
+    case 4: tile_vnni_r(wg, K, rows, r0, dst, ld, cols, 4); break;
+    case 3: tile_vnni_r(wg, K, rows, r0, dst, ld, cols, 3); break;
+    case 2: tile_vnni_r(wg, K, rows, r0, dst, ld, cols, 2); break;
+    default: tile_vnni_r(wg, K, rows, r0, dst, ld, cols, 1); break;
   }
+}
+
+/* exp(x) for |x| <= 88: x = n ln2 + g (Cody-Waite), e^g by its Taylor series to degree 7 (|g| <= 0.35: relative
+   error below 1e-7), times 2^n. */
+#define EXP_POLY(mul_add, set1, g)                                                                  \
+  mul_add(mul_add(mul_add(mul_add(mul_add(mul_add(mul_add(set1(1.f / 5040), g, set1(1.f / 720)), g, \
+                                                  set1(1.f / 120)),                                  \
+                                          g, set1(1.f / 24)),                                        \
+                                  g, set1(1.f / 6)),                                                 \
+                          g, set1(0.5f)),                                                            \
+                  g, set1(1.f)),                                                                     \
+          g, set1(1.f))
+
+VNNI_TARGET static inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 g = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  g = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682e-6f), g);
+  return _mm512_scalef_ps(EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, g), n);
+}
+
+VNNI_TARGET static void gate_vnni(const float* gate, const float* up, float* out, int n) {
+  __mmask16 keep = (__mmask16)((1u << n) - 1u);
+  __m512 g = _mm512_maskz_loadu_ps(keep, gate), u = _mm512_maskz_loadu_ps(keep, up);
+  __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+  _mm512_mask_storeu_ps(out, keep, _mm512_mul_ps(silu, u));
 }
 
 #define AVX2_TARGET __attribute__((target("avx2,f16c,fma")))
 
 /* AVX2 (no VNNI): unsigned x signed byte products summed in pairs (maddubs, at most 2 * 15 * 127 each), eight of
-   them a block added in int16 (at most 30,480), then widened to int32 once. Two halves of 8 columns a group. */
-AVX2_TARGET __attribute__((always_inline)) static inline void tile_avx2(const uint8_t* wg, int K, int N,
-                                                                        const Rows* rows, float* y, int n0, int r0,
-                                                                        const int R) {
+   them a block added in int16 (at most 30,480), then widened to int32 once. Two halves of 8 columns. */
+AVX2_TARGET __attribute__((always_inline)) static inline void tile_avx2_r(const uint8_t* wg, int K, const Rows* rows,
+                                                                          int r0, float* dst, size_t ld, int cols,
+                                                                          const int R) {
   const int nb = K / QK;
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[2][2];
@@ -213,30 +241,48 @@ AVX2_TARGET __attribute__((always_inline)) static inline void tile_avx2(const ui
     float out[GROUP];
     _mm256_storeu_ps(out, acc[r][0]);
     _mm256_storeu_ps(out + 8, acc[r][1]);
-    for (int j = 0; j < GROUP && n0 + j < N; j++) y[(size_t)(r0 + r) * N + n0 + j] = out[j];
+    memcpy(dst + (size_t)r * ld, out, sizeof(float) * (size_t)cols);
   }
 }
 
-AVX2_TARGET static void groups_avx2(const uint8_t* w, int K, int N, const Rows* rows, int M, float* y, int g0,
-                                    int g1) {
-  int nb = K / QK;
-  for (int g = g0; g < g1; g++) {
-    const uint8_t* wg = w + (size_t)g * nb * GROUP_BYTES;
-    int r0 = 0;
-    for (; r0 + 2 <= M; r0 += 2) tile_avx2(wg, K, N, rows, y, g * GROUP, r0, 2);
-    if (r0 < M) tile_avx2(wg, K, N, rows, y, g * GROUP, r0, 1);
+AVX2_TARGET static void tile_avx2(const uint8_t* wg, int K, const Rows* rows, int r0, int R, float* dst, size_t ld,
+                                  int cols) {
+  for (int r = 0; r + 2 <= R; r += 2) tile_avx2_r(wg, K, rows, r0 + r, dst + (size_t)r * ld, ld, cols, 2);
+  if (R % 2) tile_avx2_r(wg, K, rows, r0 + R - 1, dst + (size_t)(R - 1) * ld, ld, cols, 1);
+}
+
+AVX2_TARGET static inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 g = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  g = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682e-6f), g);
+  __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, g), _mm256_castsi256_ps(two_n));
+}
+
+AVX2_TARGET static void gate_avx2(const float* gate, const float* up, float* out, int n) {
+  float g[GROUP] = {0}, u[GROUP] = {0}, o[GROUP];
+  memcpy(g, gate, sizeof(float) * (size_t)n);
+  memcpy(u, up, sizeof(float) * (size_t)n);
+  for (int h = 0; h < GROUP; h += 8) {
+    __m256 gv = _mm256_loadu_ps(g + h);
+    __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+    _mm256_storeu_ps(o + h, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)), _mm256_loadu_ps(u + h)));
   }
+  memcpy(out, o, sizeof(float) * (size_t)n);
 }
 #endif
 
-/* The kernel this CPU runs: GPT_ONNX_SERVE_Q4_1_KERNEL=vnni|avx2|generic overrides (tests run each). */
-static GroupsFn g_groups;
+/* The code this CPU runs: GPT_ONNX_SERVE_Q4_1_KERNEL=vnni|avx2|generic overrides (tests run each). */
+static TileFn g_tile;
+static GateFn g_gate;
 static const char* g_kernel_name;
 
 static void choose_kernel(void) {
-  if (g_groups) return;
+  if (g_tile) return;
   const char* want = getenv("GPT_ONNX_SERVE_Q4_1_KERNEL");
-  g_groups = groups_generic;
+  g_tile = tile_generic;
+  g_gate = gate_generic;
   g_kernel_name = "generic";
 #ifdef Q41_X86
   __builtin_cpu_init();
@@ -246,10 +292,12 @@ static void choose_kernel(void) {
   int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (want && strcmp(want, "generic") == 0) return;
   if (vnni && !(want && strcmp(want, "avx2") == 0)) {
-    g_groups = groups_vnni;
+    g_tile = tile_vnni;
+    g_gate = gate_vnni;
     g_kernel_name = "avx512vnni";
   } else if (avx2) {
-    g_groups = groups_avx2;
+    g_tile = tile_avx2;
+    g_gate = gate_avx2;
     g_kernel_name = "avx2";
   }
 #endif
@@ -284,6 +332,7 @@ enum { /* OrtApi slots */
        KernelInfoGetAttribute_int64 = 86,
        KernelContext_GetInput = 90,
        KernelContext_GetOutput = 91,
+       ReleaseStatus = 93,
        ReleaseTensorTypeAndShapeInfo = 99,
        KernelContext_ParallelFor = 274 };
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
@@ -316,7 +365,7 @@ typedef struct CustomOp { /* OrtCustomOp, fields up to ORT_API_VERSION 17 */
 
 typedef struct {
   const OrtApi* api;
-  int64_t K, N;
+  int64_t K, N, gated;
 } Kernel;
 
 static OrtStatus* fail(const OrtApi* api, int code, const char* message) {
@@ -345,9 +394,13 @@ static OrtStatus* kernel_create(const CustomOp* op, const OrtApi* api, const voi
     free(k);
     return s;
   }
-  if (k->K <= 0 || k->K % QK || k->N <= 0 || k->K > (1 << 24) || k->N > (1 << 24)) {
+  if ((s = get_int(info, "gated", &k->gated))) { /* optional: absent is 0 */
+    ((void (*)(OrtStatus*))API(api, ReleaseStatus))(s);
+    k->gated = 0;
+  }
+  if (k->K <= 0 || k->K % QK || k->N <= 0 || k->K > (1 << 24) || k->N > (1 << 24) || (k->gated && k->N % 2)) {
     free(k);
-    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32 and N positive");
+    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32, N positive (even if gated)");
   }
   *out = k;
   return NULL;
@@ -358,7 +411,7 @@ typedef struct { /* one call's work, shared by the threads */
   const uint8_t* w;
   float* y;
   Rows rows;
-  int K, N, M, G, parts;
+  int K, N, M, parts, gated;
 } Work;
 
 static void quantize_part(void* user, size_t part) {
@@ -370,10 +423,25 @@ static void quantize_part(void* user, size_t part) {
                  t->rows.sa + (size_t)r * nb);
 }
 
+/* Task `part`: one group of 16 output columns, every row, 4 rows at a time. Gated, the group's 16 gate columns and
+   its 16 up columns (packed side by side as groups 2g and 2g+1) go through SwiGLU into 16 of N/2 outputs. */
 static void multiply_part(void* user, size_t part) {
   Work* t = user;
-  int g0 = (int)((int64_t)t->G * part / t->parts), g1 = (int)((int64_t)t->G * (part + 1) / t->parts);
-  g_groups(t->w, t->K, t->N, &t->rows, t->M, t->y, g0, g1);
+  int g = (int)part, K = t->K, N_out = t->gated ? t->N / 2 : t->N;
+  size_t group_bytes = (size_t)(K / QK) * GROUP_BYTES;
+  int cols = N_out - g * GROUP < GROUP ? N_out - g * GROUP : GROUP;
+  for (int r0 = 0; r0 < t->M; r0 += 4) {
+    int R = t->M - r0 < 4 ? t->M - r0 : 4;
+    float* y = t->y + (size_t)r0 * N_out + (size_t)g * GROUP;
+    if (!t->gated) {
+      g_tile(t->w + g * group_bytes, K, &t->rows, r0, R, y, (size_t)N_out, cols);
+      continue;
+    }
+    float gate_up[4][2 * GROUP]; /* (R, gate 16 | up 16) */
+    g_tile(t->w + (size_t)(2 * g) * group_bytes, K, &t->rows, r0, R, gate_up[0], 2 * GROUP, GROUP);
+    g_tile(t->w + (size_t)(2 * g + 1) * group_bytes, K, &t->rows, r0, R, gate_up[0] + GROUP, 2 * GROUP, GROUP);
+    for (int r = 0; r < R; r++) g_gate(gate_up[r], gate_up[r] + GROUP, y + (size_t)r * N_out, cols);
+  }
 }
 
 static OrtStatus* tensor_shape(const OrtApi* api, const void* value, int* type, int64_t* dims, size_t* rank) {
@@ -408,21 +476,23 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   if ((s = tensor_shape(api, a_value, &a_type, a_dims, &a_rank)) ||
       (s = tensor_shape(api, w_value, &w_type, w_dims, &w_rank)))
     return s;
-  int K = (int)k->K, N = (int)k->N, G = (N + GROUP - 1) / GROUP;
+  /* gated: N columns of weights, gate then up, give N/2 outputs; G groups of outputs */
+  int K = (int)k->K, N = (int)k->N, N_out = k->gated ? N / 2 : N, G = (N_out + GROUP - 1) / GROUP;
   if (a_type != TYPE_FLOAT || a_rank < 1 || a_dims[a_rank - 1] != K)
     return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: A must be float with K as its last dimension");
-  if (w_type != TYPE_UINT8 || w_rank != 3 || w_dims[0] != G || w_dims[1] != K / QK || w_dims[2] != GROUP_BYTES)
-    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: B must be uint8 (ceil(N/16), K/32, 320)");
+  if (w_type != TYPE_UINT8 || w_rank != 3 || w_dims[0] != (k->gated ? 2 * G : G) || w_dims[1] != K / QK ||
+      w_dims[2] != GROUP_BYTES)
+    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: B must be uint8 (ceil(N/16), K/32, 320), gated 2 ceil(N/32)");
   int64_t M = 1;
   for (size_t i = 0; i + 1 < a_rank; i++) M *= a_dims[i];
   int64_t y_dims[8];
   memcpy(y_dims, a_dims, sizeof(int64_t) * a_rank);
-  y_dims[a_rank - 1] = N;
+  y_dims[a_rank - 1] = N_out;
   void* y_value;
   if ((s = get_output(context, 0, y_dims, a_rank, &y_value))) return s;
   if (M == 0) return NULL;
   if (M > (1 << 24)) return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: too many rows");
-  Work t = {.K = K, .N = N, .M = (int)M, .G = G};
+  Work t = {.K = K, .N = N, .M = (int)M, .gated = (int)k->gated};
   void *a_data, *w_data, *y_data;
   data((void*)a_value, &a_data);
   data((void*)w_value, &w_data);
@@ -439,7 +509,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   t.parts = M < 16 ? 1 : (int)(M < 64 ? M : 64);
   s = t.parts == 1 ? (quantize_part(&t, 0), NULL) : parallel_for(context, quantize_part, (size_t)t.parts, 0, &t);
   if (!s) {
-    t.parts = G; /* one group a task: 36-192 for the projections of a small model */
+    t.parts = G; /* one group of outputs a task: 36-96 for the projections of SmolLM2-135M */
     s = parallel_for(context, multiply_part, (size_t)t.parts, 0, &t);
   }
   free(scratch);

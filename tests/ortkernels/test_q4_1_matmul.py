@@ -9,11 +9,11 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 import ortkernels
 from export.checkpoints import PackedLinear
-from export.quantize import BLOCK, q4_1_packed
+from export.quantize import BLOCK, _q4_1_projection, q4_1_packed
 from tests.export.test_quantize import q4_1_blocks
 
 pytestmark = pytest.mark.skipif(not ortkernels.available(), reason=f"ortkernels/ is not built: {ortkernels.BUILD_HINT}")
@@ -35,19 +35,31 @@ def q4_0_blocks(rng: np.random.Generator, n: int, k: int) -> tuple[PackedLinear,
     return PackedLinear("Q4_0", raw.reshape(n, -1), (n, k)), w.reshape(n, k)
 
 
-def session(blocks: list[PackedLinear], kernel: str | None = None) -> ort.InferenceSession:
-    K, N = blocks[0].shape[1], sum(b.shape[0] for b in blocks)
-    w = numpy_helper.from_array(q4_1_packed(blocks), "w")
-    node = helper.make_node("MatMulQ4_1", ["x", "w"], ["y"], domain=ortkernels.DOMAIN, K=K, N=N)
+def ordinary_q4_1(rng: np.random.Generator, n: int, k: int) -> tuple[PackedLinear, np.ndarray]:
+    """Q4_1 rows without q4_1_blocks' awkward first five (a column 60,000 wide would set the scale of a product)."""
+    block, w, _ = q4_1_blocks(rng, n + 5, k)
+    return PackedLinear("Q4_1", block.blocks[5:], (n, k)), w[5:]
+
+
+def session(blocks: list[PackedLinear], gated: bool = False) -> ort.InferenceSession:
+    """One MatMulQ4_1 node as the exporter writes it (gated: with SwiGLU, over a gate part and an up part)."""
+    matmul = helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/mlp/gate_up_proj/MatMul")
+    swiglu = [helper.make_node("Mul", ["g", "u"], ["y"])] if gated else None  # only its output is read
+    inits, nodes = _q4_1_projection(matmul, blocks, "p", swiglu)
     graph = helper.make_graph(
-        [node], "q4_1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w],
+        nodes, "q4_1", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
     )  # fmt: skip
     opsets = [helper.make_opsetid("", 17), helper.make_opsetid(ortkernels.DOMAIN, 1)]
     options = ort.SessionOptions()
     assert ortkernels.register(options)
     model = helper.make_model(graph, ir_version=10, opset_imports=opsets)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def silu_times(gate_up: np.ndarray) -> np.ndarray:
+    gate, up = np.split(gate_up, 2, axis=-1)
+    return gate / (1 + np.exp(-gate)) * up
 
 
 def same_arithmetic(x: np.ndarray, blocks: list[PackedLinear]) -> np.ndarray:
@@ -76,7 +88,7 @@ def same_arithmetic(x: np.ndarray, blocks: list[PackedLinear]) -> np.ndarray:
 def run_case(kernel: str) -> tuple[str, float, float, float]:
     """In a process of its own (the library reads GPT_ONNX_SERVE_Q4_1_KERNEL once): -> (kernel run, worst error
     against the same arithmetic, worst error against the exact weights, the minimum term's size), over Q4_1 and
-    Q4_0 parts side by side (N = 40: not a whole group), inputs of rank 2 and 3, 1 to 17 rows."""
+    Q4_0 parts side by side (N = 40: not a whole group), inputs of rank 2 and 3, 1 to 17 rows; then gated (SwiGLU)."""
     rng = np.random.default_rng(1)
     parts = [q4_1_blocks(rng, 24, 96), q4_0_blocks(rng, 16, 96)]
     blocks = [p[0] for p in parts]
@@ -94,6 +106,18 @@ def run_case(kernel: str) -> tuple[str, float, float, float]:
         worst_same = max(worst_same, float(np.abs(y.reshape(-1, 40) - same).max() / scale))
         worst_exact = max(worst_exact, float(np.abs(y.reshape(-1, 40) - exact).max() / scale))
         minimum = max(minimum, float(np.abs(flat.reshape(-1, 3, 32).sum(-1) @ parts[0][2].T).max() / scale))
+    gate, up = ordinary_q4_1(rng, 40, 96), q4_0_blocks(rng, 40, 96)  # SwiGLU over 40 columns: a group and a half
+    s = session([gate[0], up[0]], gated=True)
+    for shape in [(1, 1, 96), (3, 5, 96)]:
+        x = (rng.standard_normal(shape) * 4).astype(np.float32)  # gates from about -10 to 10
+        (y,) = s.run(None, {"x": x})
+        assert y.shape == (*shape[:-1], 40)
+        flat = x.reshape(-1, 96)
+        same = silu_times(same_arithmetic(flat, [gate[0], up[0]]))
+        exact = silu_times(flat.astype(np.float64) @ np.concatenate([gate[1], up[1]]).T)
+        scale = np.abs(exact).max()
+        worst_same = max(worst_same, float(np.abs(y.reshape(-1, 40) - same).max() / scale))
+        worst_exact = max(worst_exact, float(np.abs(y.reshape(-1, 40) - exact).max() / scale))
     return ortkernels.q4_1_kernel(), worst_same, worst_exact, minimum
 
 
