@@ -57,7 +57,7 @@ CC ?= cc
 kernels: $(KERNELS)
 $(KERNELS): ortkernels/q4_1_matmul.c
 	@if command -v $(CC) >/dev/null 2>&1; then \
-		$(CC) -O3 -fno-math-errno -fPIC -shared -Wall -Wextra -o $@.tmp $< && mv $@.tmp $@; \
+		$(CC) -O3 -fno-math-errno -fPIC -shared -pthread -Wall -Wextra -o $@.tmp $< && mv $@.tmp $@; \
 	else echo "warning: no C compiler ($(CC)): ortkernels/ not built; int4 bundles use onnxruntime's MatMulNBits"; fi
 
 # A bundle of an older format is exported again (the service refuses it, naming the re-export).
@@ -100,7 +100,8 @@ sweep: $(VENV)/.installed-loadtest export
 
 peers: .venv-peers/.installed
 
-bundles/smollm2-135m-int4/manifest.json: $(KERNELS) | $(VENV)/.installed
+# Exported again when the kernels change, where they can be built (without a compiler: once, with MatMulNBits).
+bundles/smollm2-135m-int4/manifest.json: $(if $(shell command -v $(CC) 2>/dev/null),$(KERNELS)) | $(VENV)/.installed
 	$(BIN)/python -m export --source default --out bundles/smollm2-135m-int4 --quantize int4
 
 bundles/smollm2-135m-fp16/manifest.json: | $(VENV)/.installed

@@ -154,7 +154,8 @@ def _swiglu_after(node: onnx.NodeProto, graph: onnx.GraphProto) -> list[onnx.Nod
         return [n for n in graph.node if name in n.input]
 
     split = readers(node.output[0])
-    if len(split) != 1 or split[0].op_type != "Split" or len(split[0].output) != 2:
+    axis = [a.i for a in split[0].attribute if a.name == "axis"] if len(split) == 1 else []
+    if len(split) != 1 or split[0].op_type != "Split" or len(split[0].output) != 2 or axis != [-1]:
         return None
     act, mul = readers(split[0].output[0]), readers(split[0].output[1])
     alpha = [a.f for a in act[0].attribute if a.name == "alpha"] if len(act) == 1 else []
@@ -164,6 +165,10 @@ def _swiglu_after(node: onnx.NodeProto, graph: onnx.GraphProto) -> list[onnx.Nod
     if len(split[0].input) != 2 or len(sizes) != 1 or len(set(sizes[0].tolist())) != 1:  # two equal halves
         return None
     if len(mul) != 1 or mul[0].op_type != "Mul" or set(mul[0].input) != {act[0].output[0], split[0].output[1]}:
+        return None
+    if readers(act[0].output[0]) != mul or {node.output[0], *split[0].output, *act[0].output} & {
+        o.name for o in graph.output
+    }:  # nothing else reads what the fused node no longer writes
         return None
     return [split[0], act[0], mul[0]]
 

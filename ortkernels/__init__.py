@@ -16,11 +16,24 @@ import onnx
 
 DOMAIN = "gpt_onnx_serve"
 LIBRARY = Path(__file__).resolve().parent / "libgpt_onnx_serve_kernels.so"
-BUILD_HINT = "build it with `make kernels` (a C compiler is all it needs)"
+BUILD_HINT = "build it with `make kernels` (a C compiler is all it needs)"  # or again, after a pull
+
+
+VERSION = 2  # the C library's OrtKernelsVersion(): the ops and attributes this code writes and expects
 
 
 def available() -> bool:
-    return LIBRARY.is_file()
+    """Whether the library is built, and built from this version of its source (one built before a pull that
+    changed the ops counts as not built: `make` builds it again)."""
+    return LIBRARY.is_file() and _version(LIBRARY, LIBRARY.stat().st_mtime_ns) == VERSION
+
+
+@functools.cache
+def _version(library: Path, mtime_ns: int) -> int:
+    try:
+        return int(ctypes.CDLL(str(library)).OrtKernelsVersion())
+    except (OSError, AttributeError):
+        return 0
 
 
 def register(options) -> bool:  # noqa: ANN001  onnxruntime.SessionOptions

@@ -28,9 +28,15 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
 #define Q41_X86 1
+static int has_f16c(void) { /* the AVX2 path converts fp16 d and m with F16C (CPUID leaf 1, ECX bit 29) */
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+}
 #endif
 
 #define QK 32          /* weights a block */
@@ -277,31 +283,41 @@ AVX2_TARGET static void gate_avx2(const float* gate, const float* up, float* out
 static TileFn g_tile;
 static GateFn g_gate;
 static const char* g_kernel_name;
+static pthread_once_t g_chosen = PTHREAD_ONCE_INIT;
 
-static void choose_kernel(void) {
-  if (g_tile) return;
+static void choose(void) { /* once per process, before any session can run the op (pthread_once) */
   const char* want = getenv("GPT_ONNX_SERVE_Q4_1_KERNEL");
-  g_tile = tile_generic;
-  g_gate = gate_generic;
-  g_kernel_name = "generic";
+  TileFn tile = tile_generic;
+  GateFn gate = gate_generic;
+  const char* name = "generic";
 #ifdef Q41_X86
   __builtin_cpu_init();
   int vnni = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
              __builtin_cpu_supports("fma");
-  int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (want && strcmp(want, "generic") == 0) return;
-  if (vnni && !(want && strcmp(want, "avx2") == 0)) {
-    g_tile = tile_vnni;
-    g_gate = gate_vnni;
-    g_kernel_name = "avx512vnni";
-  } else if (avx2) {
-    g_tile = tile_avx2;
-    g_gate = gate_avx2;
-    g_kernel_name = "avx2";
+  int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+  if (!(want && strcmp(want, "generic") == 0)) {
+    if (vnni && !(want && strcmp(want, "avx2") == 0)) {
+      tile = tile_vnni;
+      gate = gate_vnni;
+      name = "avx512vnni";
+    } else if (avx2) {
+      tile = tile_avx2;
+      gate = gate_avx2;
+      name = "avx2";
+    }
   }
 #endif
+  g_tile = tile;
+  g_gate = gate;
+  g_kernel_name = name;
 }
+
+static void choose_kernel(void) { pthread_once(&g_chosen, choose); }
+
+/* The library's interface version: the manifest's ops and attributes this build runs (2: MatMulQ4_1 with `gated`).
+   ortkernels/__init__.py treats a library of another version (built before a pull) as not built. */
+__attribute__((visibility("default"))) int OrtKernelsVersion(void) { return 2; }
 
 __attribute__((visibility("default"))) const char* MatMulQ4_1Kernel(void) {
   choose_kernel();
@@ -516,30 +532,30 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   return s;
 }
 
-static CustomOp g_op;
+static const CustomOp g_op = { /* read by onnxruntime for as long as its sessions live: never written */
+    .version = ORT_API_VERSION_USED,
+    .GetName = op_name,
+    .GetExecutionProviderType = op_provider,
+    .GetInputType = op_input_type,
+    .GetInputTypeCount = op_two,
+    .GetOutputType = op_output_type,
+    .GetOutputTypeCount = op_one,
+    .KernelDestroy = kernel_destroy,
+    .GetInputCharacteristic = op_required,
+    .GetOutputCharacteristic = op_required,
+    .GetInputMemoryType = op_default_memory,
+    .GetVariadicInputMinArity = op_arity,
+    .GetVariadicInputHomogeneity = op_arity,
+    .GetVariadicOutputMinArity = op_arity,
+    .GetVariadicOutputHomogeneity = op_arity,
+    .CreateKernelV2 = kernel_create,
+    .KernelComputeV2 = kernel_compute,
+};
 
 __attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
   const OrtApi* api = base->GetApi(ORT_API_VERSION_USED);
   if (!api) return NULL; /* an onnxruntime older than 1.17: the op stays unknown and the graph is refused by name */
   choose_kernel();
-  memset(&g_op, 0, sizeof g_op);
-  g_op.version = ORT_API_VERSION_USED;
-  g_op.GetName = op_name;
-  g_op.GetExecutionProviderType = op_provider;
-  g_op.GetInputType = op_input_type;
-  g_op.GetInputTypeCount = op_two;
-  g_op.GetOutputType = op_output_type;
-  g_op.GetOutputTypeCount = op_one;
-  g_op.KernelDestroy = kernel_destroy;
-  g_op.GetInputCharacteristic = op_required;
-  g_op.GetOutputCharacteristic = op_required;
-  g_op.GetInputMemoryType = op_default_memory;
-  g_op.GetVariadicInputMinArity = op_arity;
-  g_op.GetVariadicInputHomogeneity = op_arity;
-  g_op.GetVariadicOutputMinArity = op_arity;
-  g_op.GetVariadicOutputHomogeneity = op_arity;
-  g_op.CreateKernelV2 = kernel_create;
-  g_op.KernelComputeV2 = kernel_compute;
   void* domain;
   OrtStatus* s;
   if ((s = ((OrtStatus * (*)(const char*, void**)) API(api, CreateCustomOpDomain))("gpt_onnx_serve", &domain)))

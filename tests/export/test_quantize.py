@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from export.checkpoints import PackedLinear
-from export.quantize import BLOCK, _minimum_digits, _nbits_projection
+from export.quantize import BLOCK, _minimum_digits, _nbits_projection, _swiglu_after
 
 
 def fp16_minimums(rng: np.random.Generator, n: int, nb: int) -> np.ndarray:
@@ -69,3 +70,25 @@ def test_q4_1_projection_with_its_minimum_term_matches_the_blocks(level, rtol):
     atol = rtol * np.abs(expected).max()
     assert np.abs(minimum_term).max() > 10 * atol  # leaving it out would fail
     np.testing.assert_allclose(y[0], expected, rtol=0, atol=atol)
+
+
+def swiglu_graph(alpha: float = 1.0, axis: int = -1, extra_reader: bool = False) -> onnx.GraphProto:
+    """MatMul -> Split in halves -> QuickGelu(first) * second, as export/model.py writes a gated MLP."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["gu"], name="/blocks.0/mlp/gate_up_proj/MatMul"),
+        helper.make_node("Split", ["gu", "sizes"], ["g", "u"], axis=axis),
+        helper.make_node("QuickGelu", ["g"], ["a"], domain="com.microsoft", alpha=alpha),
+        helper.make_node("Mul", ["a", "u"], ["y"]),
+    ]
+    if extra_reader:
+        nodes.append(helper.make_node("Identity", ["a"], ["z"]))
+    sizes = numpy_helper.from_array(np.array([8, 8], np.int64), "sizes")
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    return helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], out, [sizes])
+
+
+def test_swiglu_is_fused_only_where_it_is_exactly_silu_of_the_first_half_times_the_second():
+    g = swiglu_graph()
+    assert [n.op_type for n in _swiglu_after(g.node[0], g) or []] == ["Split", "QuickGelu", "Mul"]
+    for other in (swiglu_graph(alpha=1.702), swiglu_graph(axis=0), swiglu_graph(extra_reader=True)):
+        assert _swiglu_after(other.node[0], other) is None  # GELU's fit, another axis, a second reader

@@ -160,3 +160,9 @@ def test_a_wrong_input_is_a_clear_error():
         s.run(None, {"x": np.zeros((1, 32), np.float32)})
     (y,) = s.run(None, {"x": np.zeros((0, 64), np.float32)})  # no rows: an empty answer
     assert y.shape == (0, 16)
+
+
+def test_a_library_of_another_version_counts_as_not_built(monkeypatch):
+    assert ortkernels.available()
+    monkeypatch.setattr(ortkernels, "VERSION", ortkernels.VERSION + 1)  # as a library built before a pull looks
+    assert not ortkernels.available()
