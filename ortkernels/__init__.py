@@ -2,8 +2,9 @@
 as they are, read by an int4 bundle's projections.
 
 The exporter writes the op into a graph only where the library is built (`make setup` builds it with the system C
-compiler; nothing else needs one), and every session that loads a bundle graph registers it, so a bundle that uses
-the op runs wherever the library is. The service refuses, in one line, a bundle that needs it where it is not built.
+compiler; nothing else needs one) and lists it in the manifest (`graph.kernels`); the exporter's checks and the
+service's engine register the library for such a graph, and the service refuses, in one line, a bundle that needs it
+where it is not built.
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ import ctypes
 import functools
 from pathlib import Path
 
-import onnx
-
 DOMAIN = "gpt_onnx_serve"
 LIBRARY = Path(__file__).resolve().parent / "libgpt_onnx_serve_kernels.so"
-BUILD_HINT = "build it with `make kernels` (a C compiler is all it needs)"  # or again, after a pull
-
-
+BUILD_HINT = "build it (again, after a pull) with `make kernels`: a C compiler is all it needs"
 VERSION = 2  # the C library's OrtKernelsVersion(): the ops and attributes this code writes and expects
 
 
@@ -51,9 +48,3 @@ def q4_1_kernel() -> str:
     lib = ctypes.CDLL(str(LIBRARY))
     lib.MatMulQ4_1Kernel.restype = ctypes.c_char_p
     return lib.MatMulQ4_1Kernel().decode()
-
-
-def uses_kernels(graph_file: Path) -> bool:
-    """Whether a graph has nodes of this project's ops (its structure only: the weights stay on disk)."""
-    model = onnx.load(str(graph_file), load_external_data=False)
-    return any(opset.domain == DOMAIN for opset in model.opset_import)
