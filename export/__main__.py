@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"      ortkernels/ is not built ({ortkernels.BUILD_HINT}): MatMulNBits instead", flush=True)
                 n = quantize.carry_gguf_blocks(graph, final, ckpt.packed, args.int4_accuracy_level, q4_1_kernel)
                 variant = "int4-gguf"
-                op = "MatMulQ4_1" if q4_1_kernel and args.int4_accuracy_level >= 4 else "MatMulNBits"
+                op = "MatMulQ4_1" if kernel_ops(final) else "MatMulNBits"
                 print(f"      carried {n} GGUF-quantized tensors (Q4_0/Q4_1/Q8_0 blocks) into {op} as they are")
             else:
                 quantize.quantize_int4(graph, final, args.int4_accuracy_level)

@@ -97,14 +97,18 @@ def carry_gguf_blocks(
         if len({b.qtype for b in blocks}) > 1 and any(b.qtype == "Q8_0" for b in blocks):
             continue
         prefix = parts[0].removesuffix(".weight") if len(parts) == 1 else node.name.strip("/").replace("/", ".")
-        tied = any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in graph.node)  # read by the embedding
-        if q4_1_kernel and accuracy_level >= 4 and not tied and all(b.qtype in ("Q4_0", "Q4_1") for b in blocks):
+        read_by = [node.input[1]]  # initializers the rewrite may leave unread
+        if (
+            q4_1_kernel
+            and accuracy_level >= 4
+            and all(b.qtype in ("Q4_0", "Q4_1") for b in blocks)
+            and not any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in graph.node)  # not tied
+        ):
             swiglu = _swiglu_after(node, graph) if len(blocks) == 2 and blocks[0].shape == blocks[1].shape else None
             new_inits, new_nodes = _q4_1_projection(node, blocks, prefix, swiglu)
             for n in swiglu or ():
                 graph.node.remove(n)
-            if swiglu and not any(swiglu[0].input[1] in n.input for n in graph.node):  # its split sizes
-                graph.initializer.remove(inits.pop(swiglu[0].input[1]))
+            read_by += swiglu[0].input[1:] if swiglu else []  # the Split's sizes
         else:
             new_inits, new_nodes = _nbits_projection(node, blocks, prefix, accuracy_level)
         graph.initializer.extend(new_inits)
@@ -114,8 +118,9 @@ def carry_gguf_blocks(
             graph.node.insert(idx + k, new_node)
         if parts == ["lm_head.weight"]:
             _embed_from_blocks(graph, node.input[1], prefix, blocks[0])
-        if not any(node.input[1] in n.input for n in graph.node):
-            graph.initializer.remove(inits.pop(node.input[1]))
+        for name in read_by:
+            if not any(name in n.input for n in graph.node):
+                graph.initializer.remove(inits.pop(name))
         carried += len(parts)
     if any(n.domain == KERNELS_DOMAIN for n in graph.node):
         model.opset_import.append(helper.make_opsetid(KERNELS_DOMAIN, 1))
