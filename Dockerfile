@@ -46,8 +46,8 @@ COPY pyproject.toml Makefile ./
 RUN mkdir export service ortkernels && touch export/__init__.py service/__init__.py ortkernels/__init__.py \
     && PIP_NO_CACHE_DIR=1 make setup-serve PYTHON=python3
 COPY service/ service/
-# ortkernels/ unbuilt (no C compiler in the image): the baked fp32/fp16 bundles do not use it, and a mounted int4 bundle
-# exported with MatMulQ4_1 is refused by name
+# ortkernels/ unbuilt (no C compiler in the image): the baked fp32/fp16 bundles run onnxruntime's own ops, and a
+# mounted bundle exported with the project's ops (CausalAttention, SwiGLU, MatMulQ4_1) is refused by name
 COPY ortkernels/__init__.py ortkernels/
 COPY export/__init__.py export/
 COPY --from=build /bundle /bundles/default

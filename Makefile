@@ -50,19 +50,24 @@ setup: $(VENV)/.installed kernels
 setup-serve: $(VENV)/.installed-serve
 setup-export: $(VENV)/.installed-export
 
-# The project's custom onnxruntime ops (ortkernels/): one C file, no onnxruntime headers. Where no C compiler is found
-# the exporter keeps onnxruntime's own ops (a slower int4 graph) and says so.
+# The project's custom onnxruntime ops (ortkernels/): a few C files, no onnxruntime headers. Where no C compiler is
+# found the exporter keeps onnxruntime's own ops (slower graphs) and says so.
 KERNELS := ortkernels/libgpt_onnx_serve_kernels.so
 CC ?= cc
 kernels: $(KERNELS)
-$(KERNELS): ortkernels/q4_1_matmul.c
+KERNEL_SOURCES := $(wildcard ortkernels/*.c)
+# where the kernels can be built here (a compiler and their sources: not in the image's export stage)
+CC_FOUND := $(if $(KERNEL_SOURCES),$(shell command -v $(CC) 2>/dev/null))
+$(KERNELS): $(KERNEL_SOURCES) ortkernels/ort_api.h
 	@if command -v $(CC) >/dev/null 2>&1; then \
-		$(CC) -O3 -fno-math-errno -fPIC -shared -pthread -Wall -Wextra -o $@.tmp $< && mv $@.tmp $@; \
-	else echo "warning: no C compiler ($(CC)): ortkernels/ not built; int4 bundles use onnxruntime's MatMulNBits"; fi
+		$(CC) -O3 -fno-math-errno -fPIC -shared -pthread -fvisibility=hidden -Wall -Wextra -Wno-psabi \
+			-o $@.tmp $(KERNEL_SOURCES) && mv $@.tmp $@; \
+	else echo "warning: no C compiler ($(CC)): ortkernels/ not built; bundles use onnxruntime's own ops (slower)"; fi
 
-# A bundle of an older format is exported again (the service refuses it, naming the re-export).
+# A bundle of an older format is exported again (the service refuses it, naming the re-export), and so is one older
+# than the kernels, where they can be built (its attention runs on them).
 BUNDLE_CURRENT := $(shell grep -qs '"format_version": 2,' $(BUNDLE)/manifest.json && echo yes)
-$(BUNDLE)/manifest.json: $(if $(BUNDLE_CURRENT),,FORCE) | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
+$(BUNDLE)/manifest.json: $(if $(BUNDLE_CURRENT),,FORCE) $(if $(CC_FOUND),$(KERNELS)) | $(if $(wildcard $(VENV)/.installed-export),$(VENV)/.installed-export,$(VENV)/.installed)
 	$(BIN)/python -m export --source default --out $(BUNDLE) $(EXPORT_ARGS)
 
 export: $(BUNDLE)/manifest.json
@@ -101,7 +106,7 @@ sweep: $(VENV)/.installed-loadtest export
 peers: .venv-peers/.installed
 
 # Exported again when the kernels change, where they can be built (without a compiler: once, with MatMulNBits).
-bundles/smollm2-135m-int4/manifest.json: $(if $(shell command -v $(CC) 2>/dev/null),$(KERNELS)) | $(VENV)/.installed
+bundles/smollm2-135m-int4/manifest.json: $(if $(CC_FOUND),$(KERNELS)) | $(VENV)/.installed
 	$(BIN)/python -m export --source default --out bundles/smollm2-135m-int4 --quantize int4
 
 bundles/smollm2-135m-fp16/manifest.json: | $(VENV)/.installed

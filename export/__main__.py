@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "built (Q4_1's own bytes, one node a projection), else onnxruntime's MatMulNBits (plus nodes for the minimum)",
     )
     p.add_argument(
+        "--kernels",
+        choices=["auto", "none"],
+        default="auto",
+        help="fp32 graphs (and their int8/int4 forms), for the CPU: auto = this project's own ops where ortkernels/ is "
+        "built (CausalAttention, SwiGLU, MatMulQ4_1), else onnxruntime's; none = onnxruntime's ops only. fp16: none",
+    )
+    p.add_argument(
         "--int4-source",
         choices=["auto", "requantize"],
         default="auto",
@@ -77,6 +84,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default=None, help="model name served by the API (default: from the checkpoint)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
+
+
+def use_kernels(args: argparse.Namespace, graph: Path) -> None:
+    """An fp32 graph onto ortkernels/' CausalAttention and SwiGLU, where the library is built (export/kernels.py)."""
+    from export import kernels
+
+    if args.dtype != "fp32" or args.kernels != "auto":
+        return
+    if not ortkernels.available():
+        print(f"      ortkernels/ is not built ({ortkernels.BUILD_HINT}): onnxruntime's own ops", flush=True)
+        return
+    counts = kernels.rewrite(graph)
+    print(f"      ortkernels/: {', '.join(f'{n} {op}' for op, n in counts.items())}", flush=True)
 
 
 class Phases:
@@ -148,6 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         phases.start("export", f"ONNX opset {OPSET}, {args.dtype}")
         graph = work / "model.onnx"
         export_onnx(model, graph, torch.float16 if args.dtype == "fp16" else torch.float32)
+        if args.quantize == "none":
+            use_kernels(args, graph)
         phases.done(f"{sum(f.stat().st_size for f in work.iterdir()) / 1e6:.0f} MB")
 
         phases.start(
@@ -171,8 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 quantize.quantize_int8(graph, final)
                 variant = "int8"
             elif ckpt.packed and args.int4_source == "auto":
-                q4_1_kernel = args.int4_kernel == "auto" and ortkernels.available()
-                if args.int4_kernel == "auto" and not q4_1_kernel:
+                q4_1_kernel = args.kernels == "auto" and args.int4_kernel == "auto" and ortkernels.available()
+                if args.kernels == "auto" and args.int4_kernel == "auto" and not q4_1_kernel:
                     print(f"      ortkernels/ is not built ({ortkernels.BUILD_HINT}): MatMulNBits instead", flush=True)
                 n = quantize.carry_gguf_blocks(graph, final, ckpt.packed, args.int4_accuracy_level, q4_1_kernel)
                 variant = "int4-gguf"
@@ -181,6 +203,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 quantize.quantize_int4(graph, final, args.int4_accuracy_level)
                 variant = "int4"
+            use_kernels(args, final)
             report = parity.verify(variant, final, cfg, reference, prompts, held, ref_ppl)
             reports.append(report)
             print("      " + report.line(), flush=True)

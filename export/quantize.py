@@ -18,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from export.checkpoints import PackedLinear
+from export.kernels import swiglu_after
 from export.model import PACKED
 from export.onnx_export import save_model
 from ortkernels import DOMAIN as KERNELS_DOMAIN
@@ -104,7 +105,7 @@ def carry_gguf_blocks(
             and all(b.qtype in ("Q4_0", "Q4_1") for b in blocks)
             and not any(n.op_type == "Gather" and n.input[0] == node.input[1] for n in graph.node)  # not tied
         ):
-            swiglu = _swiglu_after(node, graph) if len(blocks) == 2 and blocks[0].shape == blocks[1].shape else None
+            swiglu = swiglu_after(node, graph) if len(blocks) == 2 and blocks[0].shape == blocks[1].shape else None
             new_inits, new_nodes = _q4_1_projection(node, blocks, prefix, swiglu)
             for n in swiglu or ():
                 graph.node.remove(n)
@@ -149,33 +150,6 @@ def _q4_1_projection(
         "MatMulQ4_1", [x, packed.name], y, name=node.name + "Q4_1", domain=KERNELS_DOMAIN, K=K, N=N, gated=gated
     )
     return [packed], [new_node]
-
-
-def _swiglu_after(node: onnx.NodeProto, graph: onnx.GraphProto) -> list[onnx.NodeProto] | None:
-    """[Split, QuickGelu, Mul] when a projection's output is only split in two halves, silu (QuickGelu with alpha 1)
-    taken of the first and multiplied by the second, as export/model.py writes a gated MLP; else None."""
-
-    def readers(name: str) -> list[onnx.NodeProto]:
-        return [n for n in graph.node if name in n.input]
-
-    split = readers(node.output[0])
-    axis = [a.i for a in split[0].attribute if a.name == "axis"] if len(split) == 1 else []
-    if len(split) != 1 or split[0].op_type != "Split" or len(split[0].output) != 2 or axis != [-1]:
-        return None
-    act, mul = readers(split[0].output[0]), readers(split[0].output[1])
-    alpha = [a.f for a in act[0].attribute if a.name == "alpha"] if len(act) == 1 else []
-    if len(act) != 1 or act[0].op_type != "QuickGelu" or alpha != [1.0]:  # its default, 1.702, is GELU's fit
-        return None
-    sizes = [numpy_helper.to_array(i) for i in graph.initializer if i.name == split[0].input[-1]]
-    if len(split[0].input) != 2 or len(sizes) != 1 or len(set(sizes[0].tolist())) != 1:  # two equal halves
-        return None
-    if len(mul) != 1 or mul[0].op_type != "Mul" or set(mul[0].input) != {act[0].output[0], split[0].output[1]}:
-        return None
-    if readers(act[0].output[0]) != mul or {node.output[0], *split[0].output, *act[0].output} & {
-        o.name for o in graph.output
-    }:  # nothing else reads what the fused node no longer writes
-        return None
-    return [split[0], act[0], mul[0]]
 
 
 def q4_1_packed(blocks: list[PackedLinear]) -> np.ndarray:

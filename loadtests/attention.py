@@ -28,6 +28,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+import ortkernels
+
 CASES = [  # (rows, new tokens a row, positions already cached)
     (1, 1, 256),
     (1, 1, 1024),
@@ -39,9 +41,12 @@ CASES = [  # (rows, new tokens a row, positions already cached)
 ]
 
 
-def attention_graph(n_head: int, n_kv_head: int, head_dim: int, cache_len: int, cache: str = "fp32") -> bytes:
+def attention_graph(
+    n_head: int, n_kv_head: int, head_dim: int, cache_len: int, cache: str = "fp32", op: str = "gqa"
+) -> bytes:
     """One GroupQueryAttention node as the exporter writes it (export/ops.py GroupQueryAttention.symbolic); with an
-    int8 cache, onnxruntime's quantized-cache form of it (symmetric, static scales per channel or per tensor)."""
+    int8 cache, onnxruntime's quantized-cache form of it (symmetric, static scales per channel or per tensor); with
+    op "causal", the project's CausalAttention (ortkernels/attention.c) in its place, as the exporter rewrites it."""
     f = TensorProto.FLOAT
     cache_type = f if cache == "fp32" else TensorProto.INT8
     inputs = [
@@ -62,30 +67,37 @@ def attention_graph(n_head: int, n_kv_head: int, head_dim: int, cache_len: int, 
         shape = [n_kv_head * head_dim] if kind == "PER_CHANNEL" else [1]
         scales = [helper.make_tensor(name, f, shape, [0.05] * shape[0]) for name in ("k_scale", "v_scale")]
         names += ["", "", "", "k_scale", "v_scale"]
+    attributes: dict = {"num_heads": n_head, "kv_num_heads": n_kv_head, **quantized}
+    if op == "gqa":
+        attributes |= {"do_rotary": 1, "rotary_interleaved": 0}
+    else:
+        names = [name for name in names if name]  # no separate key/value inputs
     node = helper.make_node(
-        "GroupQueryAttention",
+        "GroupQueryAttention" if op == "gqa" else "CausalAttention",
         names,
         ["out", "present_key", "present_value"],
-        domain="com.microsoft",
-        num_heads=n_head,
-        kv_num_heads=n_kv_head,
-        do_rotary=1,
-        rotary_interleaved=0,
-        **quantized,
+        domain="com.microsoft" if op == "gqa" else ortkernels.DOMAIN,
+        **attributes,
     )
     outputs = [helper.make_tensor_value_info("out", f, None)]
     outputs += [helper.make_tensor_value_info(name, cache_type, None) for name in ("present_key", "present_value")]
     graph = helper.make_graph([node], "attention", inputs, outputs, initializer=scales)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid(node.domain, 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
-def measure(model: dict, cache_len: int, threads: int, calls: int, cache: str) -> list[dict]:
+def measure(model: dict, cache_len: int, threads: int, calls: int, cache: str, ops: list[str]) -> list[dict]:
+    """Each case on each op's session, their calls alternating (one process: the machine's speed is the same)."""
     n_head, n_kv, D, layers = model["n_head"], model["n_kv_head"], model["d_model"] // model["n_head"], model["n_layer"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    graph = attention_graph(n_head, n_kv, D, cache_len, cache)
-    session = ort.InferenceSession(graph, options, ["CPUExecutionProvider"])
+    ortkernels.register(options)
+    sessions = {
+        op: ort.InferenceSession(
+            attention_graph(n_head, n_kv, D, cache_len, cache, op), options, ["CPUExecutionProvider"]
+        )
+        for op in ops
+    }
     rng = np.random.default_rng(0)
     cos, sin = (rng.standard_normal((cache_len, D // 2), dtype=np.float32) for _ in range(2))  # (T_max, D/2)
     rows = []
@@ -97,33 +109,39 @@ def measure(model: dict, cache_len: int, threads: int, calls: int, cache: str) -
         else:
             buffers = [rng.integers(-100, 100, shape, dtype=np.int8) for _ in range(2)]
         kv = [ort.OrtValue.ortvalue_from_numpy(b) for b in buffers]
-        binding = session.io_binding()
-        binding.bind_cpu_input("qkv", rng.standard_normal((B, S, (n_head + 2 * n_kv) * D), dtype=np.float32))
-        binding.bind_cpu_input("seqlens_k", np.full(B, L + S - 1, np.int32))  # (B,) each row's length - 1
-        binding.bind_cpu_input("total_sequence_length", np.array(L + S, np.int32))
-        binding.bind_cpu_input("cos_cache", cos)
-        binding.bind_cpu_input("sin_cache", sin)
-        for name, value in zip(("key", "value"), kv):  # one buffer as past and present, as the engine binds it
-            binding.bind_ortvalue_input(f"past_{name}", value)
-            binding.bind_ortvalue_output(f"present_{name}", value)
-        binding.bind_output("out")
-        times = []
+        qkv = rng.standard_normal((B, S, (n_head + 2 * n_kv) * D), dtype=np.float32)
+        bindings = {}
+        for op, session in sessions.items():
+            binding = bindings[op] = session.io_binding()
+            binding.bind_cpu_input("qkv", qkv)
+            binding.bind_cpu_input("seqlens_k", np.full(B, L + S - 1, np.int32))  # (B,) each row's length - 1
+            binding.bind_cpu_input("total_sequence_length", np.array(L + S, np.int32))
+            binding.bind_cpu_input("cos_cache", cos)
+            binding.bind_cpu_input("sin_cache", sin)
+            for name, value in zip(("key", "value"), kv):  # one buffer as past and present, as the engine binds it
+                binding.bind_ortvalue_input(f"past_{name}", value)
+                binding.bind_ortvalue_output(f"present_{name}", value)
+            binding.bind_output("out")
+        times: dict[str, list[float]] = {op: [] for op in ops}
         for _ in range(calls):
-            start = time.perf_counter()
-            session.run_with_iobinding(binding)
-            times.append(time.perf_counter() - start)
-        ms = statistics.median(times[3:]) * 1e3
-        kv_bytes = B * n_kv * 2 * (L + S) * D * (4 if cache == "fp32" else 1)
-        rows.append(
-            {
-                "rows": B,
-                "new_tokens": S,
-                "cached": L,
-                "ms_per_call": round(ms, 3),
-                "ms_all_layers": round(ms * layers, 1),
-                "kv_read_gbs": round(kv_bytes / ms / 1e6, 1),
-            }
-        )
+            for op, session in sessions.items():
+                start = time.perf_counter()
+                session.run_with_iobinding(bindings[op])
+                times[op].append(time.perf_counter() - start)
+        for op in ops:
+            ms = statistics.median(times[op][3:]) * 1e3
+            kv_bytes = B * n_kv * 2 * (L + S) * D * (4 if cache == "fp32" else 1)
+            rows.append(
+                {
+                    "op": op,
+                    "rows": B,
+                    "new_tokens": S,
+                    "cached": L,
+                    "ms_per_call": round(ms, 3),
+                    "ms_all_layers": round(ms * layers, 1),
+                    "kv_read_gbs": round(kv_bytes / ms / 1e6, 1),
+                }
+            )
     return rows
 
 
@@ -136,11 +154,18 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="with --compare-flash: alternations")
     p.add_argument("--compare-flash", action="store_true")
     p.add_argument("--cache", choices=["fp32", "int8-per-channel", "int8-per-tensor"], default="fp32")
+    p.add_argument(
+        "--op",
+        choices=["gqa", "causal", "both"],
+        default="gqa",
+        help="onnxruntime's GroupQueryAttention, the project's CausalAttention (ortkernels/), or both alternating",
+    )
     args = p.parse_args()
     model = json.loads((args.bundle / "manifest.json").read_text())["model"]
     if not args.compare_flash:
         flash = os.environ.get("ORT_DISABLE_FLASH_ATTENTION", "0") != "1"
-        for row in measure(model, args.cache_len, args.threads, args.calls, args.cache):
+        ops = ["gqa", "causal"] if args.op == "both" else [args.op]
+        for row in measure(model, args.cache_len, args.threads, args.calls, args.cache, ops):
             print(json.dumps({"cache": args.cache, "flash": flash, **row}), flush=True)
         return
     again = [sys.executable, "-m", "loadtests.attention", "--bundle", str(args.bundle), "--cache-len"]

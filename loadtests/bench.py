@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-curve", help="comma-separated --max-num-batched-tokens values: W2 on ours fp32 per value")
     p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
     p.add_argument("--w2-rounds", type=int, help="W2 only, ours and llama.cpp alternating, this many rounds")
+    p.add_argument(
+        "--w4-rounds", type=int, help="W4 only: ours with and without the prefix cache and llama.cpp, alternating"
+    )
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.budget_curve:
@@ -370,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return alternating_rounds(args, args.w1_rounds, "W1")
     if args.w2_rounds:
         return alternating_rounds(args, args.w2_rounds, "W2")
+    if args.w4_rounds:
+        return w4_rounds(args, args.w4_rounds)
     report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "device": args.device, "systems": {}}
     systems = report["systems"]
     dev = (
@@ -478,6 +483,43 @@ def alternating_rounds(args: argparse.Namespace, rounds: int, workload: str) -> 
             ratios.append(f"{label.removesuffix(' ms')} {ours_m / peer_m:.2f}x ({paired:.2f}x)")
         rows.append(f"| median | {precision} | {', '.join(ratios)} of llama.cpp (median of the rounds' ratios) | |")
     (args.out / f"{workload.lower()}-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(rows))
+    return 0
+
+
+def w4_rounds(args: argparse.Namespace, rounds: int) -> int:
+    """W4 alone, in each precision: ours with the prefix cache, ours without it and llama.cpp (its slot prompt cache
+    on, as a user runs it), one after another, `rounds` times. Medians of TTFT p50 over the rounds, and each round's
+    own ratios."""
+    from export.checkpoints import default_gguf_path
+
+    q4 = default_gguf_path()
+    pairs = {"fp32": (args.bundle, llama_f32_gguf(q4, args.out)), "int4": (args.int4_bundle, q4)}
+    report: dict = {**run_header(), "workload": "W4"}
+    rows = [
+        "| round | precision | ours TTFT p50 / p99 (ms) | ours, --no-prefix-cache | llama.cpp | cache on / off | "
+        "ours / llama.cpp |",
+        "|---" * 7 + "|",
+    ]
+    for r in range(rounds):
+        for precision, (bundle, gguf) in pairs.items():
+            on = bench_ours(bundle, args.threads, which=("W4",))["W4"]
+            off = bench_ours(bundle, args.threads, "--no-prefix-cache", which=("W4",))["W4"]
+            peer = bench_llama(gguf, args.threads, which=("W4",))["W4"]
+            report.setdefault(precision, []).append({"ours": on, "ours without prefix cache": off, "llama.cpp": peer})
+            cells = [_ms(w, "ttft_p50_s", "ttft_p99_s") for w in (on, off, peer)]
+            ratios = f"{on['ttft_p50_s'] / off['ttft_p50_s']:.2f}x | {on['ttft_p50_s'] / peer['ttft_p50_s']:.2f}x"
+            rows.append(f"| {r + 1} | {precision} | {' | '.join(cells)} | {ratios} |")
+            print(rows[-1], file=sys.stderr)
+    for precision in pairs:
+        runs = report[precision]
+        p50 = {k: median([x[k]["ttft_p50_s"] for x in runs]) for k in runs[0]}
+        mine, off, peer = p50["ours"], p50["ours without prefix cache"], p50["llama.cpp"]
+        rows.append(
+            f"| median | {precision} | {mine * 1e3:.0f} | {off * 1e3:.0f} | {peer * 1e3:.0f} | {mine / off:.2f}x | "
+            f"{mine / peer:.2f}x |"
+        )
+    (args.out / "w4-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(rows))
     return 0
 

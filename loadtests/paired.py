@@ -4,6 +4,12 @@ minute-to-minute drift of a shared machine cancels out of.
     python -m loadtests.paired bundles/old-int4 bundles/smollm2-135m-int4 --rounds 40
     python -m loadtests.paired bundles/smollm2-135m-int4@session.dynamic_block_base=0 bundles/smollm2-135m-int4
 
+`--prefill S` times S-token prompt calls instead (`--cached L`: after L positions already cached, as a chat's next
+turn; the same positions written again each time), one call per round per bundle, up to `--chunk` of them.
+
+    python -m loadtests.paired bundles/gqa bundles/smollm2-135m --prefill 128 --rounds 20
+    python -m loadtests.paired bundles/gqa bundles/smollm2-135m --prefill 32 --cached 1000 --rounds 20
+
 A bundle may carry onnxruntime session config entries for its engine after an @ (key=value, comma-separated), over
 the service's own (service.engine.SESSION_CONFIG).
 
@@ -36,7 +42,12 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=16, help="decode steps per bundle per round")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument("--prefill", type=int, default=0, help="time prompt calls of this many tokens instead of decode")
+    p.add_argument("--cached", type=int, default=0, help="with --prefill: positions already cached before them")
     args = p.parse_args()
+    if args.prefill:
+        prefill(args)
+        return
     engines, last, length = [], [], []
     for spec in args.bundles:
         path, _, entries = spec.partition("@")
@@ -61,6 +72,38 @@ def main() -> None:
                 last[i], length[i] = int(logits[0].argmax()), n + 1
                 times.append(time.perf_counter() - start)
             per_round[i].append(statistics.median(times))
+    report(args, per_round, "step")
+
+
+def prefill(args: argparse.Namespace) -> None:
+    """Prompt calls: `--prefill` new tokens after `--cached` positions (a first prompt when there are none)."""
+    S, L = args.prefill, args.cached
+    engines, prompts = [], []
+    for spec in args.bundles:
+        path, _, entries = spec.partition("@")
+        config = dict(entry.split("=", 1) for entry in entries.split(",") if entry)
+        bundle = load_bundle(Path(path), verify_checksums=False)
+        engine = Engine(bundle, 1, L + S + 1, "auto", args.threads, session_config=config)
+        tokens = np.random.default_rng(0).integers(100, bundle.vocab_size, L + S)[None]  # (1, L + S)
+        if L:
+            at = np.array([L - 1])
+            engine.forward(tokens[:, :L], np.arange(L)[None], at.astype(np.int32), 0, 1, at)
+        engines.append(engine)
+        prompts.append(tokens[:, L:])
+    per_round: list[list[float]] = [[] for _ in engines]  # seconds per prompt call
+    at = np.array([L + S - 1])
+    for _ in range(args.rounds):
+        for i, engine in enumerate(engines):
+            times = []
+            for _ in range(args.chunk):
+                start = time.perf_counter()
+                engine.forward(prompts[i], np.arange(L, L + S)[None], at.astype(np.int32), 0, 1, np.array([S - 1]))
+                times.append(time.perf_counter() - start)
+            per_round[i].append(statistics.median(times))
+    report(args, per_round, "call")
+
+
+def report(args: argparse.Namespace, per_round: list[list[float]], what: str) -> None:
     first = np.array(per_round[0])
     for spec, steps in zip(args.bundles, per_round):
         step = statistics.median(steps)
@@ -69,9 +112,10 @@ def main() -> None:
             json.dumps(
                 {
                     "bundle": spec,
-                    "ms_per_step": round(step * 1e3, 3),
-                    "tokens_per_s": round(1 / step, 1),
-                    "step_ratio_to_first": round(ratio, 3),
+                    f"ms_per_{what}": round(step * 1e3, 3),
+                    **({"tokens_per_s": round(1 / step, 1)} if what == "step" else {"new_tokens": args.prefill}),
+                    **({"cached": args.cached} if what == "call" else {}),
+                    f"{what}_ratio_to_first": round(ratio, 3),
                     "rounds": args.rounds,
                 }
             )

@@ -1,10 +1,14 @@
-"""Custom onnxruntime ops of this project, one C library: `MatMulQ4_1` (ortkernels/q4_1_matmul.c), a GGUF's Q4_1 blocks
-as they are, read by an int4 bundle's projections.
+"""Custom onnxruntime ops of this project (CPU), one C library:
 
-The exporter writes the op into a graph only where the library is built (`make setup` builds it with the system C
+- `MatMulQ4_1` (ortkernels/q4_1_matmul.c): a GGUF's Q4_1 blocks as they are, read by an int4 bundle's projections;
+- `CausalAttention` (ortkernels/attention.c): GroupQueryAttention's contract (packed q/k/v, rotary inside, the shared
+  cache buffer) computing only the causal half of a prompt's scores, in fp32 graphs.
+
+The exporter writes an op into a graph only where the library is built (`make setup` builds it with the system C
 compiler; nothing else needs one) and lists it in the manifest (`graph.kernels`); the exporter's checks and the
 service's engine register the library for such a graph, and the service refuses, in one line, a bundle that needs it
-where it is not built.
+where it is not built. (ortkernels/ort_api.h: the part of onnxruntime's C API they use, without its headers;
+ortkernels/register.c: the library's entry points.)
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 DOMAIN = "gpt_onnx_serve"
 LIBRARY = Path(__file__).resolve().parent / "libgpt_onnx_serve_kernels.so"
 BUILD_HINT = "build it (again, after a pull) with `make kernels`: a C compiler is all it needs"
-VERSION = 2  # the C library's OrtKernelsVersion(): the ops and attributes this code writes and expects
+VERSION = 3  # the C library's OrtKernelsVersion(): the ops and attributes this code writes and expects
 
 
 def available() -> bool:
@@ -41,10 +45,18 @@ def register(options) -> bool:  # noqa: ANN001  onnxruntime.SessionOptions
     return True
 
 
+_CODE_PATH = {
+    "MatMulQ4_1": "MatMulQ4_1Kernel",
+    "CausalAttention": "CausalAttentionKernel",
+    "SwiGLU": "CausalAttentionKernel",
+}
+
+
 @functools.cache
-def q4_1_kernel() -> str:
-    """The MatMulQ4_1 code path this CPU runs: `avx512vnni`, `avx2` or `generic` (GPT_ONNX_SERVE_Q4_1_KERNEL, read
-    once per process, overrides it)."""
-    lib = ctypes.CDLL(str(LIBRARY))
-    lib.MatMulQ4_1Kernel.restype = ctypes.c_char_p
-    return lib.MatMulQ4_1Kernel().decode()
+def code_path(op: str) -> str:
+    """The code an op runs on this CPU: MatMulQ4_1 `avx512vnni`, `avx2` or `generic`; CausalAttention and SwiGLU
+    `avx512`, `avx2` or `generic` (GPT_ONNX_SERVE_Q4_1_KERNEL and GPT_ONNX_SERVE_ATTENTION_KERNEL, read once per
+    process, override them)."""
+    function = getattr(ctypes.CDLL(str(LIBRARY)), _CODE_PATH[op])
+    function.restype = ctypes.c_char_p
+    return function().decode()

@@ -21,14 +21,15 @@
    packed as gate group 0, up group 0, gate group 1, ... (each half padded to whole groups), and Y (..., N/2) is
    SwiGLU's silu(gate) * up, computed where the products are: one node in place of MatMul, Split, QuickGelu, Mul.
 
-   The onnxruntime C API is used through its ABI: a function table whose slots are append-only (indices below, from
-   onnxruntime_c_api.h; onnxruntime 1.17 or later for KernelContext_ParallelFor). No onnxruntime header is needed. */
+   The onnxruntime side is ort_api.h's (the C API through its ABI, no onnxruntime header). */
 
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+
+#include "ort_api.h"
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #include <immintrin.h>
@@ -315,78 +316,18 @@ static void choose(void) { /* once per process, before any session can run the o
 
 static void choose_kernel(void) { pthread_once(&g_chosen, choose); }
 
-/* The library's interface version: the manifest's ops and attributes this build runs (2: MatMulQ4_1 with `gated`).
-   ortkernels/__init__.py treats a library of another version (built before a pull) as not built. */
-__attribute__((visibility("default"))) int OrtKernelsVersion(void) { return 2; }
-
-__attribute__((visibility("default"))) const char* MatMulQ4_1Kernel(void) {
+/* The code path this CPU runs (the library's MatMulQ4_1Kernel()). */
+const char* q4_1_matmul_kernel(void) {
   choose_kernel();
   return g_kernel_name;
 }
 
 /* ---- the onnxruntime side ------------------------------------------------------------------------------------ */
 
-typedef struct OrtStatus OrtStatus;
-typedef struct OrtApi OrtApi;
-typedef struct {
-  const OrtApi* (*GetApi)(uint32_t version);
-  const char* (*GetVersionString)(void);
-} OrtApiBase;
-
-#define ORT_API_VERSION_USED 17 /* onnxruntime 1.17: KernelContext_ParallelFor */
-#define API(api, slot) (((void* const*)(api))[slot])
-enum { /* OrtApi slots */
-       CreateStatus = 0,
-       CreateCustomOpDomain = 26,
-       CustomOpDomain_Add = 27,
-       AddCustomOpDomain = 28,
-       GetTensorMutableData = 51,
-       GetTensorElementType = 60,
-       GetDimensionsCount = 61,
-       GetDimensions = 62,
-       GetTensorTypeAndShape = 65,
-       KernelInfoGetAttribute_int64 = 86,
-       KernelContext_GetInput = 90,
-       KernelContext_GetOutput = 91,
-       ReleaseStatus = 93,
-       ReleaseTensorTypeAndShapeInfo = 99,
-       KernelContext_ParallelFor = 274 };
-enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 };
-enum { TYPE_FLOAT = 1, TYPE_UINT8 = 2 };
-
-typedef struct CustomOp { /* OrtCustomOp, fields up to ORT_API_VERSION 17 */
-  uint32_t version;
-  void* (*CreateKernel)(const struct CustomOp*, const OrtApi*, const void*);
-  const char* (*GetName)(const struct CustomOp*);
-  const char* (*GetExecutionProviderType)(const struct CustomOp*);
-  int (*GetInputType)(const struct CustomOp*, size_t);
-  size_t (*GetInputTypeCount)(const struct CustomOp*);
-  int (*GetOutputType)(const struct CustomOp*, size_t);
-  size_t (*GetOutputTypeCount)(const struct CustomOp*);
-  void (*KernelCompute)(void*, void*);
-  void (*KernelDestroy)(void*);
-  int (*GetInputCharacteristic)(const struct CustomOp*, size_t);
-  int (*GetOutputCharacteristic)(const struct CustomOp*, size_t);
-  int (*GetInputMemoryType)(const struct CustomOp*, size_t);
-  int (*GetVariadicInputMinArity)(const struct CustomOp*);
-  int (*GetVariadicInputHomogeneity)(const struct CustomOp*);
-  int (*GetVariadicOutputMinArity)(const struct CustomOp*);
-  int (*GetVariadicOutputHomogeneity)(const struct CustomOp*);
-  OrtStatus* (*CreateKernelV2)(const struct CustomOp*, const OrtApi*, const void*, void**);
-  OrtStatus* (*KernelComputeV2)(void*, void*);
-  OrtStatus* (*InferOutputShapeFn)(const struct CustomOp*, void*);
-  int (*GetStartVersion)(const struct CustomOp*);
-  int (*GetEndVersion)(const struct CustomOp*);
-} CustomOp;
-
 typedef struct {
   const OrtApi* api;
   int64_t K, N, gated;
 } Kernel;
-
-static OrtStatus* fail(const OrtApi* api, int code, const char* message) {
-  return ((OrtStatus * (*)(int, const char*)) API(api, CreateStatus))(code, message);
-}
 
 static const char* op_name(const CustomOp* op) { (void)op; return "MatMulQ4_1"; }
 static const char* op_provider(const CustomOp* op) { (void)op; return NULL; /* CPU */ }
@@ -403,7 +344,7 @@ static OrtStatus* kernel_create(const CustomOp* op, const OrtApi* api, const voi
   (void)op;
   OrtStatus* (*get_int)(const void*, const char*, int64_t*) = API(api, KernelInfoGetAttribute_int64);
   Kernel* k = calloc(1, sizeof(Kernel));
-  if (!k) return fail(api, ORT_FAIL, "MatMulQ4_1: out of memory");
+  if (!k) return ort_fail(api, ORT_FAIL, "MatMulQ4_1: out of memory");
   k->api = api;
   OrtStatus* s;
   if ((s = get_int(info, "K", &k->K)) || (s = get_int(info, "N", &k->N))) {
@@ -416,7 +357,7 @@ static OrtStatus* kernel_create(const CustomOp* op, const OrtApi* api, const voi
   }
   if (k->K <= 0 || k->K % QK || k->N <= 0 || k->K > (1 << 24) || k->N > (1 << 24) || (k->gated && k->N % 2)) {
     free(k);
-    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32, N positive (even if gated)");
+    return ort_fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: K must be a positive multiple of 32, N positive (even if gated)");
   }
   *out = k;
   return NULL;
@@ -460,21 +401,6 @@ static void multiply_part(void* user, size_t part) {
   }
 }
 
-static OrtStatus* tensor_shape(const OrtApi* api, const void* value, int* type, int64_t* dims, size_t* rank) {
-  void* info;
-  OrtStatus* s = ((OrtStatus * (*)(const void*, void**)) API(api, GetTensorTypeAndShape))(value, &info);
-  if (s) return s;
-  ((OrtStatus * (*)(const void*, int*)) API(api, GetTensorElementType))(info, type);
-  ((OrtStatus * (*)(const void*, size_t*)) API(api, GetDimensionsCount))(info, rank);
-  if (*rank > 8) {
-    ((void (*)(void*))API(api, ReleaseTensorTypeAndShapeInfo))(info);
-    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: at most 8 dimensions");
-  }
-  ((OrtStatus * (*)(const void*, int64_t*, size_t)) API(api, GetDimensions))(info, dims, *rank);
-  ((void (*)(void*))API(api, ReleaseTensorTypeAndShapeInfo))(info);
-  return NULL;
-}
-
 static OrtStatus* kernel_compute(void* kernel, void* context) {
   Kernel* k = kernel;
   const OrtApi* api = k->api;
@@ -489,16 +415,16 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   size_t a_rank, w_rank;
   OrtStatus* s;
   if ((s = get_input(context, 0, &a_value)) || (s = get_input(context, 1, &w_value))) return s;
-  if ((s = tensor_shape(api, a_value, &a_type, a_dims, &a_rank)) ||
-      (s = tensor_shape(api, w_value, &w_type, w_dims, &w_rank)))
+  if ((s = ort_shape(api, a_value, &a_type, a_dims, &a_rank)) ||
+      (s = ort_shape(api, w_value, &w_type, w_dims, &w_rank)))
     return s;
   /* gated: N columns of weights, gate then up, give N/2 outputs; G groups of outputs */
   int K = (int)k->K, N = (int)k->N, N_out = k->gated ? N / 2 : N, G = (N_out + GROUP - 1) / GROUP;
   if (a_type != TYPE_FLOAT || a_rank < 1 || a_dims[a_rank - 1] != K)
-    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: A must be float with K as its last dimension");
+    return ort_fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: A must be float with K as its last dimension");
   if (w_type != TYPE_UINT8 || w_rank != 3 || w_dims[0] != (k->gated ? 2 * G : G) || w_dims[1] != K / QK ||
       w_dims[2] != GROUP_BYTES)
-    return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: B must be uint8 (ceil(N/16), K/32, 320), gated 2 ceil(N/32)");
+    return ort_fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: B must be uint8 (ceil(N/16), K/32, 320), gated 2 ceil(N/32)");
   int64_t M = 1;
   for (size_t i = 0; i + 1 < a_rank; i++) M *= a_dims[i];
   int64_t y_dims[8];
@@ -507,7 +433,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   void* y_value;
   if ((s = get_output(context, 0, y_dims, a_rank, &y_value))) return s;
   if (M == 0) return NULL;
-  if (M > (1 << 24)) return fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: too many rows");
+  if (M > (1 << 24)) return ort_fail(api, ORT_INVALID_ARGUMENT, "MatMulQ4_1: too many rows");
   Work t = {.K = K, .N = N, .M = (int)M, .gated = (int)k->gated};
   void *a_data, *w_data, *y_data;
   data((void*)a_value, &a_data);
@@ -518,7 +444,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   t.y = y_data;
   size_t nb = (size_t)(K / QK);
   void* scratch = malloc((size_t)M * K + 2 * (size_t)M * nb * sizeof(float));
-  if (!scratch) return fail(api, ORT_FAIL, "MatMulQ4_1: out of memory");
+  if (!scratch) return ort_fail(api, ORT_FAIL, "MatMulQ4_1: out of memory");
   t.rows.da = scratch;
   t.rows.sa = t.rows.da + (size_t)M * nb;
   t.rows.aq = (int8_t*)(t.rows.sa + (size_t)M * nb);
@@ -552,15 +478,7 @@ static const CustomOp g_op = { /* read by onnxruntime for as long as its session
     .KernelComputeV2 = kernel_compute,
 };
 
-__attribute__((visibility("default"))) OrtStatus* RegisterCustomOps(void* options, const OrtApiBase* base) {
-  const OrtApi* api = base->GetApi(ORT_API_VERSION_USED);
-  if (!api) return NULL; /* an onnxruntime older than 1.17: the op stays unknown and the graph is refused by name */
-  choose_kernel();
-  void* domain;
-  OrtStatus* s;
-  if ((s = ((OrtStatus * (*)(const char*, void**)) API(api, CreateCustomOpDomain))("gpt_onnx_serve", &domain)))
-    return s;
-  if ((s = ((OrtStatus * (*)(void*, const void*)) API(api, CustomOpDomain_Add))(domain, &g_op))) return s;
-  /* the domain must outlive every session that uses it: kept for the life of the process */
-  return ((OrtStatus * (*)(void*, void*)) API(api, AddCustomOpDomain))(options, domain);
+const CustomOp* q4_1_matmul_op(void) {
+  choose_kernel(); /* before any session can run it */
+  return &g_op;
 }

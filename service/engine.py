@@ -56,7 +56,7 @@ def _cuda_only_session(bundle: Bundle, options: ort.SessionOptions, graphs: bool
     """The session on the CUDA provider alone, every node on the device, or one line saying why it cannot be."""
     if bundle.cache_dtype not in CUDA_ATTENTION_DTYPES:
         raise BundleError(
-            f"{bundle.path}: its GroupQueryAttention is {bundle.cache_dtype}, which onnxruntime's CUDA provider does "
+            f"{bundle.path}: its attention is {bundle.cache_dtype}, which onnxruntime's CUDA GroupQueryAttention does "
             f"not run (only {'/'.join(CUDA_ATTENTION_DTYPES)}): export with --dtype fp16, or serve with --device cpu"
         )
     try:  # set once: the options are reused for the sessions made again later, and adding a key twice warns
@@ -141,7 +141,8 @@ class Engine:
         self.providers = self.session.get_providers()
         log.info("onnxruntime %s providers %s (device %s)", ort.__version__, self.providers, self.device)
         if bundle.kernels:
-            log.info("ortkernels/ %s on the CPU: %s code", ", ".join(bundle.kernels), ortkernels.q4_1_kernel())
+            paths = ", ".join(f"{op} ({ortkernels.code_path(op)} code)" for op in bundle.kernels)
+            log.info("ortkernels/ on the CPU: %s", paths)
         on = reduce_logits if reduce_logits is not None else self.device == "cuda"
         # on CUDA the reducer reads the logits a graph leaves on the device; plain calls copy them whole to the host
         self.reducer = LogitReducer(self) if on and (self.device == "cpu" or graphs) else None

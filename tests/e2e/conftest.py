@@ -93,7 +93,8 @@ def tiny_server(tiny_bundle, tmp_path_factory) -> Iterator[Server]:
 # Every bundle type the exporter makes, as `python -m export` flags, keyed by the parity variant whose bound
 # (export/parity.py BOUNDS) the served answers are held to. docs/EXPORT.md lists the same variants.
 BUNDLE_TYPES: dict[str, list[str]] = {
-    "fp32": [],
+    "fp32": [],  # attention and SwiGLU on the project's ops (ortkernels/: CausalAttention, SwiGLU)
+    "fp32-onnxruntime": ["--kernels", "none"],  # onnxruntime's own ops only (GroupQueryAttention, Split/QuickGelu/Mul)
     "fp16": ["--dtype", "fp16"],
     "int8": ["--quantize", "int8"],
     "int4-gguf": ["--quantize", "int4"],  # the GGUF's own Q4_1 blocks carried into MatMulQ4_1 (ortkernels/)

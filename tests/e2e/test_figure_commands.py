@@ -29,7 +29,7 @@ def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
     assert "ms per session run" in lines[0] and "in kernels" in lines[0]
     assert lines[1] == "| op | ms/step | share | nodes |"
     ops = {line.split(" | ")[0].removeprefix("| ") for line in lines[3:]}
-    assert {"MatMulQ4_1", "GroupQueryAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
+    assert {"MatMulQ4_1", "CausalAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
 
 
 def test_profiler_prefill_mode_times_whole_prompts(q4_bundles):
@@ -40,10 +40,10 @@ def test_profiler_prefill_mode_times_whole_prompts(q4_bundles):
     assert lines[0].startswith("2 prefills of 24 tokens") and "ms per session run" in lines[0]
     assert lines[1] == "| op | ms/prefill | share | nodes |"
     rows = {line.split(" | ")[0].removeprefix("| "): line.split(" | ") for line in lines[3:]}
-    assert {"MatMul", "GroupQueryAttention", "Gather"} <= set(rows)  # projections, attention, embedding
+    assert {"MatMul", "CausalAttention", "SwiGLU", "Gather"} <= set(rows)  # projections, attention, MLP, embedding
     assert sum(float(r[1]) for r in rows.values()) > 0
     nodes = {op: int(r[3].rstrip(" |")) for op, r in rows.items()}
-    assert nodes["MatMul"] == 4 * nodes["GroupQueryAttention"]  # per layer: q/k/v, o, gate/up, down; one attention
+    assert nodes["MatMul"] == 4 * nodes["CausalAttention"]  # per layer: q/k/v, o, gate/up, down; one attention
 
 
 def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bundles):
@@ -79,6 +79,15 @@ def test_attention_alone_times_the_bundles_attention_node_with_and_without_flash
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [r["cache"] for r in rows] == ["int8-per-channel"] * 4 and all(r["ms_per_call"] > 0 for r in rows)
+    # onnxruntime's node and the project's CausalAttention, case by case in one process
+    args = ("--op", "both", "--calls", "4", "--cache-len", "300")
+    result = run_cli("loadtests.attention", "--bundle", str(bundle), *args, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [(r["op"], r["rows"], r["new_tokens"], r["cached"]) for r in rows] == [
+        (op, *case) for case in cases for op in ("gqa", "causal")
+    ]
+    assert all(r["ms_per_call"] > 0 for r in rows)
 
 
 def test_divergence_of_an_int4_bundle_from_its_fp32_one(q4_bundles, tmp_path):
@@ -103,6 +112,14 @@ def test_paired_decode_reports_each_bundle_against_the_first(q4_bundles):
     assert [r["bundle"] for r in rows] == specs
     assert rows[0]["step_ratio_to_first"] == 1 and all(r["step_ratio_to_first"] > 0 for r in rows)
     assert all(r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and r["rounds"] == 3 for r in rows)
+    # prompt calls: a first prompt, and a continuation after cached positions
+    for extra in (("--prefill", "12"), ("--prefill", "5", "--cached", "20")):
+        result = run_cli("loadtests.paired", str(fp32), str(q4_bundles("fp32-onnxruntime")), *args, *extra, timeout=300)
+        assert result.returncode == 0, result.stderr
+        rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+        assert rows[0]["call_ratio_to_first"] == 1 and rows[1]["call_ratio_to_first"] > 0
+        assert all(r["ms_per_call"] > 0 and r["new_tokens"] == int(extra[1]) for r in rows)
+        assert all(r["cached"] == (int(extra[3]) if len(extra) > 2 else 0) for r in rows)
 
 
 def test_divergence_refuses_a_missing_bundle_in_one_line(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from export.checkpoints import PackedLinear
-from export.quantize import BLOCK, _minimum_digits, _nbits_projection, _swiglu_after
+from export.kernels import swiglu_after
+from export.quantize import BLOCK, _minimum_digits, _nbits_projection
 
 
 def fp16_minimums(rng: np.random.Generator, n: int, nb: int) -> np.ndarray:
@@ -89,6 +90,6 @@ def swiglu_graph(alpha: float = 1.0, axis: int = -1, extra_reader: bool = False)
 
 def test_swiglu_is_fused_only_where_it_is_exactly_silu_of_the_first_half_times_the_second():
     g = swiglu_graph()
-    assert [n.op_type for n in _swiglu_after(g.node[0], g) or []] == ["Split", "QuickGelu", "Mul"]
+    assert [n.op_type for n in swiglu_after(g.node[0], g) or []] == ["Split", "QuickGelu", "Mul"]
     for other in (swiglu_graph(alpha=1.702), swiglu_graph(axis=0), swiglu_graph(extra_reader=True)):
-        assert _swiglu_after(other.node[0], other) is None  # GELU's fit, another axis, a second reader
+        assert swiglu_after(other.node[0], other) is None  # GELU's fit, another axis, a second reader

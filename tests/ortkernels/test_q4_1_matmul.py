@@ -118,7 +118,7 @@ def run_case(kernel: str) -> tuple[str, float, float, float]:
         scale = np.abs(exact).max()
         worst_same = max(worst_same, float(np.abs(y.reshape(-1, 40) - same).max() / scale))
         worst_exact = max(worst_exact, float(np.abs(y.reshape(-1, 40) - exact).max() / scale))
-    return ortkernels.q4_1_kernel(), worst_same, worst_exact, minimum
+    return ortkernels.code_path("MatMulQ4_1"), worst_same, worst_exact, minimum
 
 
 def in_process_with(kernel: str) -> tuple[str, float, float, float]:

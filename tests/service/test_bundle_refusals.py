@@ -26,5 +26,7 @@ def test_fp32_attention_is_refused_on_cuda_before_any_session(tiny_bundle):
     move the cache every step, so the engine refuses it (the check needs no GPU)."""
     bundle = load_bundle(tiny_bundle)
     assert bundle.cache_dtype == "float32"
-    with pytest.raises(BundleError, match="GroupQueryAttention is float32.*--dtype fp16"):
+    with pytest.raises(
+        BundleError, match="attention is float32, which onnxruntime.s CUDA GroupQueryAttention.*--dtype fp16"
+    ):
         _cuda_only_session(bundle, ort.SessionOptions())
