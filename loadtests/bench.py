@@ -12,7 +12,9 @@ the same HTTP client on the same workloads. The other peers run in their own vir
 peers`): Hugging Face transformers `generate()` (fp32, static batches) and onnxruntime-genai (its own builder's
 fp32 and int4 models, generator API, in-process); against them our engine's W1 runs in-process too ("engine
 in-process": no HTTP, no scheduler). Results go to results/bench/bench.json and a markdown table printed for
-docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget. `--device
+docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget;
+`--w1-rounds N` / `--w2-rounds N` one workload, ours and llama.cpp alternating; `--w4-rounds N` W4, ours with and
+without the prefix cache and llama.cpp. `--device
 cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers` runs ours on a GPU (the row is named by the
 bundle's precision and the device; the card is recorded), its decode steps from CUDA graphs unless
 `--no-cuda-graphs`, their logits reduced on the device unless `--no-reduce-logits`.
