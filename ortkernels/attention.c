@@ -14,12 +14,14 @@
    a continuation's (new tokens after a cached prefix) with small matrix products: 17.9 ms of a 128-token prefill of
    SmolLM2-135M, 26-28 ms of a 32-token continuation of 1,000 cached positions (docs/BENCHMARKS.md).
 
-   How: per (row, kv head, tile of R new tokens), the G = H / H_kv query heads of R tokens are the 16 lanes of one
-   vector (G R <= 16); keys one at a time broadcast each of their D numbers against those lanes, so neither keys nor
-   values are transposed and every product is a vector FMA: scores (keys x 16 lanes), their softmax lane by lane,
-   then values the same way 16 dimensions at a time. Decode (S = 1) uses G of the lanes and runs at the memory's speed
-   like onnxruntime's. One source, written with GCC vector types, compiled for AVX-512, AVX2 and plain x86-64 (or the
-   target's own vectors elsewhere) and picked once per process (GPT_ONNX_SERVE_ATTENTION_KERNEL overrides). */
+   How: per (row, kv head, tile of R new tokens), the G = H / H_kv query heads of R tokens are the lanes of one vector
+   of 16 (decode) or two (prompts: each key read once for twice the queries), G R <= 16 NV; keys one at a time
+   broadcast each of their D numbers against those lanes, so neither keys nor values are transposed and every product
+   is a vector FMA: scores (keys x lanes), their softmax lane by lane, then the values the same way. A call of few
+   tiles (one row's decode) splits each tile's keys into chunks for the threads and merges their partial softmaxes.
+   Decode reads the cache at the memory's speed, like onnxruntime's. One source, written with GCC vector types,
+   compiled for AVX-512, AVX2 and plain x86-64 (or the target's own vectors elsewhere) and picked once per process
+   (GPT_ONNX_SERVE_ATTENTION_KERNEL overrides). */
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
