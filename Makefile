@@ -58,7 +58,7 @@ kernels: $(KERNELS)
 KERNEL_SOURCES := $(wildcard ortkernels/*.c)
 # where the kernels can be built here (a compiler and their sources: not in the image's export stage)
 CC_FOUND := $(if $(KERNEL_SOURCES),$(shell command -v $(CC) 2>/dev/null))
-$(KERNELS): $(KERNEL_SOURCES) ortkernels/ort_api.h
+$(KERNELS): $(KERNEL_SOURCES) $(wildcard ortkernels/*.h)
 	@if command -v $(CC) >/dev/null 2>&1; then \
 		$(CC) -O3 -fno-math-errno -fPIC -shared -pthread -fvisibility=hidden -Wall -Wextra -Wno-psabi \
 			-o $@.tmp $(KERNEL_SOURCES) && mv $@.tmp $@; \

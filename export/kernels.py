@@ -58,7 +58,7 @@ def causal_attention(model: onnx.ModelProto) -> int:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         heads, kv_heads = attrs.get("num_heads", 0), attrs.get("kv_num_heads", 0)
         qkv, key, value, *rest = node.input  # packed q/k/v; key and value empty
-        if key or value or not kv_heads or heads % kv_heads or heads // kv_heads > 16:
+        if key or value or not kv_heads or heads % kv_heads or heads // kv_heads > 16 or len(node.output) > 3:
             continue
         if any(
             name in attrs and attrs[name] not in (default if isinstance(default, tuple) else (default,))
@@ -72,7 +72,9 @@ def causal_attention(model: onnx.ModelProto) -> int:
         if rotary != bool(tables) or len(tables) not in (0, 2):
             continue
         head_dim = _head_dim(model, past_k)
-        if head_dim is None or head_dim % 16:
+        if head_dim is None or head_dim % 16 or head_dim > 1024 or heads > 4096:
+            continue
+        if rotary and any(_last_dim(model, table) != head_dim // 2 for table in tables):  # rotary on the whole head
             continue
         del node.input[:]
         node.input.extend([qkv, past_k, past_v, seqlens_k, total, *tables])
@@ -83,6 +85,14 @@ def causal_attention(model: onnx.ModelProto) -> int:
         node.op_type, node.domain = "CausalAttention", DOMAIN
         n += 1
     return n
+
+
+def _last_dim(model: onnx.ModelProto, initializer: str) -> int | None:
+    """The last dimension of an initializer (a rotary table: (T, D/2)), where there is one of that name."""
+    for tensor in model.graph.initializer:
+        if tensor.name == initializer:
+            return int(tensor.dims[-1]) if tensor.dims else None
+    return None
 
 
 def _head_dim(model: onnx.ModelProto, cache_input: str) -> int | None:
@@ -114,6 +124,8 @@ def swiglu(model: onnx.ModelProto) -> int:
             graph.node.remove(old)
         if not any(sizes in n.input for n in graph.node):  # the Split's sizes, read by nothing now
             graph.initializer.remove(next(i for i in graph.initializer if i.name == sizes))
+            for listed in [i for i in graph.input if i.name == sizes]:  # an older writer lists initializers as inputs
+                graph.input.remove(listed)
         n += 1
     return n
 

@@ -45,11 +45,13 @@ static void scratch_free(void* p) {
   free(s->data);
   free(s);
 }
-static void scratch_key(void) { (void)pthread_key_create(&g_scratch_key, scratch_free); }
+static int g_scratch_ok;
+static void scratch_key(void) { g_scratch_ok = pthread_key_create(&g_scratch_key, scratch_free) == 0; }
 
 /* This thread's scratch `slot` (0: the tiles', 1: the call's queries) of at least n floats, or NULL. */
 static float* scratch(int slot, size_t n) {
   pthread_once(&g_scratch_once, scratch_key);
+  if (!g_scratch_ok) return NULL; /* no thread-specific key left in this process */
   Scratch* s = pthread_getspecific(g_scratch_key);
   if (!s) {
     if (!(s = calloc(2, sizeof(Scratch)))) return NULL;
@@ -393,6 +395,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
     if ((s = ort_shape(api, in[i], &type[i], dims[i], &rank[i]))) return s;
   }
   const int H = (int)k->H, Hkv = (int)k->Hkv, rotary = in[5] && in[6];
+  if (!in[5] != !in[6]) return ort_fail(api, ORT_INVALID_ARGUMENT, "CausalAttention: cos_cache and sin_cache go together");
   if (type[0] != TYPE_FLOAT || rank[0] != 3 || dims[0][2] % (H + 2 * Hkv))
     return ort_fail(api, ORT_INVALID_ARGUMENT, "CausalAttention: qkv must be float (B, S, (H + 2 H_kv) D)");
   const int64_t B = dims[0][0], S = dims[0][1], D = dims[0][2] / (H + 2 * Hkv);
@@ -413,7 +416,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
         return ort_fail(api, ORT_INVALID_ARGUMENT, "CausalAttention: cos_cache/sin_cache must be float (T, D/2)");
     Tc = dims[5][0];
   }
-  if (B > (1 << 20) || S > (1 << 20) || T > (1 << 24))
+  if (B > (1 << 20) || S > (1 << 20) || T > (1 << 24) || B * S > (1 << 24))
     return ort_fail(api, ORT_INVALID_ARGUMENT, "CausalAttention: too large");
 
   int64_t out_dims[3] = {B, S, H * D};
@@ -421,6 +424,11 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   if ((s = get_output(context, 0, out_dims, 3, &out_value)) || (s = get_output(context, 1, dims[1], 4, &k_value)) ||
       (s = get_output(context, 2, dims[2], 4, &v_value)))
     return s;
+  const float *past_k = ort_data(api, in[1]), *past_v = ort_data(api, in[2]);
+  float *present_k = ort_data(api, k_value), *present_v = ort_data(api, v_value);
+  size_t cache_floats = (size_t)B * Hkv * T * D;
+  if (present_k != past_k) memcpy(present_k, past_k, sizeof(float) * cache_floats); /* not bound to past's buffer */
+  if (present_v != past_v) memcpy(present_v, past_v, sizeof(float) * cache_floats);
   if (B == 0 || S == 0) return NULL;
 
   Work t = {.B = (int)B, .S = (int)S, .H = H, .Hkv = Hkv, .D = (int)D, .T = (int)T, .G = H / Hkv};
@@ -428,17 +436,12 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   t.NV = (int)S > LANES / t.G ? 2 : 1;
   t.R = t.NV * LANES / t.G;
   t.qkv = ort_data(api, in[0]);
-  t.k = ort_data(api, k_value);
-  t.v = ort_data(api, v_value);
+  t.k = present_k;
+  t.v = present_v;
   t.out = ort_data(api, out_value);
   t.seqlens = ort_data(api, in[3]);
   t.cos = rotary ? ort_data(api, in[5]) : NULL;
   t.sin = rotary ? ort_data(api, in[6]) : NULL;
-  const float *past_k = ort_data(api, in[1]), *past_v = ort_data(api, in[2]);
-  size_t cache_floats = (size_t)B * Hkv * T * D;
-  if (t.k != past_k) memcpy(t.k, past_k, sizeof(float) * cache_floats); /* present not bound to the past's buffer */
-  if (t.v != past_v) memcpy(t.v, past_v, sizeof(float) * cache_floats);
-
   int total_len = *(const int32_t*)ort_data(api, in[4]);
   int first = S == total_len; /* a first prompt: every row from position 0 */
   /* this thread's scratch: the queries (B, H, S, D), then past (B,) */

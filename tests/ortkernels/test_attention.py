@@ -22,9 +22,11 @@ pytestmark = pytest.mark.skipif(not ortkernels.available(), reason=f"ortkernels/
 FLAGS = {"avx512": "avx512vnni", "avx2": "avx2", "generic": "generic"}  # the CPU flags each path needs, by name
 
 
-def attention_session(H: int, H_kv: int, rotary: bool) -> ort.InferenceSession:
+def attention_session(
+    H: int, H_kv: int, rotary: bool, tables: tuple[str, ...] = ("cos_cache", "sin_cache")
+) -> ort.InferenceSession:
     """One CausalAttention node as export/kernels.py writes it (GroupQueryAttention's inputs less the empty two; no
-    shapes declared, so that the op's own checks meet wrong ones)."""
+    shapes declared, so that the op's own checks meet wrong ones); `tables`: the rotary inputs given."""
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("qkv", f, None),
@@ -34,7 +36,7 @@ def attention_session(H: int, H_kv: int, rotary: bool) -> ort.InferenceSession:
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, None),
     ]
     if rotary:
-        inputs += [helper.make_tensor_value_info(n, f, None) for n in ("cos_cache", "sin_cache")]
+        inputs += [helper.make_tensor_value_info(n, f, None) for n in tables]
     node = helper.make_node(
         "CausalAttention",
         [i.name for i in inputs],
@@ -144,6 +146,13 @@ def test_bad_lengths_and_shapes_are_clear_errors():
     with pytest.raises(Exception, match="CausalAttention: a position beyond cos_cache/sin_cache"):
         s.run(None, {**feed, "seqlens_k": np.array([7], np.int32), "total_sequence_length": np.array(8, np.int32),
                      "cos_cache": np.ones((6, 8), np.float32), "sin_cache": np.zeros((6, 8), np.float32)})  # fmt: skip
+    with pytest.raises(Exception, match="CausalAttention: cos_cache and sin_cache go together"):
+        one = attention_session(4, 2, True, tables=("cos_cache",))
+        one.run(None, {k: v for k, v in feed.items() if k != "sin_cache"})
+    # no new tokens: an empty output, and a present of its own holds the past as it was
+    out, k, v = s.run(None, {**feed, "qkv": np.zeros((1, 0, 128), np.float32), "seqlens_k": np.array([3], np.int32),
+                             "past_key": np.full((1, 2, 8, 16), 2, np.float32)})  # fmt: skip
+    assert out.shape == (1, 0, 64) and (k == 2).all() and (v == 0).all()
     with pytest.raises(Exception, match=r"CausalAttention: qkv must be float \(B, S, \(H \+ 2 H_kv\) D\)"):
         s.run(None, {**feed, "qkv": np.zeros((1, 2, 127), np.float32), "seqlens_k": np.array([3], np.int32)})
     odd = attention_session(2, 2, False)  # a head size not a multiple of 16: the exporter keeps GQA there
