@@ -346,15 +346,11 @@ typedef struct {
 } Kernel;
 
 static const char* op_name(const CustomOp* op) { (void)op; return "CausalAttention"; }
-static const char* op_provider(const CustomOp* op) { (void)op; return NULL; /* CPU */ }
 static int op_input_type(const CustomOp* op, size_t i) { (void)op; return i == 3 || i == 4 ? TYPE_INT32 : TYPE_FLOAT; }
 static size_t op_inputs(const CustomOp* op) { (void)op; return 7; }
 static int op_output_type(const CustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t op_outputs(const CustomOp* op) { (void)op; return 3; }
 static int op_input_kind(const CustomOp* op, size_t i) { (void)op; return i >= 5 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED; }
-static int op_output_kind(const CustomOp* op, size_t i) { (void)op; (void)i; return INPUT_OUTPUT_REQUIRED; }
-static int op_default_memory(const CustomOp* op, size_t i) { (void)op; (void)i; return 0; }
-static int op_arity(const CustomOp* op) { (void)op; return 1; }
 static void kernel_destroy(void* kernel) { free(kernel); }
 
 static OrtStatus* kernel_create(const CustomOp* op, const OrtApi* api, const void* info, void** out) {
@@ -487,23 +483,13 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
 }
 
 static const CustomOp g_op = { /* read by onnxruntime for as long as its sessions live: never written */
-    .version = ORT_API_VERSION_USED,
+    ORT_OP_COMMON,
     .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
     .GetInputType = op_input_type,
     .GetInputTypeCount = op_inputs,
     .GetOutputType = op_output_type,
     .GetOutputTypeCount = op_outputs,
-    .KernelDestroy = kernel_destroy,
     .GetInputCharacteristic = op_input_kind,
-    .GetOutputCharacteristic = op_output_kind,
-    .GetInputMemoryType = op_default_memory,
-    .GetVariadicInputMinArity = op_arity,
-    .GetVariadicInputHomogeneity = op_arity,
-    .GetVariadicOutputMinArity = op_arity,
-    .GetVariadicOutputHomogeneity = op_arity,
-    .CreateKernelV2 = kernel_create,
-    .KernelComputeV2 = kernel_compute,
 };
 
 const CustomOp* attention_op(void) {

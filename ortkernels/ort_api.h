@@ -63,6 +63,20 @@ typedef struct CustomOp { /* OrtCustomOp, fields up to ORT_API_VERSION 17 */
 
 typedef void (*ParallelFn)(void* user, size_t part);
 
+/* What every op here answers the same way: the CPU provider, inputs in CPU memory, no variadic inputs or outputs,
+   every output required. ORT_OP_COMMON fills those fields of a CustomOp, plus the version and the V2 kernel entry
+   points kernel_create / kernel_compute / kernel_destroy of the op's file. */
+static inline const char* ort_op_cpu(const CustomOp* op) { (void)op; return NULL; }
+static inline int ort_op_cpu_memory(const CustomOp* op, size_t i) { (void)op; (void)i; return 0; }
+static inline int ort_op_one(const CustomOp* op) { (void)op; return 1; }
+static inline int ort_op_required(const CustomOp* op, size_t i) { (void)op; (void)i; return INPUT_OUTPUT_REQUIRED; }
+#define ORT_OP_COMMON                                                                                  \
+  .version = ORT_API_VERSION_USED, .GetExecutionProviderType = ort_op_cpu, .KernelDestroy = kernel_destroy, \
+  .GetOutputCharacteristic = ort_op_required, .GetInputMemoryType = ort_op_cpu_memory,                  \
+  .GetVariadicInputMinArity = ort_op_one, .GetVariadicInputHomogeneity = ort_op_one,                   \
+  .GetVariadicOutputMinArity = ort_op_one, .GetVariadicOutputHomogeneity = ort_op_one,                 \
+  .CreateKernelV2 = kernel_create, .KernelComputeV2 = kernel_compute
+
 static inline OrtStatus* ort_fail(const OrtApi* api, int code, const char* message) {
   return ((OrtStatus * (*)(int, const char*)) API(api, CreateStatus))(code, message);
 }

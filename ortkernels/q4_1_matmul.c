@@ -330,14 +330,10 @@ typedef struct {
 } Kernel;
 
 static const char* op_name(const CustomOp* op) { (void)op; return "MatMulQ4_1"; }
-static const char* op_provider(const CustomOp* op) { (void)op; return NULL; /* CPU */ }
 static int op_input_type(const CustomOp* op, size_t i) { (void)op; return i == 0 ? TYPE_FLOAT : TYPE_UINT8; }
 static size_t op_two(const CustomOp* op) { (void)op; return 2; }
 static int op_output_type(const CustomOp* op, size_t i) { (void)op; (void)i; return TYPE_FLOAT; }
 static size_t op_one(const CustomOp* op) { (void)op; return 1; }
-static int op_required(const CustomOp* op, size_t i) { (void)op; (void)i; return 0; }
-static int op_default_memory(const CustomOp* op, size_t i) { (void)op; (void)i; return 0; }
-static int op_arity(const CustomOp* op) { (void)op; return 1; }
 static void kernel_destroy(void* kernel) { free(kernel); }
 
 static OrtStatus* kernel_create(const CustomOp* op, const OrtApi* api, const void* info, void** out) {
@@ -459,23 +455,13 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
 }
 
 static const CustomOp g_op = { /* read by onnxruntime for as long as its sessions live: never written */
-    .version = ORT_API_VERSION_USED,
+    ORT_OP_COMMON,
     .GetName = op_name,
-    .GetExecutionProviderType = op_provider,
     .GetInputType = op_input_type,
     .GetInputTypeCount = op_two,
     .GetOutputType = op_output_type,
     .GetOutputTypeCount = op_one,
-    .KernelDestroy = kernel_destroy,
-    .GetInputCharacteristic = op_required,
-    .GetOutputCharacteristic = op_required,
-    .GetInputMemoryType = op_default_memory,
-    .GetVariadicInputMinArity = op_arity,
-    .GetVariadicInputHomogeneity = op_arity,
-    .GetVariadicOutputMinArity = op_arity,
-    .GetVariadicOutputHomogeneity = op_arity,
-    .CreateKernelV2 = kernel_create,
-    .KernelComputeV2 = kernel_compute,
+    .GetInputCharacteristic = ort_op_required,
 };
 
 const CustomOp* q4_1_matmul_op(void) {
