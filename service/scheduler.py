@@ -14,7 +14,8 @@ computed again.
 
 A token budget per step (`max_num_batched_tokens`, vLLM's name). Every decoding sequence gets its one token first;
 prompt chunks fill what is left. Continuing prompts (already partly in the cache) run one per graph call, because
-onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty; fresh
+onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty (the project's
+CausalAttention takes them, but batching them would answer each at the end of the call: docs/BENCHMARKS.md); fresh
 prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
 tokens, in calls of at most PREFILL_CALL_TOKENS (PREFILL_CALL_TOKENS_CPU on the CPU). A padded row writes throwaway
 keys past its own length, which its next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU
@@ -84,7 +85,8 @@ PREFILL_CALL_TOKENS_CPU = 256
 # On the CPU a prompt is prefilled in chunks of at most this many tokens, one a step: onnxruntime's CPU
 # GroupQueryAttention computes every chunk's whole square of scores against the positions before it, the masked half
 # too, so a long prompt costs less in chunks (1,024 tokens: 22-24% less time in chunks of 256 than in one call, fp32 and
-# int4; docs/BENCHMARKS.md). Elsewhere a prompt's chunk is bounded by the step's token budget alone (not measured).
+# int4; docs/BENCHMARKS.md; not measured again with the project's CausalAttention, which computes the causal half).
+# Elsewhere a prompt's chunk is bounded by the step's token budget alone (not measured).
 PREFILL_CHUNK_CPU = 256
 
 
