@@ -29,7 +29,9 @@
 #include <string.h>
 
 #include "ort_api.h"
-#include "vec.h"
+
+#define INLINE static inline __attribute__((always_inline))
+#define LANES 16 /* lanes of a tile's vector in memory: 16 floats, whatever the target's own width */
 
 /* Each thread's scratch, grown as needed and kept (freed when the thread ends): a call's buffers are 1-300 KB, and
    malloc returning them to the system every call costs page faults on the next (a one-row decode step 6% slower). */
@@ -120,7 +122,7 @@ static void prepare_part(void* user, size_t part) {
 
 /* A tile's queries: its NV x 16 lanes, lane (g, r) = g R + r for query head h G + g of row i0 + r, into qt (D, NV 16),
    each lane's last key into lim; -> the keys the tile reads (its largest limit + 1). */
-INLINE int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim) {
+static int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim) {
   const int D = t->D, G = t->G, R = t->R, L = t->NV * LANES, rows = t->S - i0 < R ? t->S - i0 : R;
   int nk = 1;
   memset(qt, 0, sizeof(float) * (size_t)D * L);
@@ -137,83 +139,11 @@ INLINE int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim
   return nk;
 }
 
-/* Keys kb .. ke-1 of a tile (row b, kv head h) for its NV vectors of lanes: each lane's maximum score m, its sum of
-   exp(score - m) l, and o (D, NV 16) = sum of exp(score - m) v, unnormalized. A lane with no key in the range gets
-   m = -inf, l = 0, o = 0. scores: (ke - kb, NV 16) scratch. NV is 1 or 2, a constant where this is inlined: with
-   two vectors each key's numbers, broadcast once, serve twice the queries (a prompt's tiles). */
-INLINE void tile_keys(const Work* t, int b, int h, const float* qt, const int* lim, int kb, int ke, float* scores,
-                      vf* m_out, vf* l_out, float* o_out, const int NV) {
-  const int D = t->D, nk = ke - kb, L = NV * LANES;
-  const int KB = NV == 1 ? 8 : 4;       /* keys a block: 8 independent sums either way */
-  const int DB = NV == 1 ? LANES : 8;   /* dimensions of o a pass: 16 sums either way */
-  vi limit[2];
-  memcpy(limit, lim, sizeof(vi) * NV);
-  const float* K = t->k + (((size_t)b * t->Hkv + h) * t->T + kb) * D;
-  const float* V = t->v + (((size_t)b * t->Hkv + h) * t->T + kb) * D;
-  const vf ninf = (vf){0} - INFINITY;
-
-  /* scores (nk, NV 16) and each lane's maximum over its keys, KB keys at a time (a key alone would wait on each of
-     its D products in turn); the last block's keys past nk repeat the last key, unstored */
-  vf m[2] = {ninf, ninf};
-  for (int j = 0; j < nk; j += KB) {
-    const float* k[8];
-    for (int u = 0; u < KB; u++) k[u] = K + (size_t)(j + u < nk ? j + u : nk - 1) * D;
-    vf a[2][8];
-    for (int v = 0; v < NV; v++)
-      for (int u = 0; u < KB; u++) a[v][u] = (vf){0};
-    for (int d = 0; d < D; d++) {
-      vf q[2];
-      for (int v = 0; v < NV; v++) q[v] = load(qt + ((size_t)d * NV + v) * LANES);
-      for (int u = 0; u < KB; u++) {
-        float x = k[u][d];
-        for (int v = 0; v < NV; v++) a[v][u] += q[v] * x;
-      }
-    }
-    for (int u = 0; u < KB && j + u < nk; u++)
-      for (int v = 0; v < NV; v++) {
-        vf s = pick(limit[v] >= kb + j + u, a[v][u], ninf);
-        m[v] = pick(s > m[v], s, m[v]);
-        store(scores + ((size_t)(j + u) * NV + v) * LANES, s);
-      }
-  }
-
-  /* probabilities, unnormalized (0 where masked), and their sums */
-  vf l[2] = {{0}, {0}};
-  for (int j = 0; j < nk; j++)
-    for (int v = 0; v < NV; v++) {
-      float* at = scores + ((size_t)j * NV + v) * LANES;
-      vf p = (vf)((vi)vexp(load(at) - m[v]) & (limit[v] >= kb + j));
-      l[v] += p;
-      store(at, p);
-    }
-
-  /* o = p @ V, DB dimensions a pass */
-  for (int d0 = 0; d0 < D; d0 += DB) {
-    vf o[2][LANES];
-    for (int v = 0; v < NV; v++)
-      for (int e = 0; e < DB; e++) o[v][e] = (vf){0};
-    for (int j = 0; j < nk; j++) {
-      vf p[2];
-      for (int v = 0; v < NV; v++) p[v] = load(scores + ((size_t)j * NV + v) * LANES);
-      const float* x = V + (size_t)j * D + d0;
-      for (int e = 0; e < DB; e++)
-        for (int v = 0; v < NV; v++) o[v][e] += p[v] * x[e];
-    }
-    for (int e = 0; e < DB; e++)
-      for (int v = 0; v < NV; v++) store(o_out + ((size_t)(d0 + e) * NV + v) * LANES, o[v][e]);
-  }
-  for (int v = 0; v < NV; v++) {
-    m_out[v] = m[v];
-    l_out[v] = l[v];
-  }
-  (void)L;
-}
-
 /* o (D, NV 16) / l into the output: lane (g, r) is row i0 + r's head h G + g. */
-INLINE void tile_write(const Work* t, int b, int h, int i0, const float* o, const vf* l) {
+static void tile_write(const Work* t, int b, int h, int i0, const float* o, const float* l) {
   const int D = t->D, G = t->G, R = t->R, L = t->NV * LANES, rows = t->S - i0 < R ? t->S - i0 : R;
   float w[2 * LANES];
-  for (int v = 0; v < t->NV; v++) store(w + v * LANES, 1.f / l[v]);
+  for (int lane = 0; lane < L; lane++) w[lane] = 1.f / l[lane];
   for (int g = 0; g < G; g++)
     for (int r = 0; r < rows; r++) {
       float* dst = t->out + (((size_t)b * t->S + i0 + r) * t->H + h * G + g) * D;
@@ -221,88 +151,33 @@ INLINE void tile_write(const Work* t, int b, int h, int i0, const float* o, cons
     }
 }
 
-/* Part p: tasks p, p + parts, ... (the causal tiles' costs grow with their rows: interleaved, each part gets a share
-   of long and short ones). A task is one tile's keys, or with `chunks` > 1 one chunk of them (a call of few tiles,
-   as one row's decode: all threads then share each tile's keys), left as a partial m, l, o for merge(). */
-INLINE void attend_part_body(void* user, size_t part) {
-  Work* t = user;
-  const int D = t->D, L = t->NV * LANES;
-  float* buffer = scratch(0, (size_t)L * ((size_t)t->keys + 2 * (size_t)D));
-  if (!buffer) {
-    __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
-    return;
-  }
-  float *qt = buffer, *o = buffer + (size_t)D * L, *scores = o + (size_t)D * L;
-  int lim[2 * LANES];
-  for (size_t task = part; task < t->tasks; task += (size_t)t->parts) {
-    size_t unit = task / (size_t)t->chunks;
-    int chunk = (int)(task % (size_t)t->chunks);
-    int tile_index = (int)(unit % (size_t)t->tiles), bh = (int)(unit / (size_t)t->tiles);
-    int b = bh / t->Hkv, h = bh % t->Hkv, i0 = tile_index * t->R;
-    int nk = tile_queries(t, b, h, i0, qt, lim);
-    int kb = (int)((int64_t)nk * chunk / t->chunks), ke = (int)((int64_t)nk * (chunk + 1) / t->chunks);
-    vf m[2], l[2];
-    float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
-    if (t->NV == 2)
-      tile_keys(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 2);
-    else
-      tile_keys(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 1);
-    if (t->chunks == 1) {
-      tile_write(t, b, h, i0, o, l);
-      continue;
-    }
-    for (int v = 0; v < t->NV; v++) {
-      store(dst - 2 * L + v * LANES, m[v]);
-      store(dst - L + v * LANES, l[v]);
-    }
-  }
-}
-
-/* The chunks' partials of each tile into its output: o = sum of exp(m_c - M) o_c over sum of exp(m_c - M) l_c. */
-INLINE void merge_body(Work* t) {
-  const int D = t->D, C = t->chunks, NV = t->NV, L = NV * LANES;
-  const size_t stride = (size_t)(D + 2) * L; /* one partial */
-  float* o = scratch(0, (size_t)D * L);
-  if (!o) {
-    t->failed = 1;
-    return;
-  }
-  for (size_t unit = 0; unit < t->tasks / (size_t)C; unit++) {
-    const float* first = t->partials + unit * C * stride;
-    vf l[2];
-    for (int v = 0; v < NV; v++) {
-      vf M = load(first + v * LANES);
-      for (int c = 1; c < C; c++) {
-        vf m = load(first + c * stride + v * LANES);
-        M = pick(m > M, m, M);
-      }
-      l[v] = (vf){0};
-      for (int d = 0; d < D; d++) store(o + ((size_t)d * NV + v) * LANES, (vf){0});
-      for (int c = 0; c < C; c++) {
-        const float* partial = first + c * stride;
-        vf w = vexp(load(partial + v * LANES) - M); /* a chunk without keys for a lane: its l and o are 0 */
-        l[v] += w * load(partial + L + v * LANES);
-        for (int d = 0; d < D; d++) {
-          float* at = o + ((size_t)d * NV + v) * LANES;
-          store(at, load(at) + w * load(partial + 2 * L + ((size_t)d * NV + v) * LANES));
-        }
-      }
-    }
-    int tile_index = (int)(unit % (size_t)t->tiles), bh = (int)(unit / (size_t)t->tiles);
-    tile_write(t, bh / t->Hkv, bh % t->Hkv, tile_index * t->R, o, l);
-  }
-}
-
+/* The tiles' code for each target, its native vector width (ortkernels/attention_tiles.h, ortkernels/vec.h). */
 #if defined(__x86_64__)
-#define AVX512 __attribute__((target("avx512f,fma")))
-#define AVX2 __attribute__((target("avx2,fma")))
-AVX512 static void attend_avx512(void* user, size_t part) { attend_part_body(user, part); }
-AVX512 static void merge_avx512(Work* t) { merge_body(t); }
-AVX2 static void attend_avx2(void* user, size_t part) { attend_part_body(user, part); }
-AVX2 static void merge_avx2(Work* t) { merge_body(t); }
+#define VW 16
+#define TARGET __attribute__((target("avx512f,fma")))
+#define V(name) name##_avx512
+#include "vec.h"
+#include "attention_tiles.h"
+#undef VW
+#undef TARGET
+#undef V
+#define VW 8
+#define TARGET __attribute__((target("avx2,fma")))
+#define V(name) name##_avx2
+#include "vec.h"
+#include "attention_tiles.h"
+#undef VW
+#undef TARGET
+#undef V
 #endif
-static void attend_generic(void* user, size_t part) { attend_part_body(user, part); }
-static void merge_generic(Work* t) { merge_body(t); }
+#define VW 4
+#define TARGET
+#define V(name) name##_generic
+#include "vec.h"
+#include "attention_tiles.h"
+#undef VW
+#undef TARGET
+#undef V
 
 /* The code this CPU runs: GPT_ONNX_SERVE_ATTENTION_KERNEL=avx512|avx2|generic overrides (tests run each). */
 static ParallelFn g_attend;

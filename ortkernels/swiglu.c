@@ -2,14 +2,14 @@
    gated MLP's activation after its packed gate/up projection (export/model.py), where onnxruntime would run Split,
    QuickGelu (alpha 1: x sigmoid(x)) and Mul, three passes over the projection's output and two copies of it (4.7% of
    a 128-token fp32 prefill of SmolLM2-135M, 3.7% of a one-row decode step; docs/BENCHMARKS.md). One source in GCC's
-   vector types, compiled for AVX-512, AVX2 and plain x86-64 and picked with CausalAttention's code path. */
+   vector types, compiled for AVX-512, AVX2 and plain x86-64 (each at its own vector width) and picked with
+   CausalAttention's code path. */
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "ort_api.h"
-#include "vec.h"
 
 const char* attention_kernel(void); /* the code path, chosen once: "avx512", "avx2" or "generic" */
 
@@ -20,34 +20,57 @@ typedef struct {
   int parts;
 } Work;
 
-INLINE void swiglu_body(void* user, size_t part) {
-  const Work* t = user;
-  int64_t lo = t->rows * (int64_t)part / t->parts, hi = t->rows * (int64_t)(part + 1) / t->parts;
-  for (int64_t r = lo; r < hi; r++) {
-    const float *gate = t->x + r * 2 * t->N, *up = gate + t->N;
-    float* y = t->y + r * t->N;
-    int64_t j = 0;
-    for (; j + LANES <= t->N; j += LANES) {
-      vf g = load(gate + j);
-      store(y + j, g / (1.f + vexp(-g)) * load(up + j));
-    }
-    if (j < t->N) { /* the last few */
-      float g[LANES] = {0}, u[LANES] = {0}, o[LANES];
-      int n = (int)(t->N - j);
-      memcpy(g, gate + j, sizeof(float) * (size_t)n);
-      memcpy(u, up + j, sizeof(float) * (size_t)n);
-      vf gv = load(g);
-      store(o, gv / (1.f + vexp(-gv)) * load(u));
-      memcpy(y + j, o, sizeof(float) * (size_t)n);
-    }
+/* One part of the rows, for each target at its native vector width (ortkernels/vec.h). */
+#define SWIGLU_ROWS                                                                                   \
+  TARGET static void V(swiglu)(void* user, size_t part) {                                             \
+    const Work* t = user;                                                                             \
+    int64_t lo = t->rows * (int64_t)part / t->parts, hi = t->rows * (int64_t)(part + 1) / t->parts; \
+    for (int64_t r = lo; r < hi; r++) {                                                               \
+      const float *gate = t->x + r * 2 * t->N, *up = gate + t->N;                                     \
+      float* y = t->y + r * t->N;                                                                     \
+      int64_t j = 0;                                                                                  \
+      for (; j + VW <= t->N; j += VW) {                                                               \
+        V(vf) g = V(load)(gate + j);                                                                  \
+        V(store)(y + j, g / (1.f + V(vexp)(-g)) * V(load)(up + j));                                   \
+      }                                                                                               \
+      if (j < t->N) { /* the last few */                                                              \
+        float g[VW] = {0}, u[VW] = {0}, o[VW];                                                        \
+        int n = (int)(t->N - j);                                                                      \
+        memcpy(g, gate + j, sizeof(float) * (size_t)n);                                               \
+        memcpy(u, up + j, sizeof(float) * (size_t)n);                                                 \
+        V(vf) gv = V(load)(g);                                                                        \
+        V(store)(o, gv / (1.f + V(vexp)(-gv)) * V(load)(u));                                          \
+        memcpy(y + j, o, sizeof(float) * (size_t)n);                                                  \
+      }                                                                                               \
+    }                                                                                                 \
   }
-}
 
 #if defined(__x86_64__)
-__attribute__((target("avx512f,fma"))) static void swiglu_avx512(void* user, size_t part) { swiglu_body(user, part); }
-__attribute__((target("avx2,fma"))) static void swiglu_avx2(void* user, size_t part) { swiglu_body(user, part); }
+#define VW 16
+#define TARGET __attribute__((target("avx512f,fma")))
+#define V(name) name##_avx512
+#include "vec.h"
+SWIGLU_ROWS
+#undef VW
+#undef TARGET
+#undef V
+#define VW 8
+#define TARGET __attribute__((target("avx2,fma")))
+#define V(name) name##_avx2
+#include "vec.h"
+SWIGLU_ROWS
+#undef VW
+#undef TARGET
+#undef V
 #endif
-static void swiglu_generic(void* user, size_t part) { swiglu_body(user, part); }
+#define VW 4
+#define TARGET
+#define V(name) name##_generic
+#include "vec.h"
+SWIGLU_ROWS
+#undef VW
+#undef TARGET
+#undef V
 
 static ParallelFn swiglu_fn(void) {
   const char* path = attention_kernel();

@@ -1,37 +1,38 @@
-/* 16 float lanes in GCC's vector types, for kernels written once and compiled for several targets (AVX-512, AVX2,
-   plain x86-64): each helper is always inlined into a function with its own target attribute, so their ABI never
-   shows. */
-#ifndef ORTKERNELS_VEC_H
-#define ORTKERNELS_VEC_H
+/* Vector helpers in GCC's vector types, one native vector of VW floats (16 AVX-512, 8 AVX2, 4 SSE), for kernels
+   written once and compiled for several targets. A template: the includer defines VW, TARGET (the target attribute,
+   or nothing) and V(name) (each instantiation's names) before each inclusion, and undefines them after. (A vector
+   wider than the target's registers would be split through memory by the compiler: each target gets its own width.)
+   The helpers are always inlined into functions of the same target, so vectors passed by value never meet an ABI. */
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include <stdint.h>
 #include <string.h>
 
-#pragma GCC diagnostic ignored "-Wpsabi" /* vectors passed by value: only between inlined helpers */
-
-#define LANES 16
-typedef float vf __attribute__((vector_size(64))); /* the 16 lanes */
-typedef int32_t vi __attribute__((vector_size(64)));
+#ifndef INLINE
 #define INLINE static inline __attribute__((always_inline))
+#endif
 
-INLINE vf load(const float* p) {
-  vf v;
+typedef float V(vf) __attribute__((vector_size(4 * VW)));
+typedef int32_t V(vi) __attribute__((vector_size(4 * VW)));
+
+TARGET INLINE V(vf) V(load)(const float* p) {
+  V(vf) v;
   memcpy(&v, p, sizeof v);
   return v;
 }
-INLINE void store(float* p, vf v) { memcpy(p, &v, sizeof v); }
-INLINE vf pick(vi keep, vf a, vf b) { return (vf)(((vi)a & keep) | ((vi)b & ~keep)); }
+TARGET INLINE void V(store)(float* p, V(vf) v) { memcpy(p, &v, sizeof v); }
+TARGET INLINE V(vf) V(pick)(V(vi) keep, V(vf) a, V(vf) b) { return (V(vf))(((V(vi))a & keep) | ((V(vi))b & ~keep)); }
 
 /* exp(x), x clamped to [-87, 88] (-inf to e^-87, 1.6e-38: callers zero what they mask): x = n ln2 + g, e^g by its
    Taylor series to degree 7 (|g| <= 0.35: relative error below 1e-7), times 2^n built in the exponent bits. */
-INLINE vf vexp(vf x) {
-  const vf zero = {0};
-  x = pick(x > -87.f, x, zero - 87.f); /* -inf too */
-  x = pick(x < 88.f, x, zero + 88.f);
-  vf n = (x * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */
-  vf g = x - n * 0.693145751953125f;
+TARGET INLINE V(vf) V(vexp)(V(vf) x) {
+  const V(vf) zero = {0};
+  x = V(pick)(x > -87.f, x, zero - 87.f); /* -inf too */
+  x = V(pick)(x < 88.f, x, zero + 88.f);
+  V(vf) n = (x * 1.44269504f + 12582912.f) - 12582912.f; /* round to nearest */
+  V(vf) g = x - n * 0.693145751953125f;
   g = g - n * 1.42860682e-6f;
-  vf p = zero + 1.f / 5040;
+  V(vf) p = zero + 1.f / 5040;
   p = p * g + 1.f / 720;
   p = p * g + 1.f / 120;
   p = p * g + 1.f / 24;
@@ -39,8 +40,6 @@ INLINE vf vexp(vf x) {
   p = p * g + 0.5f;
   p = p * g + 1.f;
   p = p * g + 1.f;
-  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  return p * (vf)e;
+  V(vi) e = (__builtin_convertvector(n, V(vi)) + 127) << 23;
+  return p * (V(vf))e;
 }
-
-#endif

@@ -1,0 +1,153 @@
+/* CausalAttention's tiles (ortkernels/attention.c), a template over the target's native vector of VW floats (vec.h:
+   VW, TARGET and V(name) defined by the includer): V(attend), one part of a call's tiles, and V(merge), the partial
+   softmaxes of split keys. A tile's lanes are NV x 16 floats in memory whatever the target; the code works on NVEC =
+   NV 16 / VW native vectors of them, its loops sized to the target's registers (32 vector registers with AVX-512,
+   16 otherwise). */
+
+#define V_ACC (VW == 16 ? 16 : 8) /* independent sums a loop keeps */
+
+/* Keys kb .. ke-1 of a tile (row b, kv head h) for its NV x 16 lanes: each lane's maximum score m, its sum of
+   exp(score - m) l (NV 16 floats each), and o (D, NV 16) = sum of exp(score - m) v, unnormalized. A lane with no key
+   in the range gets m = -inf, l = 0, o = 0. scores: (ke - kb, NV 16) scratch. NV is 1 or 2, a constant where this is
+   inlined: with two, each key's numbers, broadcast once, serve twice the queries (a prompt's tiles). */
+TARGET INLINE void V(tile_keys)(const Work* t, int b, int h, const float* qt, const int* lim, int kb, int ke,
+                                float* scores, float* m_out, float* l_out, float* o_out, const int NV) {
+  const int D = t->D, nk = ke - kb, L = NV * LANES, NVEC = L / VW;
+  const int KB = NVEC >= 8 ? 1 : 8 / NVEC;            /* keys a block: 8 independent sums */
+  const int DB = V_ACC / NVEC >= 1 ? V_ACC / NVEC : 1; /* dimensions of o a pass */
+  V(vi) limit[8];
+  memcpy(limit, lim, sizeof(int) * (size_t)L);
+  const float* K = t->k + (((size_t)b * t->Hkv + h) * t->T + kb) * D;
+  const float* X = t->v + (((size_t)b * t->Hkv + h) * t->T + kb) * D; /* the values */
+  const V(vf) ninf = (V(vf)){0} - INFINITY;
+
+  /* scores (nk, L) and each lane's maximum over its keys, KB keys at a time (a key alone would wait on each of its
+     D products in turn); the last block's keys past nk repeat the last key, unstored */
+  V(vf) m[8];
+  for (int n = 0; n < NVEC; n++) m[n] = ninf;
+  for (int j = 0; j < nk; j += KB) {
+    const float* k[8];
+    for (int u = 0; u < KB; u++) k[u] = K + (size_t)(j + u < nk ? j + u : nk - 1) * D;
+    V(vf) a[8][8];
+    for (int n = 0; n < NVEC; n++)
+      for (int u = 0; u < KB; u++) a[n][u] = (V(vf)){0};
+    for (int d = 0; d < D; d++) {
+      V(vf) q[8];
+      for (int n = 0; n < NVEC; n++) q[n] = V(load)(qt + (size_t)d * L + n * VW);
+      for (int u = 0; u < KB; u++) {
+        float x = k[u][d];
+        for (int n = 0; n < NVEC; n++) a[n][u] += q[n] * x;
+      }
+    }
+    for (int u = 0; u < KB && j + u < nk; u++)
+      for (int n = 0; n < NVEC; n++) {
+        V(vf) s = V(pick)(limit[n] >= kb + j + u, a[n][u], ninf);
+        m[n] = V(pick)(s > m[n], s, m[n]);
+        V(store)(scores + (size_t)(j + u) * L + n * VW, s);
+      }
+  }
+
+  /* probabilities, unnormalized (0 where masked), and their sums */
+  V(vf) l[8];
+  for (int n = 0; n < NVEC; n++) l[n] = (V(vf)){0};
+  for (int j = 0; j < nk; j++)
+    for (int n = 0; n < NVEC; n++) {
+      float* at = scores + (size_t)j * L + n * VW;
+      V(vf) p = (V(vf))((V(vi))V(vexp)(V(load)(at) - m[n]) & (limit[n] >= kb + j));
+      l[n] += p;
+      V(store)(at, p);
+    }
+
+  /* o = p @ values, DB dimensions a pass */
+  for (int d0 = 0; d0 < D; d0 += DB) {
+    V(vf) o[8][16];
+    for (int n = 0; n < NVEC; n++)
+      for (int e = 0; e < DB; e++) o[n][e] = (V(vf)){0};
+    for (int j = 0; j < nk; j++) {
+      V(vf) p[8];
+      for (int n = 0; n < NVEC; n++) p[n] = V(load)(scores + (size_t)j * L + n * VW);
+      const float* x = X + (size_t)j * D + d0;
+      for (int e = 0; e < DB; e++)
+        for (int n = 0; n < NVEC; n++) o[n][e] += p[n] * x[e];
+    }
+    for (int e = 0; e < DB; e++)
+      for (int n = 0; n < NVEC; n++) V(store)(o_out + (size_t)(d0 + e) * L + n * VW, o[n][e]);
+  }
+  for (int n = 0; n < NVEC; n++) {
+    V(store)(m_out + n * VW, m[n]);
+    V(store)(l_out + n * VW, l[n]);
+  }
+}
+
+/* Part p: tasks p, p + parts, ... (the causal tiles' costs grow with their rows: interleaved, each part gets a share
+   of long and short ones). A task is one tile's keys, or with `chunks` > 1 one chunk of them (a call of few tiles,
+   as one row's decode: all threads then share each tile's keys), left as a partial m, l, o for V(merge). */
+TARGET static void V(attend)(void* user, size_t part) {
+  Work* t = user;
+  const int D = t->D, L = t->NV * LANES;
+  float* buffer = scratch(0, (size_t)L * ((size_t)t->keys + 2 * (size_t)D));
+  if (!buffer) {
+    __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
+  float *qt = buffer, *o = buffer + (size_t)D * L, *scores = o + (size_t)D * L;
+  int lim[2 * LANES];
+  float m[2 * LANES], l[2 * LANES];
+  for (size_t task = part; task < t->tasks; task += (size_t)t->parts) {
+    size_t unit = task / (size_t)t->chunks;
+    int chunk = (int)(task % (size_t)t->chunks);
+    int tile_index = (int)(unit % (size_t)t->tiles), bh = (int)(unit / (size_t)t->tiles);
+    int b = bh / t->Hkv, h = bh % t->Hkv, i0 = tile_index * t->R;
+    int nk = tile_queries(t, b, h, i0, qt, lim);
+    int kb = (int)((int64_t)nk * chunk / t->chunks), ke = (int)((int64_t)nk * (chunk + 1) / t->chunks);
+    float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
+    if (t->NV == 2)
+      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 2);
+    else
+      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 1);
+    if (t->chunks == 1) {
+      tile_write(t, b, h, i0, o, l);
+      continue;
+    }
+    memcpy(dst - 2 * L, m, sizeof(float) * (size_t)L);
+    memcpy(dst - L, l, sizeof(float) * (size_t)L);
+  }
+}
+
+/* The chunks' partials of each tile into its output: o = sum of exp(m_c - M) o_c over sum of exp(m_c - M) l_c. */
+TARGET static void V(merge)(Work* t) {
+  const int D = t->D, C = t->chunks, L = t->NV * LANES;
+  const size_t stride = (size_t)(D + 2) * L; /* one partial */
+  float* o = scratch(0, (size_t)D * L);
+  if (!o) {
+    t->failed = 1;
+    return;
+  }
+  float l[2 * LANES];
+  for (size_t unit = 0; unit < t->tasks / (size_t)C; unit++) {
+    const float* first = t->partials + unit * C * stride;
+    for (int n = 0; n < L / VW; n++) {
+      V(vf) M = V(load)(first + n * VW);
+      for (int c = 1; c < C; c++) {
+        V(vf) mc = V(load)(first + c * stride + n * VW);
+        M = V(pick)(mc > M, mc, M);
+      }
+      V(vf) sum = {0};
+      for (int d = 0; d < D; d++) V(store)(o + (size_t)d * L + n * VW, (V(vf)){0});
+      for (int c = 0; c < C; c++) {
+        const float* partial = first + c * stride;
+        V(vf) w = V(vexp)(V(load)(partial + n * VW) - M); /* a chunk without keys for a lane: its l and o are 0 */
+        sum += w * V(load)(partial + L + n * VW);
+        for (int d = 0; d < D; d++) {
+          float* at = o + (size_t)d * L + n * VW;
+          V(store)(at, V(load)(at) + w * V(load)(partial + 2 * L + (size_t)d * L + n * VW));
+        }
+      }
+      V(store)(l + n * VW, sum);
+    }
+    int tile_index = (int)(unit % (size_t)t->tiles), bh = (int)(unit / (size_t)t->tiles);
+    tile_write(t, bh / t->Hkv, bh % t->Hkv, tile_index * t->R, o, l);
+  }
+}
+
+#undef V_ACC
