@@ -78,7 +78,7 @@ typedef struct { /* one call, shared by the threads */
   const int32_t* seqlens;
   float* q;      /* (B, H, S, D): rotated queries, times 1/sqrt(D) */
   int* past;     /* (B,) positions before this step's first new token */
-  int B, S, H, Hkv, D, T, G, NV, R, tiles, chunks, parts, keys; /* NV vectors of lanes a tile, R = NV 16 / G rows;
+  int B, S, H, Hkv, D, T, G, NV, L, R, tiles, chunks, parts, keys; /* NV vectors of lanes a tile, R = NV 16 / G rows;
                                                                     keys: the most any tile reads */
   size_t tasks;  /* tiles x chunks */
   float* partials; /* with chunks > 1: (tasks, 2 + D, NV 16) each chunk's m, l, o */
@@ -123,7 +123,7 @@ static void prepare_part(void* user, size_t part) {
 /* A tile's queries: its NV x 16 lanes, lane (g, r) = g R + r for query head h G + g of row i0 + r, into qt (D, NV 16),
    each lane's last key into lim; -> the keys the tile reads (its largest limit + 1). */
 static int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim) {
-  const int D = t->D, G = t->G, R = t->R, L = t->NV * LANES, rows = t->S - i0 < R ? t->S - i0 : R;
+  const int D = t->D, G = t->G, R = t->R, L = t->L, rows = t->S - i0 < R ? t->S - i0 : R;
   int nk = 1;
   memset(qt, 0, sizeof(float) * (size_t)D * L);
   for (int lane = 0; lane < L; lane++) {
@@ -141,7 +141,7 @@ static int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim
 
 /* o (D, NV 16) / l into the output: lane (g, r) is row i0 + r's head h G + g. */
 static void tile_write(const Work* t, int b, int h, int i0, const float* o, const float* l) {
-  const int D = t->D, G = t->G, R = t->R, L = t->NV * LANES, rows = t->S - i0 < R ? t->S - i0 : R;
+  const int D = t->D, G = t->G, R = t->R, L = t->L, rows = t->S - i0 < R ? t->S - i0 : R;
   float w[2 * LANES];
   for (int lane = 0; lane < L; lane++) w[lane] = 1.f / l[lane];
   for (int g = 0; g < G; g++)
@@ -180,6 +180,7 @@ static void tile_write(const Work* t, int b, int h, int i0, const float* o, cons
 #undef V
 
 /* The code this CPU runs: GPT_ONNX_SERVE_ATTENTION_KERNEL=avx512|avx2|generic overrides (tests run each). */
+static int g_vw; /* the code path's native vector: floats */
 static ParallelFn g_attend;
 static void (*g_merge)(Work*);
 static const char* g_attend_name;
@@ -189,6 +190,7 @@ static void choose(void) {
   const char* want = getenv("GPT_ONNX_SERVE_ATTENTION_KERNEL");
   g_attend = attend_generic;
   g_merge = merge_generic;
+  g_vw = 4;
   g_attend_name = "generic";
 #if defined(__x86_64__)
   __builtin_cpu_init();
@@ -198,10 +200,12 @@ static void choose(void) {
     if (avx512 && !(want && strcmp(want, "avx2") == 0)) {
       g_attend = attend_avx512;
       g_merge = merge_avx512;
+      g_vw = 16;
       g_attend_name = "avx512";
     } else if (avx2) {
       g_attend = attend_avx2;
       g_merge = merge_avx2;
+      g_vw = 8;
       g_attend_name = "avx2";
     }
   }
@@ -305,7 +309,9 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   Work t = {.B = (int)B, .S = (int)S, .H = H, .Hkv = Hkv, .D = (int)D, .T = (int)T, .G = H / Hkv};
   /* two vectors of lanes where one tile's rows would not fill one (prompts), else one (decode) */
   t.NV = (int)S > LANES / t.G ? 2 : 1;
-  t.R = t.NV * LANES / t.G;
+  t.L = t.NV * LANES;
+  if (S == 1 && t.G <= 8 && g_vw <= 8) t.L = 8; /* decode: a target of 8 lanes or fewer computes 8, not 16 */
+  t.R = t.L / t.G;
   t.qkv = ort_data(api, in[0]);
   t.k = present_k;
   t.v = present_v;
@@ -347,7 +353,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   t.tasks = units * (size_t)t.chunks;
   t.parts = keys * Hkv * t.tiles < 256 ? 1 : (int)(t.tasks < 64 ? t.tasks : 64);
   if (t.chunks > 1) {
-    t.partials = malloc(sizeof(float) * t.tasks * (size_t)(D + 2) * t.NV * LANES);
+    t.partials = malloc(sizeof(float) * t.tasks * (size_t)(D + 2) * t.L);
     if (!t.partials) return ort_fail(api, ORT_FAIL, "CausalAttention: out of memory");
   }
   s = ort_parallel(api, context, g_attend, (size_t)t.parts, &t);

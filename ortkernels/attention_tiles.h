@@ -1,18 +1,19 @@
 /* CausalAttention's tiles (ortkernels/attention.c), a template over the target's native vector of VW floats (vec.h:
    VW, TARGET and V(name) defined by the includer): V(attend), one part of a call's tiles, and V(merge), the partial
-   softmaxes of split keys. A tile's lanes are NV x 16 floats in memory whatever the target; the code works on NVEC =
-   NV 16 / VW native vectors of them, its loops sized to the target's registers (32 vector registers with AVX-512,
-   16 otherwise). */
+   softmaxes of split keys. A tile's lanes are L = t->L floats in memory (32 for a prompt, 16 for decode, 8 for decode
+   on a target of 8 floats or fewer); the code works on L / VW native vectors of them, its loops sized to the target's
+   registers (32 vector registers with AVX-512, 16 otherwise). */
 
 #define V_ACC (VW == 16 ? 16 : 8) /* independent sums a loop keeps */
 
-/* Keys kb .. ke-1 of a tile (row b, kv head h) for its NV x 16 lanes: each lane's maximum score m, its sum of
-   exp(score - m) l (NV 16 floats each), and o (D, NV 16) = sum of exp(score - m) v, unnormalized. A lane with no key
-   in the range gets m = -inf, l = 0, o = 0. scores: (ke - kb, NV 16) scratch. NV is 1 or 2, a constant where this is
-   inlined: with two, each key's numbers, broadcast once, serve twice the queries (a prompt's tiles). */
+/* Keys kb .. ke-1 of a tile (row b, kv head h) for its L = NVEC VW lanes: each lane's maximum score m, its sum of
+   exp(score - m) l (L floats each), and o (D, L) = sum of exp(score - m) v, unnormalized. A lane with no key in the
+   range gets m = -inf, l = 0, o = 0. scores: (ke - kb, L) scratch. NVEC is a constant where this is inlined: a
+   prompt's tiles have 32 lanes (each key's numbers, broadcast once, serve twice the queries), a decode step's 16 (8
+   where the target's vectors are 8 floats or fewer). */
 TARGET INLINE void V(tile_keys)(const Work* t, int b, int h, const float* qt, const int* lim, int kb, int ke,
-                                float* scores, float* m_out, float* l_out, float* o_out, const int NV) {
-  const int D = t->D, nk = ke - kb, L = NV * LANES, NVEC = L / VW;
+                                float* scores, float* m_out, float* l_out, float* o_out, const int NVEC) {
+  const int D = t->D, nk = ke - kb, L = NVEC * VW;
   const int KB = NVEC >= 8 ? 1 : 8 / NVEC;            /* keys a block: 8 independent sums */
   const int DB = V_ACC / NVEC >= 1 ? V_ACC / NVEC : 1; /* dimensions of o a pass */
   V(vi) limit[8];
@@ -84,7 +85,7 @@ TARGET INLINE void V(tile_keys)(const Work* t, int b, int h, const float* qt, co
    as one row's decode: all threads then share each tile's keys), left as a partial m, l, o for V(merge). */
 TARGET static void V(attend)(void* user, size_t part) {
   Work* t = user;
-  const int D = t->D, L = t->NV * LANES;
+  const int D = t->D, L = t->L;
   float* buffer = scratch(0, (size_t)L * ((size_t)t->keys + 2 * (size_t)D));
   if (!buffer) {
     __atomic_store_n(&t->failed, 1, __ATOMIC_RELAXED);
@@ -101,10 +102,15 @@ TARGET static void V(attend)(void* user, size_t part) {
     int nk = tile_queries(t, b, h, i0, qt, lim);
     int kb = (int)((int64_t)nk * chunk / t->chunks), ke = (int)((int64_t)nk * (chunk + 1) / t->chunks);
     float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
-    if (t->NV == 2)
-      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 2);
-    else
+    /* L / VW: 1 or 2 (AVX-512), 1, 2 or 4 (AVX2), 2, 4 or 8 (SSE); what this target cannot have is not compiled */
+    if (L == VW && VW >= 8)
       V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 1);
+    else if (L == 2 * VW)
+      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 2);
+    else if (L == 4 * VW && VW <= 8)
+      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 4);
+    else if (L == 8 * VW && VW <= 4)
+      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 8);
     if (t->chunks == 1) {
       tile_write(t, b, h, i0, o, l);
       continue;
@@ -116,7 +122,7 @@ TARGET static void V(attend)(void* user, size_t part) {
 
 /* The chunks' partials of each tile into its output: o = sum of exp(m_c - M) o_c over sum of exp(m_c - M) l_c. */
 TARGET static void V(merge)(Work* t) {
-  const int D = t->D, C = t->chunks, L = t->NV * LANES;
+  const int D = t->D, C = t->chunks, L = t->L;
   const size_t stride = (size_t)(D + 2) * L; /* one partial */
   float* o = scratch(0, (size_t)D * L);
   if (!o) {

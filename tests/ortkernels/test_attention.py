@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
@@ -27,8 +28,9 @@ def in_own_process(run, kernel: str):  # noqa: ANN001, ANN201
     flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
     if not PATH_FLAGS[kernel] <= flags:
         pytest.skip(f"this CPU has no {kernel}")  # an AVX2-only machine runs avx2 and generic
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(run, (kernel,))
+    # a process pool that reports a crashed child (BrokenProcessPool) where multiprocessing.Pool would wait forever
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run, kernel).result(timeout=600)
 
 
 def attention_session(
