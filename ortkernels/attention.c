@@ -151,33 +151,10 @@ static void tile_write(const Work* t, int b, int h, int i0, const float* o, cons
     }
 }
 
-/* The tiles' code for each target, its native vector width (ortkernels/attention_tiles.h, ortkernels/vec.h). */
-#if defined(__x86_64__)
-#define VW 16
-#define TARGET __attribute__((target("avx512f,fma")))
-#define V(name) name##_avx512
-#include "vec.h"
-#include "attention_tiles.h"
-#undef VW
-#undef TARGET
-#undef V
-#define VW 8
-#define TARGET __attribute__((target("avx2,fma")))
-#define V(name) name##_avx2
-#include "vec.h"
-#include "attention_tiles.h"
-#undef VW
-#undef TARGET
-#undef V
-#endif
-#define VW 4
-#define TARGET
-#define V(name) name##_generic
-#include "vec.h"
-#include "attention_tiles.h"
-#undef VW
-#undef TARGET
-#undef V
+/* The tiles' code for each target, at its native vector width (ortkernels/attention_tiles.h, ortkernels/vec.h). */
+#define TEMPLATE "attention_tiles.h"
+#include "targets.h"
+#undef TEMPLATE
 
 /* The code this CPU runs: GPT_ONNX_SERVE_ATTENTION_KERNEL=avx512|avx2|generic overrides (tests run each). */
 static int g_vw; /* the code path's native vector: floats */
