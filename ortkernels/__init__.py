@@ -2,7 +2,8 @@
 
 - `MatMulQ4_1` (ortkernels/q4_1_matmul.c): a GGUF's Q4_1 blocks as they are, read by an int4 bundle's projections;
 - `CausalAttention` (ortkernels/attention.c): GroupQueryAttention's contract (packed q/k/v, rotary inside, the shared
-  cache buffer) computing only the causal half of a prompt's scores, in fp32 graphs.
+  cache buffer) computing only the causal half of a prompt's scores, in fp32 graphs;
+- `SwiGLU` (ortkernels/swiglu.c): a gated MLP's silu(gate) * up in place of Split, QuickGelu and Mul, in fp32 graphs.
 
 The exporter writes an op into a graph only where the library is built (`make setup` builds it with the system C
 compiler; nothing else needs one) and lists it in the manifest (`graph.kernels`); the exporter's checks and the

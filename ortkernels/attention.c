@@ -14,11 +14,12 @@
    a continuation's (new tokens after a cached prefix) with small matrix products: 17.9 ms of a 128-token prefill of
    SmolLM2-135M, 26-28 ms of a 32-token continuation of 1,000 cached positions (docs/BENCHMARKS.md).
 
-   How: per (row, kv head, tile of R new tokens), the G = H / H_kv query heads of R tokens are the lanes of one vector
-   of 16 (decode) or two (prompts: each key read once for twice the queries), G R <= 16 NV; keys one at a time
-   broadcast each of their D numbers against those lanes, so neither keys nor values are transposed and every product
-   is a vector FMA: scores (keys x lanes), their softmax lane by lane, then the values the same way. A call of few
-   tiles (one row's decode) splits each tile's keys into chunks for the threads and merges their partial softmaxes.
+   How: per (row, kv head, tile of R new tokens), the G = H / H_kv query heads of R tokens are L lanes: 32 for a
+   prompt (each key read once for twice the queries), 16 for decode (8 on targets of 8 floats or fewer), G R <= L;
+   keys one at a time broadcast each of their D numbers against those lanes, so neither keys nor values are
+   transposed and every product is a vector FMA: scores (keys x lanes), their softmax lane by lane, then the values
+   the same way. A call of few tiles (one row's decode) splits each tile's keys into chunks for the threads and
+   merges their partial softmaxes.
    Decode reads the cache at the memory's speed, like onnxruntime's. One source, written with GCC vector types,
    compiled for AVX-512, AVX2 and plain x86-64 (or the target's own vectors elsewhere) and picked once per process
    (GPT_ONNX_SERVE_ATTENTION_KERNEL overrides). */
@@ -78,10 +79,10 @@ typedef struct { /* one call, shared by the threads */
   const int32_t* seqlens;
   float* q;      /* (B, H, S, D): rotated queries, times 1/sqrt(D) */
   int* past;     /* (B,) positions before this step's first new token */
-  int B, S, H, Hkv, D, T, G, NV, L, R, tiles, chunks, parts, keys; /* NV vectors of lanes a tile, R = NV 16 / G rows;
-                                                                    keys: the most any tile reads */
+  int B, S, H, Hkv, D, T, G, L, R, tiles, chunks, parts, keys; /* L lanes a tile, R = L / G rows;
+                                                                keys: the most any tile reads */
   size_t tasks;  /* tiles x chunks */
-  float* partials; /* with chunks > 1: (tasks, 2 + D, NV 16) each chunk's m, l, o */
+  float* partials; /* with chunks > 1: (tasks, 2 + D, L) each chunk's m, l, o */
   int failed;    /* a thread's scratch could not be had */
 } Work;
 
@@ -120,7 +121,7 @@ static void prepare_part(void* user, size_t part) {
   }
 }
 
-/* A tile's queries: its NV x 16 lanes, lane (g, r) = g R + r for query head h G + g of row i0 + r, into qt (D, NV 16),
+/* A tile's queries: its L lanes, lane (g, r) = g R + r for query head h G + g of row i0 + r, into qt (D, L),
    each lane's last key into lim; -> the keys the tile reads (its largest limit + 1). */
 static int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim) {
   const int D = t->D, G = t->G, R = t->R, L = t->L, rows = t->S - i0 < R ? t->S - i0 : R;
@@ -139,7 +140,7 @@ static int tile_queries(const Work* t, int b, int h, int i0, float* qt, int* lim
   return nk;
 }
 
-/* o (D, NV 16) / l into the output: lane (g, r) is row i0 + r's head h G + g. */
+/* o (D, L) / l into the output: lane (g, r) is row i0 + r's head h G + g. */
 static void tile_write(const Work* t, int b, int h, int i0, const float* o, const float* l) {
   const int D = t->D, G = t->G, R = t->R, L = t->L, rows = t->S - i0 < R ? t->S - i0 : R;
   float w[2 * LANES];
@@ -284,10 +285,9 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   if (B == 0 || S == 0) return NULL;
 
   Work t = {.B = (int)B, .S = (int)S, .H = H, .Hkv = Hkv, .D = (int)D, .T = (int)T, .G = H / Hkv};
-  /* two vectors of lanes where one tile's rows would not fill one (prompts), else one (decode) */
-  t.NV = (int)S > LANES / t.G ? 2 : 1;
-  t.L = t.NV * LANES;
-  if (S == 1 && t.G <= 8 && g_vw <= 8) t.L = 8; /* decode: a target of 8 lanes or fewer computes 8, not 16 */
+  /* 32 lanes where 16 would not hold a tile's rows (prompts), else 16 (decode; 8 on a target of 8 floats or fewer) */
+  t.L = (int)S > LANES / t.G ? 2 * LANES : LANES;
+  if (S == 1 && t.G <= 8 && g_vw <= 8) t.L = 8;
   t.R = t.L / t.G;
   t.qkv = ort_data(api, in[0]);
   t.k = present_k;
