@@ -6,20 +6,24 @@
 
 #define V_ACC (VW == 16 ? 16 : 8) /* independent sums a loop keeps */
 
-/* Keys kb .. ke-1 of a tile (row b, kv head h) for its L = NVEC VW lanes: each lane's maximum score m, its sum of
+/* Keys kb .. ke-1 of a tile (where they are: `keys`, positions below keys->split from the prefix row) for its
+   L = NVEC VW lanes: each lane's maximum score m, its sum of
    exp(score - m) l (L floats each), and o (D, L) = sum of exp(score - m) v, unnormalized. A lane with no key in the
    range gets m = -inf, l = 0, o = 0. scores: (ke - kb, L) scratch. NVEC is a constant where this is inlined: a
    prompt's tiles have 32 lanes (each key's numbers, broadcast once, serve twice the queries), a decode step's 16 (8
    where the target's vectors are 8 floats or fewer). */
-TARGET INLINE void V(tile_keys)(const Work* t, int b, int h, const float* qt, const int* lim, int kb, int ke,
+TARGET INLINE void V(tile_keys)(const Work* t, const Keys* keys, const float* qt, const int* lim, int kb, int ke,
                                 float* scores, float* m_out, float* l_out, float* o_out, const int NVEC) {
   const int D = t->D, nk = ke - kb, L = NVEC * VW;
   const int KB = NVEC >= 8 ? 1 : 8 / NVEC;            /* keys a block: 8 independent sums */
   const int DB = V_ACC / NVEC >= 1 ? V_ACC / NVEC : 1; /* dimensions of o a pass */
   V(vi) limit[8];
   memcpy(limit, lim, sizeof(int) * (size_t)L);
-  const float* K = t->k + (((size_t)b * t->Hkv + h) * t->T + kb) * D;
-  const float* X = t->v + (((size_t)b * t->Hkv + h) * t->T + kb) * D; /* the values */
+  const int split = keys->split - kb; /* keys j < split of this range are the prefix row's */
+  const float* K = keys->K + (size_t)kb * D;
+  const float* X = keys->X + (size_t)kb * D; /* the values */
+  const float* KP = keys->KP + (size_t)kb * D;
+  const float* XP = keys->XP + (size_t)kb * D;
   const V(vf) ninf = (V(vf)){0} - INFINITY;
 
   /* scores (nk, L) and each lane's maximum over its keys, KB keys at a time (a key alone would wait on each of its
@@ -28,7 +32,10 @@ TARGET INLINE void V(tile_keys)(const Work* t, int b, int h, const float* qt, co
   for (int n = 0; n < NVEC; n++) m[n] = ninf;
   for (int j = 0; j < nk; j += KB) {
     const float* k[8];
-    for (int u = 0; u < KB; u++) k[u] = K + (size_t)(j + u < nk ? j + u : nk - 1) * D;
+    for (int u = 0; u < KB; u++) {
+      int key = j + u < nk ? j + u : nk - 1;
+      k[u] = (key < split ? KP : K) + (size_t)key * D;
+    }
     V(vf) a[8][8];
     for (int n = 0; n < NVEC; n++)
       for (int u = 0; u < KB; u++) a[n][u] = (V(vf)){0};
@@ -67,7 +74,7 @@ TARGET INLINE void V(tile_keys)(const Work* t, int b, int h, const float* qt, co
     for (int j = 0; j < nk; j++) {
       V(vf) p[8];
       for (int n = 0; n < NVEC; n++) p[n] = V(load)(scores + (size_t)j * L + n * VW);
-      const float* x = X + (size_t)j * D + d0;
+      const float* x = (j < split ? XP : X) + (size_t)j * D + d0;
       for (int e = 0; e < DB; e++)
         for (int n = 0; n < NVEC; n++) o[n][e] += p[n] * x[e];
     }
@@ -92,27 +99,28 @@ TARGET static void V(attend)(void* user, size_t part) {
     return;
   }
   float *qt = buffer, *o = buffer + (size_t)D * L, *scores = o + (size_t)D * L;
-  int lim[2 * LANES];
+  int lim[2 * LANES], query[2 * LANES];
   float m[2 * LANES], l[2 * LANES];
   for (size_t task = part; task < t->tasks; task += (size_t)t->parts) {
     size_t unit = task / (size_t)t->chunks;
     int chunk = (int)(task % (size_t)t->chunks);
-    int tile_index = (int)(unit % (size_t)t->tiles), bh = (int)(unit / (size_t)t->tiles);
-    int b = bh / t->Hkv, h = bh % t->Hkv, i0 = tile_index * t->R;
-    int nk = tile_queries(t, b, h, i0, qt, lim);
-    int kb = (int)((int64_t)nk * chunk / t->chunks), ke = (int)((int64_t)nk * (chunk + 1) / t->chunks);
+    Keys keys;
+    tile_lanes(t, unit, query, lim, &keys);
+    tile_queries(t, query, qt);
+    int n = keys.ke - keys.kb;
+    int kb = keys.kb + (int)((int64_t)n * chunk / t->chunks), ke = keys.kb + (int)((int64_t)n * (chunk + 1) / t->chunks);
     float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
     /* L / VW: 1 or 2 (AVX-512), 1, 2 or 4 (AVX2), 2, 4 or 8 (SSE); what this target cannot have is not compiled */
     if (L == VW && VW >= 8)
-      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 1);
+      V(tile_keys)(t, &keys, qt, lim, kb, ke, scores, m, l, dst, 1);
     else if (L == 2 * VW)
-      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 2);
+      V(tile_keys)(t, &keys, qt, lim, kb, ke, scores, m, l, dst, 2);
     else if (L == 4 * VW && VW <= 8)
-      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 4);
+      V(tile_keys)(t, &keys, qt, lim, kb, ke, scores, m, l, dst, 4);
     else if (L == 8 * VW && VW <= 4)
-      V(tile_keys)(t, b, h, qt, lim, kb, ke, scores, m, l, dst, 8);
+      V(tile_keys)(t, &keys, qt, lim, kb, ke, scores, m, l, dst, 8);
     if (t->chunks == 1) {
-      tile_write(t, b, h, i0, o, l);
+      tile_finish(t, query, m, l, o);
       continue;
     }
     memcpy(dst - 2 * L, m, sizeof(float) * (size_t)L);
@@ -129,7 +137,8 @@ TARGET static void V(merge)(Work* t) {
     t->failed = 1;
     return;
   }
-  float l[2 * LANES];
+  float m[2 * LANES], l[2 * LANES];
+  int query[2 * LANES], lim[2 * LANES];
   for (size_t unit = 0; unit < t->tasks / (size_t)C; unit++) {
     const float* first = t->partials + unit * C * stride;
     for (int n = 0; n < L / VW; n++) {
@@ -149,10 +158,12 @@ TARGET static void V(merge)(Work* t) {
           V(store)(at, V(load)(at) + w * V(load)(partial + 2 * L + (size_t)d * L + n * VW));
         }
       }
+      V(store)(m + n * VW, M);
       V(store)(l + n * VW, sum);
     }
-    int tile_index = (int)(unit % (size_t)t->tiles), bh = (int)(unit / (size_t)t->tiles);
-    tile_write(t, bh / t->Hkv, bh % t->Hkv, tile_index * t->R, o, l);
+    Keys keys;
+    tile_lanes(t, unit, query, lim, &keys);
+    tile_finish(t, query, m, l, o);
   }
 }
 

@@ -33,11 +33,19 @@ def in_own_process(run, kernel: str):  # noqa: ANN001, ANN201
         return pool.submit(run, kernel).result(timeout=600)
 
 
+ADDRESSING = ("cache_rows", "prefix_rows", "prefix_lens")
+
+
 def attention_session(
-    H: int, H_kv: int, rotary: bool, tables: tuple[str, ...] = ("cos_cache", "sin_cache")
+    H: int,
+    H_kv: int,
+    rotary: bool,
+    tables: tuple[str, ...] = ("cos_cache", "sin_cache"),
+    addressing: tuple[str, ...] = (),
 ) -> ort.InferenceSession:
     """One CausalAttention node as export/kernels.py writes it (GroupQueryAttention's inputs less the empty two; no
-    shapes declared, so that the op's own checks meet wrong ones); `tables`: the rotary inputs given."""
+    shapes declared, so that the op's own checks meet wrong ones); `tables`: the rotary inputs given; `addressing`:
+    those of cache_rows, prefix_rows, prefix_lens given."""
     f = TensorProto.FLOAT
     inputs = [
         helper.make_tensor_value_info("qkv", f, None),
@@ -48,9 +56,16 @@ def attention_session(
     ]
     if rotary:
         inputs += [helper.make_tensor_value_info(n, f, None) for n in tables]
+    names = [i.name for i in inputs]
+    if addressing:
+        names += [""] * (7 - len(names))
+        for n in ADDRESSING:
+            if n in addressing:
+                inputs.append(helper.make_tensor_value_info(n, TensorProto.INT32, None))
+            names.append(n if n in addressing else "")
     node = helper.make_node(
         "CausalAttention",
-        [i.name for i in inputs],
+        names,
         ["out", "present_key", "present_value"],
         domain=ortkernels.DOMAIN,
         num_heads=H,
@@ -136,6 +151,107 @@ def test_each_code_path_computes_gqa_attention(kernel):
     ran, worst = in_own_process(run_cases, kernel)
     assert ran == kernel
     assert worst < 2e-5  # float32 sums in another order
+
+
+# (new tokens, per batch row: (cache row, positions cached before its new tokens, prefix row, prefix length)): decode
+# steps of rows in scattered cache rows, most sharing one prefix row (more rows than one tile's lanes hold), some
+# another, one none, one at its prefix's end; a prefix row that this call writes past the prefix; a continuing prompt
+# reading its system prompt from another row, beside one that does not; one row alone sharing a long prefix
+SHARED_CASES = [
+    (1, [(3, 60, 0, 50), (7, 70, 0, 50), (1, 90, 0, 44), (9, 55, 0, 50), (4, 52, 0, 50), (2, 61, 0, 50),
+         (11, 80, 0, 50), (5, 66, 10, 30), (6, 40, 10, 30), (8, 100, 0, 0), (12, 50, 0, 50)]),
+    (1, [(0, 50, 0, 0), (2, 64, 0, 50), (3, 51, 0, 50)]),
+    (9, [(4, 100, 1, 90), (2, 30, 0, 0)]),
+    (1, [(5, 140, 0, 128)]),
+]  # fmt: skip
+
+
+def run_shared_cases(kernel: str) -> tuple[str, float]:
+    """In a process of its own: -> (the code path, the worst error) of calls over a cache of more rows than the batch,
+    with shared prefixes, against the reference given each row's past with its prefix copied in."""
+    os.environ["GPT_ONNX_SERVE_ATTENTION_KERNEL"] = kernel
+    rng = np.random.default_rng(2)
+    worst, T, N = 0.0, 160, 14
+    for H, H_kv, D, rotary in MODELS:
+        s = attention_session(H, H_kv, rotary, addressing=ADDRESSING)
+        angles = rng.uniform(0, 3, (T, D // 2)).astype(np.float32)
+        cos, sin = (np.cos(angles), np.sin(angles)) if rotary else (None, None)
+        for S, spec in SHARED_CASES:
+            B = len(spec)
+            rows, past, prefix_rows, prefix_lens = (np.array(c, np.int32) for c in zip(*spec))
+            qkv = rng.standard_normal((B, S, (H + 2 * H_kv) * D)).astype(np.float32)
+            cache_k, cache_v = (rng.standard_normal((N, H_kv, T, D)).astype(np.float32) for _ in range(2))
+            seqlens = (past + S - 1).astype(np.int32)
+            total = int(seqlens.max()) + 1
+            # the reference's pasts: each row's own, its prefix from the prefix row as it was before this call
+            ref_k, ref_v = cache_k[rows].copy(), cache_v[rows].copy()
+            for b in range(B):
+                n = prefix_lens[b]
+                ref_k[b, :, :n], ref_v[b, :, :n] = cache_k[prefix_rows[b], :, :n], cache_v[prefix_rows[b], :, :n]
+            want = reference(qkv, ref_k, ref_v, seqlens, total, cos, sin, H, H_kv)
+            feed = {"qkv": qkv, "seqlens_k": seqlens, "total_sequence_length": np.array(total, np.int32)}
+            feed |= {"cache_rows": rows, "prefix_rows": prefix_rows, "prefix_lens": prefix_lens}
+            if rotary:
+                feed.update(cos_cache=cos, sin_cache=sin)
+            cache = [ort.OrtValue.ortvalue_from_numpy(x.copy()) for x in (cache_k, cache_v)]
+            binding = s.io_binding()
+            binding.bind_output("out")
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            for name, value in zip(("key", "value"), cache):
+                binding.bind_ortvalue_input(f"past_{name}", value)
+                binding.bind_ortvalue_output(f"present_{name}", value)
+            s.run_with_iobinding(binding)
+            out, got_k, got_v = binding.get_outputs()[0].numpy(), cache[0].numpy(), cache[1].numpy()
+            worst = max(worst, float(np.abs(out - want[0]).max()))
+            for got, before, ref in ((got_k, cache_k, want[1]), (got_v, cache_v, want[2])):
+                for b in range(B):  # each row's new positions written into its own cache row, nothing else
+                    new = slice(int(past[b]), int(past[b]) + S)
+                    worst = max(worst, float(np.abs(got[rows[b], :, new] - ref[b, :, new]).max()))
+                    got[rows[b], :, new] = before[rows[b], :, new]
+                assert np.array_equal(got, before)
+    return ortkernels.code_path("CausalAttention"), worst
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic"])
+def test_each_code_path_reads_cache_rows_and_shared_prefixes(kernel):
+    ran, worst = in_own_process(run_shared_cases, kernel)
+    assert ran == kernel
+    assert worst < 2e-5
+
+
+def test_bad_cache_rows_and_prefixes_are_clear_errors():
+    s = attention_session(4, 2, False, addressing=ADDRESSING)
+    feed = {
+        "qkv": np.zeros((2, 1, 128), np.float32),
+        "past_key": np.zeros((4, 2, 8, 16), np.float32),
+        "past_value": np.zeros((4, 2, 8, 16), np.float32),
+        "seqlens_k": np.array([3, 5], np.int32),
+        "total_sequence_length": np.array(6, np.int32),
+        "cache_rows": np.array([1, 3], np.int32),
+        "prefix_rows": np.array([0, 1], np.int32),
+        "prefix_lens": np.array([3, 3], np.int32),  # row 1 reads row 1's first 3 positions: 3 are written before
+    }
+    out, _, _ = s.run(None, feed)
+    assert out.shape == (2, 1, 64)
+    errors = {
+        "cache_rows must be distinct rows of the cache": {"cache_rows": np.array([3, 3], np.int32)},
+        "cache_rows must be distinct rows": {"cache_rows": np.array([1, 4], np.int32)},
+        "prefix_lens must lie within each row's past": {"prefix_lens": np.array([4, 0], np.int32)},
+        "prefix_lens must lie within": {"prefix_lens": np.array([-1, 0], np.int32)},
+        "prefix_rows must be rows of the cache": {"prefix_rows": np.array([7, 0], np.int32)},
+        "a prefix beyond its row's past": {"prefix_lens": np.array([0, 4], np.int32)},
+        r"cache_rows, prefix_rows and prefix_lens are int32 \(B,\)": {"prefix_lens": np.array([1], np.int32)},
+        r"past_key/past_value must be float \(B, H_kv, T, D\), or \(N >= B": {
+            "past_key": np.zeros((1, 2, 8, 16), np.float32), "past_value": np.zeros((1, 2, 8, 16), np.float32)},
+    }  # fmt: skip
+    for message, change in errors.items():
+        with pytest.raises(Exception, match="CausalAttention: " + message):
+            s.run(None, {**feed, **change})
+    alone = attention_session(4, 2, False, addressing=("prefix_rows",))
+    with pytest.raises(Exception, match="CausalAttention: prefix_rows and prefix_lens go together"):
+        two = {"past_key": np.zeros((2, 2, 8, 16), np.float32), "past_value": np.zeros((2, 2, 8, 16), np.float32)}
+        alone.run(None, {k: v for k, v in {**feed, **two}.items() if k not in ("cache_rows", "prefix_lens")})
 
 
 def test_bad_lengths_and_shapes_are_clear_errors():
