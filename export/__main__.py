@@ -227,6 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(ckpt.tokenizer.tokenizer_json)
         cache_dtype = "float16" if args.dtype == "fp16" else "float32"
+        ops = kernel_ops(tmp / "model.onnx")
         manifest = {
             "name": args.name or ckpt.name,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -237,7 +238,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_context": max_context,
             "generation_defaults": ckpt.generation_defaults,
             # the project's own ops the graph runs (ortkernels/): a service without them refuses the bundle by name
-            "graph": {"file": "model.onnx", "kernels": kernel_ops(tmp / "model.onnx"), **io_contract(cfg, cache_dtype)},
+            "graph": {
+                "file": "model.onnx",
+                "kernels": ops,
+                **io_contract(cfg, cache_dtype, addressed="CausalAttention" in ops),
+            },
             "tokenizer": {
                 "file": "tokenizer.json",
                 **ckpt.tokenizer.special_tokens(),

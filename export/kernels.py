@@ -1,7 +1,10 @@
 """fp32 graphs onto the project's own CPU ops (ortkernels/), where the library is built: after the export (and after
 quantization), before the parity check that verifies the graph the bundle ships.
 
-- each GroupQueryAttention -> CausalAttention: the same contract, only the causal half of a prompt's scores;
+- each GroupQueryAttention -> CausalAttention: the same contract, only the causal half of a prompt's scores; and
+  three graph inputs for it, int32 (B,), empty by default: cache_rows (the cache row of each batch row: the cache is
+  then bound whole, N rows), prefix_rows and prefix_lens (each row's positions below prefix_lens read from row
+  prefix_rows: a prefix held once for every sequence sharing it; service/prefix_cache.py);
 - a gated MLP's Split, QuickGelu (alpha 1) and Mul after its gate/up projection -> SwiGLU, one node.
 
 A graph with these ops lists them in the manifest (`graph.kernels`); the service refuses it, by name, where the library
@@ -12,17 +15,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from export.onnx_export import save_model
 from ortkernels import DOMAIN
 
+ADDRESSING = ("cache_rows", "prefix_rows", "prefix_lens")  # CausalAttention's inputs 7-9, graph inputs of these names
+CACHE_ROWS_DIM = "cache_slots"  # the cache's first dimension where it is addressed: N rows, not the batch
+
 
 def rewrite(path: Path) -> dict[str, int]:
     """Rewrites the fp32 graph at `path` in place onto CausalAttention and SwiGLU. -> how many nodes of each."""
     model = onnx.load(str(path))
     counts = {"CausalAttention": causal_attention(model), "SwiGLU": swiglu(model)}
+    if counts["CausalAttention"]:
+        address_cache(model)
     if any(counts.values()):
         if DOMAIN not in {o.domain for o in model.opset_import}:
             model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, 1))
@@ -85,6 +94,24 @@ def causal_attention(model: onnx.ModelProto) -> int:
         node.op_type, node.domain = "CausalAttention", DOMAIN
         n += 1
     return n
+
+
+def address_cache(model: onnx.ModelProto) -> None:
+    """Gives every CausalAttention the graph inputs cache_rows, prefix_rows and prefix_lens (int32 (B,), each an
+    empty initializer by default, which the op reads as not given: a caller that feeds none runs the graph as
+    GroupQueryAttention's contract), and names the cache's first dimension apart from the batch's."""
+    graph = model.graph
+    for name in ADDRESSING:
+        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, ["batch"]))
+        graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.int32), name))
+    for node in graph.node:
+        if node.op_type == "CausalAttention" and node.domain == DOMAIN:
+            node.input.extend([""] * (7 - len(node.input)) + list(ADDRESSING))
+    attention = [node for node in graph.node if node.op_type == "CausalAttention"]
+    cache = {name for node in attention for name in (*node.input[1:3], *node.output[1:])}
+    for value in [*graph.input, *graph.output]:
+        if value.name in cache and value.type.tensor_type.shape.dim:  # (where a shape is declared)
+            value.type.tensor_type.shape.dim[0].dim_param = CACHE_ROWS_DIM
 
 
 def _last_dim(model: onnx.ModelProto, initializer: str) -> int | None:

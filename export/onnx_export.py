@@ -9,6 +9,10 @@ The I/O contract (also written to the manifest by `io_contract`):
   past_key_values.{i}.key / .value   (B, H_kv, T_max, D)  cache dtype
   logits                  (N, V) float32
   present.{i}.key / .value           (B, H_kv, T_max, D)  the same buffers as past (bind them to one OrtValue)
+Rewritten onto the project's CausalAttention (export/kernels.py), a graph also takes, each empty by default:
+  cache_rows, prefix_rows, prefix_lens   (B,) int32   each row's cache row (the cache then bound whole: N >= B rows
+                                                      as its first dimension), and the row and length of a shared
+                                                      prefix it reads its first positions from
 """
 
 from __future__ import annotations
@@ -40,9 +44,12 @@ def input_names(config: ModelConfig) -> list[str]:
     return ["input_ids", *positions, "seqlens_k", "total_sequence_length", "logits_index"]
 
 
-def io_contract(config: ModelConfig, cache_dtype: str) -> dict[str, Any]:
+def io_contract(config: ModelConfig, cache_dtype: str, addressed: bool = False) -> dict[str, Any]:
+    """`addressed`: the graph's attention is the project's CausalAttention with export/kernels.py's three inputs
+    (the cache bound whole, its rows and shared prefixes given per batch row)."""
     past, present = cache_names(config.n_layer)
-    cache_shape = ["batch", config.n_kv_head, "max_cache_len", config.head_dim]
+    cache_shape = ["cache_slots" if addressed else "batch", config.n_kv_head, "max_cache_len", config.head_dim]
+    rows = {"dtype": "int32", "shape": ["batch"], "default": "empty (not given)"}
     shapes: dict[str, dict[str, Any]] = {
         "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
         "position_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
@@ -53,6 +60,7 @@ def io_contract(config: ModelConfig, cache_dtype: str) -> dict[str, Any]:
     return {
         "inputs": {
             **{n: shapes[n] for n in input_names(config)},
+            **({n: rows for n in ("cache_rows", "prefix_rows", "prefix_lens")} if addressed else {}),
             **{n: {"dtype": cache_dtype, "shape": cache_shape} for n in past},
         },
         "outputs": {
@@ -62,7 +70,8 @@ def io_contract(config: ModelConfig, cache_dtype: str) -> dict[str, Any]:
         "cache": {
             "layout": "batch, kv_heads, max_cache_len, head_dim",
             "past_present_share_buffer": True,
-            "attention_op": "com.microsoft::GroupQueryAttention",
+            "attention_op": "com.microsoft::GroupQueryAttention",  # its contract (CausalAttention keeps it)
+            "rows_addressed": addressed,  # cache_rows, prefix_rows, prefix_lens
             "rotary": "inside attention, positions from seqlens_k" if config.family == "llama" else None,
             "n_layer": config.n_layer,
             "kv_heads": config.n_kv_head,

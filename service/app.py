@@ -86,6 +86,7 @@ def build_runtime(settings: Settings) -> Runtime:
         lambda: scheduler.num_waiting,
         scheduler.kv_usage,
         lambda: (scheduler.prefix.queries, scheduler.prefix.hits),
+        scheduler.prefix.shared_positions,
     )
     validator = Validator(settings, tokenizer, name, max_len, bundle.generation_defaults, grammars)
     client = EngineClient(scheduler, metrics, settings.request_timeout)

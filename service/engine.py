@@ -25,7 +25,7 @@ import ortkernels
 from service import cuda_graphs
 from service.bundle import Bundle, BundleError
 from service.cuda_graphs import ChunkGraphs, DecodeGraphs
-from service.kv_cache import MAX_BINDINGS, KVCache
+from service.kv_cache import MAX_BINDINGS, CacheRows, KVCache
 from service.logit_reducer import LogitReducer
 from service.sampler import Candidates
 
@@ -155,7 +155,14 @@ class Engine:
             "KV cache: %d slots x %d positions, %.0f MiB on %s", slots, max_len, self.cache.bytes / 2**20, self.device
         )
         self._bindings: dict[tuple[int, int], _RowRange] = {}  # (lo, hi) -> its cache rows bound once
-        self.takes_positions = "position_ids" in {i.name for i in self.session.get_inputs()}
+        # (inputs with a default are onnxruntime's "overridable initializers", listed apart)
+        inputs = {i.name for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
+        self.takes_positions = "position_ids" in inputs
+        # the project's CausalAttention on the CPU: the cache bound whole, rows addressed, shared prefixes read where
+        # they are (service/prefix_cache.py)
+        self.shares_prefixes = self.device == "cpu" and {"cache_rows", "prefix_rows", "prefix_lens"} <= inputs
+        if self.shares_prefixes:
+            log.info("shared prefixes: a prompt prefix held once in the cache is read by every sequence sharing it")
         self._plain: ort.RunOptions | None = None  # run options of a call without a graph
         self.graphs: DecodeGraphs | None = None
         self.chunks: ChunkGraphs | None = None
@@ -189,6 +196,7 @@ class Engine:
         hi: int,
         logits_index: np.ndarray,
         reduce: None = None,
+        rows: CacheRows | None = None,
     ) -> np.ndarray: ...
 
     @overload
@@ -201,6 +209,7 @@ class Engine:
         hi: int,
         logits_index: np.ndarray,
         reduce: tuple[np.ndarray, np.ndarray] | None,
+        rows: CacheRows | None = None,
     ) -> np.ndarray | Candidates: ...
 
     def forward(
@@ -212,6 +221,7 @@ class Engine:
         hi: int,
         logits_index: np.ndarray,
         reduce: tuple[np.ndarray, np.ndarray] | None = None,
+        rows: CacheRows | None = None,
     ) -> np.ndarray | Candidates:
         """One graph call over cache rows [lo, hi).
 
@@ -224,6 +234,9 @@ class Engine:
         reduce = (inverse temperatures (N,), edit ids (N, G)) as sampler.reduction_inputs makes them: where the
         engine reduces logits (`self.reducer`) and this is a decode call, Candidates come back instead, the logits
         left where they were computed until a row needs them (until the next call).
+
+        rows: where the engine `shares_prefixes`, the slots of the batch rows (any distinct slots; lo and hi are
+        then not read) and the prefixes they borrow; None: slots [lo, hi), borrowing nothing.
         """
         B, S = input_ids.shape
         if self.graphs is not None and lo == 0 and S == 1 and np.array_equal(logits_index, np.arange(B)):
@@ -243,7 +256,7 @@ class Engine:
                     why = _first_line(exc)
                     log.warning("CUDA graphs off: a continuing prompt's call of %d tokens failed: %s", S, why)
                     self._without_graphs()
-        logits = self._forward_plain(input_ids, position_ids, seqlens_k, lo, hi, logits_index)
+        logits = self._forward_plain(input_ids, position_ids, seqlens_k, lo, hi, logits_index, rows)
         return self._reduced(logits, reduce if self.device == "cpu" else None)  # on CUDA: already on the host
 
     def _reduced(
@@ -267,14 +280,30 @@ class Engine:
         lo: int,
         hi: int,
         logits_index: np.ndarray,
+        rows: CacheRows | None = None,
     ) -> np.ndarray:
-        """forward without a CUDA graph, through the row range's binding. -> logits (N, V), the range's buffer"""
-        r = self._bindings.get((lo, hi))
+        """forward without a CUDA graph, through the binding of the row range (of the batch size, where the whole
+        cache is bound). -> logits (N, V), the binding's buffer"""
+        B = len(input_ids)
+        if rows is not None and not self.shares_prefixes:
+            raise ValueError("cache rows given to a graph that does not address the cache")
+        key = (0, B) if self.shares_prefixes else (lo, hi)
+        r = self._bindings.get(key)
         if r is None:  # 2 x n_layer cache bindings per row range, made once: rebinding them cost ~0.3 ms a call
             if len(self._bindings) >= MAX_BINDINGS:
                 self._bindings.clear()
-            r = self._bindings[lo, hi] = _RowRange(self.session.io_binding(), in_place=self.device == "cpu")
-            self.cache.bind(r.binding, lo, hi)
+            r = self._bindings[key] = _RowRange(self.session.io_binding(), in_place=self.device == "cpu")
+            if self.shares_prefixes:
+                self.cache.bind_all(r.binding)
+            else:
+                self.cache.bind(r.binding, lo, hi)
+        if self.shares_prefixes:
+            if rows is None:
+                none = np.zeros(B, np.int32)
+                rows = CacheRows(np.arange(lo, hi, dtype=np.int32), none, none)
+            r.set("cache_rows", rows.slots, np.int32)  # (B,)
+            r.set("prefix_rows", rows.prefix_slots, np.int32)  # (B,)
+            r.set("prefix_lens", rows.prefix_lens, np.int32)  # (B,)
         r.set("input_ids", input_ids, np.int64)  # (B, S)
         if self.takes_positions:
             r.set("position_ids", position_ids, np.int64)  # (B, S)

@@ -4,19 +4,36 @@ Each buffer is (slots + 1, H_kv, T_max, D); the last row is scratch for swaps. A
 view of those rows as both `past_key_values.{i}.*` and `present.{i}.*`, so GroupQueryAttention writes each row's
 new positions in place: a decode step copies nothing but its new keys and values.
 
+A graph on the project's CausalAttention takes the cache bound whole instead (`bind_all`: every row, the scratch
+row too) and each batch row's cache row as an input, so that a row can read a prefix from another (a shared
+prefix, service/prefix_cache.py).
+
 `lengths[slot]` is the number of positions whose keys and values are valid in that slot, for a running sequence and
-for a finished one whose rows the prefix cache keeps alike. The scheduler moves a slot's contents to keep the rows
+for a finished one whose rows the prefix cache keeps alike (a slot that borrows a shared prefix counts those
+positions too, though they live in the prefix's row). The scheduler moves a slot's contents to keep the rows
 it computes together contiguous (`copy`, `swap`): on the CPU only the valid positions are copied (numpy views of
 the buffers); on CUDA whole rows are copied device to device by a small onnxruntime graph of Identity nodes.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnxruntime as ort
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 MAX_BINDINGS = 256  # IO bindings kept per cache user (row ranges, copy pairs); past it they are made again
+
+
+@dataclass(frozen=True)
+class CacheRows:
+    """Where a call's batch rows live, for a graph that addresses the cache (the engine's `shares_prefixes`): each
+    row's slot, and the slot and length of the prefix it borrows (length 0: none)."""
+
+    slots: np.ndarray  # (B,) int32, distinct
+    prefix_slots: np.ndarray  # (B,) int32
+    prefix_lens: np.ndarray  # (B,) int32: positions [0, len) read from prefix_slots[b]'s row
 
 
 class KVCache:
@@ -71,22 +88,42 @@ class KVCache:
                 binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
                 binding.bind_output(f"present.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
 
+    def bind_all(self, binding: ort.IOBinding) -> None:
+        """Binds every row of every layer's buffers (slots + 1, H_kv, T_max, D) as past and present: a graph that
+        takes each batch row's cache row as an input (cache_rows)."""
+        shape = [self.slots + 1, *self.shape[1:]]
+        for i in range(self.n_layer):
+            for j, kind in enumerate(("key", "value")):
+                ptr = self.buffers[2 * i + j].data_ptr()
+                binding.bind_input(f"past_key_values.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
+                binding.bind_output(f"present.{i}.{kind}", self.device, 0, self.np_dtype, shape, ptr)
+
     # ------------------------------------------------------------------ moving contents between slots
 
-    def copy(self, src: int, dst: int, n: int) -> None:
-        """Positions [0, n) of every layer's keys and values from slot src to slot dst; dst's length becomes n."""
-        if src != dst and n > 0:
+    def copy(self, src: int, dst: int, n: int, start: int = 0) -> None:
+        """Positions [start, n) of every layer's keys and values from slot src to slot dst (on CUDA the whole row);
+        dst's length becomes n. (A slot borrowing a shared prefix of `start` positions holds nothing of its own
+        below them.)"""
+        if src != dst and n > start:
             if self._copier is not None:
                 self._copier.copy(src, dst)
             else:
                 assert self.arrays is not None
                 for a in self.arrays:
-                    a[dst, :, :n] = a[src, :, :n]
+                    a[dst, :, start:n] = a[src, :, start:n]
         if dst < self.slots:
             self.lengths[dst] = n
 
+    def copy_positions(self, src: int, dst: int, n: int) -> None:
+        """Positions [0, n) from slot src to slot dst, the rest of dst and its length as they are (a shared prefix
+        given to a slot that borrowed it). On the CPU only: rows are copied whole on the device."""
+        assert self.arrays is not None, "positions are copied alone on the CPU only"
+        for a in self.arrays:
+            a[dst, :, :n] = a[src, :, :n]
+
     def swap(self, a: int, b: int) -> None:
-        """Exchanges the contents (and lengths) of slots a and b, through the scratch row."""
+        """Exchanges the contents (and lengths) of slots a and b, through the scratch row. (Only graphs that bind row
+        ranges need slots moved; those read no shared prefixes.)"""
         if a == b:
             return
         na, nb = int(self.lengths[a]), int(self.lengths[b])

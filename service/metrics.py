@@ -43,6 +43,12 @@ class Metrics:
         self.kv_usage = Gauge(
             "kv_cache_usage_perc", "Fraction of KV cache positions in use (0-1)", labels, registry=r
         ).labels(model)
+        self.shared = Gauge(
+            "prefix_cache_shared_positions",
+            "Cache positions read from another slot's row (a shared prompt prefix held once), not held twice",
+            labels,
+            registry=r,
+        ).labels(model)
 
     def finished(self, reason: str) -> None:
         self._finished.labels(self.model, reason).inc()
@@ -53,11 +59,13 @@ class Metrics:
         waiting: Callable[[], float],
         kv_usage: Callable[[], float],
         prefix_cache: Callable[[], tuple[int, int]],
+        shared: Callable[[], float],
     ) -> None:
         """Gauges and the prefix-cache counters read the scheduler at scrape time."""
         self.running.set_function(running)
         self.waiting.set_function(waiting)
         self.kv_usage.set_function(kv_usage)
+        self.shared.set_function(shared)
         self.registry.register(_PrefixCacheCounters(self.model, prefix_cache))
 
 

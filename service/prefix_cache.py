@@ -17,6 +17,16 @@ A prompt is looked up when it is admitted, and again before each step until it c
 scheduler's second look, entries included): prompts that arrive together with the same system prompt wait for the
 first of them to write it, then copy it (on the CPU a prompt with more than `--prefill-chunk` tokens left waits
 while another such prompt computes; the token budget rarely lets two long fresh prompts into one step anyway).
+
+Shared prefixes. Where the graph reads a prefix from another cache row (the project's CausalAttention: the engine's
+`shares_prefixes`), a prefix found in a slot that cannot be taken over (a running sequence's, or an entry whose
+positions others borrow beyond the new prompt's match) is not copied but borrowed: the new slot reads positions
+[0, n) from the lending slot's row for as long as it holds them (`borrowed[slot] = (lender, n)`), and only what lies
+past the lender's own borrow is copied. So sixteen chats with one 1,000-token system prompt keep it once, and a
+decode step reads it once for all of them (ortkernels/attention.c), not once per row. Borrows never chain: a slot
+borrowing from a borrower borrows from its lender. A lending slot keeps its positions as they are: it is taken
+over only by a prompt that matches at least every borrowed position, it is evicted last, and when it is evicted (or
+its sequence fails) its borrowers get their own copies first (`give_back`).
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
+
+from service.kv_cache import CacheRows
 
 MIN_MATCH = 8  # shorter matches are recomputed: a copy of a few positions is not worth a move
 RECOMPUTED = 2  # prompt tokens always computed (see above)
@@ -40,6 +52,7 @@ class PrefixCache:
     def __init__(self, slots: int, enabled: bool = True) -> None:
         self.enabled = enabled
         self.entries: dict[int, np.ndarray] = {}  # free slot -> token ids behind its valid positions
+        self.borrowed: dict[int, tuple[int, int]] = {}  # slot -> (lender slot, n): its positions [0, n) are there
         self.last_used = np.zeros(slots)
         self.queries = 0  # prompt tokens looked up (vLLM's prefix_cache_queries)
         self.hits = 0  # of those, tokens found already computed (prefix_cache_hits)
@@ -51,7 +64,11 @@ class PrefixCache:
             self.last_used[slot] = time.monotonic()
 
     def drop(self, slot: int) -> None:
+        """The slot's contents are given up: its entry and its borrow (a lending slot's borrowers are given their
+        own copies first: `give_back`)."""
+        assert not self.borrowers(slot), "a lending slot gives back its positions before it is dropped"
         self.entries.pop(slot, None)
+        self.borrowed.pop(slot, None)
 
     def swap(self, a: int, b: int) -> None:
         """The contents of slots a and b were exchanged."""
@@ -61,6 +78,52 @@ class PrefixCache:
         if eb is not None:
             self.entries[a] = eb
         self.last_used[[a, b]] = self.last_used[[b, a]]
+        moved = {a: b, b: a}
+        self.borrowed = {
+            moved.get(slot, slot): (moved.get(lender, lender), n) for slot, (lender, n) in self.borrowed.items()
+        }
+
+    # ------------------------------------------------------------------ shared prefixes
+
+    def borrowers(self, lender: int) -> list[tuple[int, int]]:
+        """(slot, n) of each slot reading positions [0, n) from `lender`'s row."""
+        return [(slot, n) for slot, (held, n) in self.borrowed.items() if held == lender]
+
+    def shared_positions(self) -> int:
+        """Positions that slots (running sequences and entries) read from another slot's row: what sharing saves.
+        (Read from other threads at scrape time: a copy of the values, taken at once.)"""
+        return sum(n for _, n in list(self.borrowed.values()))
+
+    def can_take_over(self, slot: int, n: int) -> bool:
+        """Whether a prompt matching the first n positions of entry `slot` may take the slot over: every position
+        lent from it is among those it keeps."""
+        return all(m <= n for _, m in self.borrowers(slot))
+
+    def take_over(self, slot: int, n: int) -> None:
+        """A prompt matching n positions of entry `slot` takes it over: the entry goes, a borrow of the slot's
+        is cut to n."""
+        self.entries.pop(slot, None)
+        if slot in self.borrowed:
+            lender, m = self.borrowed[slot]
+            self.borrowed[slot] = (lender, min(m, n))
+
+    def borrow(self, slot: int, source: int, n: int) -> int:
+        """`slot` reads positions [0, n) that `source` holds from the slot that holds them (source's own lender,
+        where source borrows them in turn). -> how many it borrows; the rest, [that, n), is source's own, to copy."""
+        lender, m = self.borrowed.get(source, (source, n))
+        shared = min(m, n)
+        if shared > 0:
+            self.borrowed[slot] = (lender, shared)
+        return shared
+
+    def release(self, slot: int) -> None:
+        """`slot` borrows nothing any more (it was given its own copy, or its contents are given up)."""
+        self.borrowed.pop(slot, None)
+
+    def rows(self, slots: list[int]) -> CacheRows:
+        """The engine's cache rows for a call over `slots`: each one's lender and borrowed length (0: none)."""
+        lent = np.array([self.borrowed.get(slot, (0, 0)) for slot in slots], np.int32).reshape(-1, 2)  # (B, 2)
+        return CacheRows(np.array(slots, np.int32), lent[:, 0].copy(), lent[:, 1].copy())  # (B,) each
 
     def lookup(
         self, prompt: np.ndarray, running: dict[int, np.ndarray], again: bool = False, beyond: int = 0
@@ -89,9 +152,12 @@ class PrefixCache:
             self.last_used[best] = time.monotonic()
         return best, best_n
 
-    def victim(self, free: list[int]) -> int:
-        """The free slot to give away: one without an entry, else the least recently used entry."""
-        empty = [s for s in free if s not in self.entries]
+    def victim(self, free: list[int], spare: int | None = None) -> int:
+        """The free slot to give away: one without an entry, else the least recently used entry that lends no
+        positions, else the least recently used one; `spare` (a slot about to be read) only when it is the last."""
+        others = [s for s in free if s != spare] or free
+        empty = [s for s in others if s not in self.entries]
         if empty:
             return min(empty)
-        return min(free, key=lambda s: self.last_used[s])
+        lenders = {lender for lender, _ in self.borrowed.values()}
+        return min(others, key=lambda s: (s in lenders, self.last_used[s]))

@@ -9,14 +9,16 @@ Admission. Waiting sequences are admitted FIFO whenever a cache slot is free, wi
 drain. Each sequence owns one slot from admission to retirement. On admission the prefix cache
 (service/prefix_cache.py) finds the longest prefix of the prompt whose keys and values some slot already holds (a
 finished sequence's slot kept as an entry, or a running sequence's written positions): an entry's slot is taken
-over as it is; from a running slot the prefix is copied into the new one. Either way those positions are not
-computed again.
+over as it is; from a running slot the prefix is borrowed where the graph reads shared prefixes (the engine's
+`shares_prefixes`: the new slot reads those positions from the other's row, and a decode step reads them once for
+every row sharing them), else copied into the new one. Either way those positions are not computed again.
 
 A token budget per step (`max_num_batched_tokens`, vLLM's name). Every decoding sequence gets its one token first;
-prompt chunks fill what is left. Continuing prompts (already partly in the cache) run one per graph call, because
-onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty (the project's
-CausalAttention takes them, but batching them would answer each at the end of the call: docs/BENCHMARKS.md); fresh
-prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
+prompt chunks fill what is left. Continuing prompts (already partly in the cache: a chat's next turn after its
+cached system prompt) share calls of up to CONTINUE_CALL_TOKENS padded tokens where the graph runs the project's
+CausalAttention, which takes several new tokens on rows with a past and any cache rows; onnxruntime's
+GroupQueryAttention takes several new tokens per row only for rows whose past is empty, so there they run one per
+call. Fresh prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
 tokens, in calls of at most PREFILL_CALL_TOKENS (PREFILL_CALL_TOKENS_CPU on the CPU). A padded row writes throwaway
 keys past its own length, which its next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU
 tokens a step, and of the prompts with more than that left only one computes at a time (vLLM's
@@ -29,7 +31,8 @@ previous answer's last token, then just misses the next step's start; docs/BENCH
 a step's calls run join that step, within what is left of its budget: a burst the engine began before all of it had
 arrived stalls the running streams once, not once per part.
 
-No idle rows. A graph call binds one contiguous range of cache rows, so before the calls the scheduler places
+No idle rows. A graph on the project's CausalAttention reads each batch row's cache row wherever it is: nothing moves.
+Otherwise a graph call binds one contiguous range of cache rows, so before the calls the scheduler places
 the decoding sequences in slots [0, D) and the fresh prompts right after them, swapping slot contents (only the
 valid positions on the CPU; device to device on CUDA) with whatever holds the slot it needs: another sequence, a
 prefix-cache entry, or nothing. In a steady batch nothing moves; when a stream in the middle ends, the last one
@@ -56,6 +59,7 @@ import numpy as np
 
 from service.engine import Engine
 from service.grammar import Grammars
+from service.kv_cache import CacheRows
 from service.prefix_cache import PrefixCache, common_prefix
 from service.sampler import Candidates, Row, logprobs_batch, reduction_inputs, sample_batch
 from service.sequence import (
@@ -88,6 +92,11 @@ PREFILL_CALL_TOKENS_CPU = 256
 # int4; docs/BENCHMARKS.md; not measured again with the project's CausalAttention, which computes the causal half).
 # Elsewhere a prompt's chunk is bounded by the step's token budget alone (not measured).
 PREFILL_CHUNK_CPU = 256
+# Where the engine addresses the cache (the project's CausalAttention), continuing prompts (new tokens after a cached
+# prefix: chat turns) share graph calls of at most this many padded tokens: a call streams every weight once however
+# many rows it has, and a 32-token turn's call is 40% that (32 tokens after 1,000 cached: one row 72-77 ms, four in
+# one call 178-236 ms; docs/BENCHMARKS.md). Longer chunks compute at the same rate alone.
+CONTINUE_CALL_TOKENS = 128
 
 
 # Decode steps with at least this many sampled rows have their logits reduced where the engine can (on CUDA: the
@@ -279,8 +288,8 @@ class Scheduler:
     def _prefill(self, continuing: list[tuple[Sequence, int]], fresh: list[tuple[Sequence, int]]) -> int:
         """The planned prompt chunks, each call's first tokens sent before the next call; -> the budget they used
         (a fresh prompt's row costs its call's padded length)."""
-        for seq, S in continuing:
-            self._emit(self._sample(self._prefill_one(seq, S)))
+        for call in self._continuing_calls(continuing):
+            self._emit(self._sample(self._prefill_continuing(call)))
         for group in _prefill_calls(fresh, self.prefill_call):
             self._emit(self._sample(self._prefill_together(group)))
         return sum(c for _, c in continuing) + len(fresh) * max((c for _, c in fresh), default=0)
@@ -351,10 +360,18 @@ class Scheduler:
             if not seq.state.request.prompt_logprobs:  # those need the logits of every prompt position
                 written = {slot: s.written() for slot, s in self.running.items()}
                 source, n = self.prefix.lookup(seq.prompt, written)
-            slot = source if source in free else self.prefix.victim(free)
-            self.prefix.drop(slot)
-            if source is not None:
-                self.cache.copy(source, slot, n)
+            if source in free and self.prefix.can_take_over(source, n):
+                slot = source
+            else:
+                slot = self.prefix.victim(free, spare=source)
+            if slot == source:  # an entry taken over as it is (one that lent more than this prompt keeps: no longer)
+                self._give_back(slot, unless_within=n)
+                self.prefix.take_over(slot, n)
+            else:
+                self._give_back(slot)
+                self.prefix.drop(slot)
+                if source is not None:
+                    self._reuse(source, slot, n)
             self.cache.lengths[slot] = n
             seq.slot, seq.prefilled, seq.cached, seq.admitted = slot, n, n, time.perf_counter()
             self.running[slot] = seq
@@ -399,10 +416,13 @@ class Scheduler:
         for seq in pending:  # a second look: others may have written more of its prefix since its admission
             if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs or waits(seq):
                 continue  # computing its own already, or needing every position's logits, or not its turn
+            if self.prefix.borrowers(seq.slot):
+                continue  # others read its positions: they stay as they are
             # its own slot holds `prefilled` tokens of it, never more than `beyond`: no need to leave it out
             source, n = self.prefix.lookup(seq.prompt, written, again=True, beyond=seq.prefilled)
             if source is not None:
-                self.cache.copy(source, seq.slot, n)
+                self.prefix.release(seq.slot)
+                self._reuse(source, seq.slot, n)
                 seq.prefilled = seq.cached = n
         if leader is None:
             leader = next((s for s in pending if left(s) > cap and not waits(s)), None)
@@ -424,9 +444,12 @@ class Scheduler:
         return continuing, [(s, _not_one_short(len(s.prompt), min(len(s.prompt), S))) for s in fresh[: budget // S]]
 
     def _in_place(self, decoding: list[Sequence], fresh: list[Sequence]) -> bool:
-        """On the CPU: the decoding sequences hold a contiguous range of slots, and the fresh prompts another (apart
+        """Whether nothing need move: the graph addresses the cache rows (any slots), or on the CPU the decoding
+        sequences hold a contiguous range of slots, and the fresh prompts another (apart
         from it, as no two sequences share a slot; a lone stream, a steady batch): their calls bind those ranges where
         they are, and nothing moves. (On CUDA the decode call stays at [0, D), where its graphs are captured.)"""
+        if self.engine.shares_prefixes:  # the graph reads each row's cache row wherever it is
+            return True
         if self.engine.device != "cpu":
             return False
         groups = [sorted(s.slot for s in group) for group in (decoding, fresh)]
@@ -449,33 +472,91 @@ class Scheduler:
         if sb is not None:
             sb.slot, self.running[a] = a, sb
 
-    def _prefill_one(self, seq: Sequence, S: int) -> Ready:
-        """A continuing prompt: S new tokens after its `prefilled` ones, batch 1."""
-        start = seq.prefilled
-        wanted = np.arange(S) if seq.state.request.prompt_logprobs else np.array([S - 1])  # logits only where read
+    def _reuse(self, source: int, slot: int, n: int) -> None:
+        """`slot` takes the first n positions that slot `source` holds: borrowed where the graph reads a shared
+        prefix (what source itself borrows, or source's own positions), else copied; `slot` borrows nothing yet."""
+        shared = self.prefix.borrow(slot, source, n) if self.engine.shares_prefixes else 0
+        self.cache.copy(source, slot, n, start=shared)  # only what is not borrowed
+
+    def _give_back(self, lender: int, unless_within: int = 0) -> None:
+        """The slots borrowing positions from `lender` get their own copies of them (it is about to be given up or
+        rewritten); those borrowing no more than `unless_within` positions keep reading them there."""
+        for slot, n in self.prefix.borrowers(lender):
+            if n > unless_within:
+                self.cache.copy_positions(lender, slot, n)
+                self.prefix.release(slot)
+
+    def _rows(self, slots: list[int]) -> CacheRows | None:
+        """The engine's cache rows for a call over `slots` (with the prefixes they borrow), where it addresses them."""
+        return self.prefix.rows(slots) if self.engine.shares_prefixes else None
+
+    def _continuing_calls(self, continuing: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
+        """Continuing prompts' chunks, in order, in graph calls of at most CONTINUE_CALL_TOKENS padded tokens where the
+        engine addresses the cache (rows anywhere, each with its own past), else one a call."""
+        calls: list[list[tuple[Sequence, int]]] = []
+        for seq, S in continuing:
+            call = calls[-1] if calls and self.engine.shares_prefixes else None
+            if call is not None:
+                width = max(S, *(c for _, c in call))
+                fits = all(q.prefilled + width <= self.cache.max_len for q, _ in [*call, (seq, S)])  # padding too
+                if fits and width * (len(call) + 1) <= CONTINUE_CALL_TOKENS:
+                    call.append((seq, S))
+                    continue
+            calls.append([(seq, S)])
+        return calls
+
+    def _prefill_continuing(self, chunks: list[tuple[Sequence, int]]) -> Ready:
+        """Continuing prompts: each row's chunk of new tokens after its `prefilled` ones, right-padded to the longest
+        (S), in one graph call over their slots (one row, where the engine does not address the cache). A padded
+        row writes throwaway keys past its own length, which its next real write overwrites."""
+        B, S = len(chunks), max(c for _, c in chunks)
+        input_ids = np.zeros((B, S), np.int64)  # (B, S) right-padded
+        positions = np.zeros((B, S), np.int64)  # (B, S)
+        wanted = []
+        for r, (seq, c) in enumerate(chunks):
+            start = seq.prefilled
+            input_ids[r, :c] = seq.prompt[start : start + c]
+            positions[r] = np.arange(start, start + S)
+            wanted.append(r * S + (np.arange(c) if seq.state.request.prompt_logprobs else np.array([c - 1])))
+        slot = chunks[0][0].slot
         logits = self.engine.forward(
-            seq.prompt[None, start : start + S],
-            np.arange(start, start + S)[None],
-            np.array([start + S - 1], np.int32),
-            seq.slot,
-            seq.slot + 1,
-            wanted,
-        )  # (S or 1, V)
-        complete = self._prefilled(seq, S, logits)
-        return ([seq], logits[-1:]) if complete else ([], logits[:0])
+            input_ids,
+            positions,
+            (positions[:, -1]).astype(np.int32),
+            slot,
+            slot + 1,
+            np.concatenate(wanted),
+            None,
+            self._rows([seq.slot for seq, _ in chunks]),
+        )  # (sum of wanted, V): logits only where read
+        done, last, at = [], [], 0
+        for (seq, c), w in zip(chunks, wanted):
+            at += len(w)
+            if self._prefilled(seq, c, logits[at - len(w) : at]):
+                done.append(seq)
+                last.append(at - 1)
+        return done, logits[last]
 
     def _prefill_together(self, chunks: list[tuple[Sequence, int]]) -> Ready:
         """Fresh prompts (empty past) in one graph call over their contiguous slots, right-padded to S."""
         B, S, lo = len(chunks), max(c for _, c in chunks), chunks[0][0].slot
-        assert [seq.slot for seq, _ in chunks] == list(range(lo, lo + B)), "placed contiguously"
+        slots = [seq.slot for seq, _ in chunks]
+        assert self.engine.shares_prefixes or slots == list(range(lo, lo + B)), "placed contiguously"
         input_ids = np.zeros((B, S), np.int64)  # (B, S) right-padded
         wanted = []
         for r, (seq, c) in enumerate(chunks):
             input_ids[r, :c] = seq.prompt[:c]
             wanted.append(r * S + (np.arange(c) if seq.state.request.prompt_logprobs else np.array([c - 1])))
         logits = self.engine.forward(
-            input_ids, np.tile(np.arange(S), (B, 1)), np.full(B, S - 1, np.int32), lo, lo + B, np.concatenate(wanted)
-        )  # (sum of wanted, V)
+            input_ids,
+            np.tile(np.arange(S), (B, 1)),
+            np.full(B, S - 1, np.int32),
+            lo,
+            lo + B,
+            np.concatenate(wanted),
+            None,
+            self._rows(slots),
+        )  # (sum of wanted, V); fresh prompts borrow nothing
         done, last, at = [], [], 0
         for (seq, c), w in zip(chunks, wanted):
             at += len(w)
@@ -499,16 +580,24 @@ class Scheduler:
             return [], np.zeros((0, 0), np.float32)
         seqs = sorted(decoding, key=lambda s: s.slot)
         D, lo = len(seqs), seqs[0].slot
-        assert [s.slot for s in seqs] == list(range(lo, lo + D)), "placed in [lo, lo + D)"
-        lengths = self.cache.lengths[lo : lo + D].copy()  # (D,) positions already written per row
+        slots = [s.slot for s in seqs]
+        assert self.engine.shares_prefixes or slots == list(range(lo, lo + D)), "placed in [lo, lo + D)"
+        lengths = self.cache.lengths[slots].copy()  # (D,) positions already written per row
         input_ids = np.array([[s.output[-1]] for s in seqs], np.int64)  # (D, 1)
         reduce = None
         if self.engine.reducer is not None and sum(not s.params.greedy for s in seqs) >= REDUCE_SAMPLED_ROWS:
             reduce = reduction_inputs([self._row(s, grammar=False) for s in seqs])  # the sampler gets Candidates
         logits = self.engine.forward(
-            input_ids, lengths[:, None], lengths.astype(np.int32), lo, lo + D, np.arange(D), reduce
+            input_ids,
+            lengths[:, None],
+            lengths.astype(np.int32),
+            lo,
+            lo + D,
+            np.arange(D),
+            reduce,
+            self._rows(slots),
         )  # (D, V) or their Candidates
-        self.cache.lengths[lo : lo + D] += 1
+        self.cache.lengths[slots] += 1
         return seqs, logits
 
     def _sample(self, ready: Ready) -> list[tuple[Sequence, int, TokenLogprob | None]]:
@@ -565,6 +654,8 @@ class Scheduler:
             if self.running.get(seq.slot) is seq:
                 del self.running[seq.slot]
                 if seq.finish_reason == "error":
+                    self._give_back(seq.slot)
+                    self.prefix.release(seq.slot)
                     self.cache.lengths[seq.slot] = 0
                 else:
                     self.cache.lengths[seq.slot] = seq.length

@@ -4,6 +4,7 @@ is wanted. Two servers on the tiny bundle with two cache slots each, one started
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -87,3 +88,27 @@ def test_least_recently_used_entry_is_evicted_when_every_slot_is_wanted(servers)
     h = counters(on)[1]
     assert complete(on, c, **SAMPLED) == complete(off, c, **SAMPLED)
     assert counters(on)[1] - h == len(c) - 2  # c is still cached: all but the last two prompt tokens are reused
+
+
+def test_a_prefix_a_running_request_holds_is_shared_not_copied(servers):
+    """b arrives while a (the same system prompt) is still generating: b reads those positions from a's row (the
+    server's prefix_cache_shared_positions gauge counts them while b's slot keeps them) and answers as without the
+    cache."""
+    on, off = servers
+    a, b = SYSTEM + [701, 702, 703], SYSTEM + [801, 802]
+    body = {"model": "tiny", "prompt": a, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    streamed = []
+    with httpx.stream("POST", on.v1 + "/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for line in lines:  # a's first token: a is decoding
+            if line.startswith("data: {"):
+                streamed.append(json.loads(line[6:])["choices"][0]["text"])
+                break
+        answer_b = complete(on, b)  # admitted while a runs
+        for line in lines:
+            if line.startswith("data: {"):
+                streamed.append(json.loads(line[6:])["choices"][0]["text"])
+    assert CACHED[-1] == len(SYSTEM)
+    assert on.metric("prefix_cache_shared_positions") == len(SYSTEM)  # b's slot, an entry now, still reads a's row
+    assert answer_b == complete(off, b)
+    assert "".join(streamed) == complete(off, a, max_tokens=200)[0]

@@ -82,3 +82,42 @@ def test_a_gated_mlp_becomes_one_swiglu_and_its_split_sizes_go():
         ("SwiGLU", ["gu"], ["y"]),
     ]
     assert [i.name for i in model.graph.initializer] == ["w"] and [i.name for i in model.graph.input] == ["x"]
+
+
+def test_causal_attention_takes_cache_rows_and_shared_prefixes_as_graph_inputs_empty_by_default():
+    import onnxruntime as ort
+
+    import ortkernels
+
+    model = gqa_model()
+    assert kernels.causal_attention(model) == 1
+    kernels.address_cache(model)
+    (node,) = model.graph.node
+    assert list(node.input)[5:] == ["cos", "sin", "cache_rows", "prefix_rows", "prefix_lens"]
+    defaults = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert all(defaults[name].shape == (0,) and defaults[name].dtype == np.int32 for name in kernels.ADDRESSING)
+    dims = {
+        v.name: v.type.tensor_type.shape.dim[0].dim_param for v in model.graph.input if v.type.tensor_type.shape.dim
+    }
+    assert dims["past_key"] == dims["past_value"] == kernels.CACHE_ROWS_DIM and dims["qkv"] == "B"
+    if not ortkernels.available():
+        return
+    model.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    ortkernels.register(options)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal((2, 1, 8 * 16)).astype(np.float32)
+    cache = rng.standard_normal((3, 2, 32, 16)).astype(np.float32)  # three cache rows
+    feed = {"qkv": qkv, "seqlens_k": np.array([5, 9], np.int32), "total_sequence_length": np.array(10, np.int32)}
+    plain = session.run(["out"], {**feed, "past_key": cache[:2], "past_value": cache[:2]})[0]  # nothing addressed
+    # rows 2 and 0 of the whole cache, row 0 reading its first 4 positions from row 1
+    addressed = {"cache_rows": np.array([2, 0], np.int32), "prefix_rows": np.array([0, 1], np.int32)}
+    addressed["prefix_lens"] = np.array([0, 4], np.int32)
+    moved = rng.standard_normal((3, 2, 32, 16)).astype(np.float32)  # what no row reads
+    moved[2] = cache[0]  # batch row 0's past, at cache row 2
+    moved[0, :, 4:] = cache[1, :, 4:]  # batch row 1's own positions, at cache row 0 ...
+    moved[1, :, :4] = cache[1, :, :4]  # ... its first four where it borrows them
+    got = session.run(["out"], {**feed, **addressed, "past_key": moved, "past_value": moved})[0]
+    np.testing.assert_allclose(got, plain, rtol=1e-5, atol=1e-5)

@@ -441,7 +441,7 @@ def test_long_prompts_prefill_in_capped_chunks_one_after_another(tiny_bundle):
     assert c == [0]  # a short prompt does not wait for the long one
 
 
-def test_prompts_sharing_a_long_prefix_wait_and_copy_it_from_the_leader(tiny_bundle):
+def test_prompts_sharing_a_long_prefix_wait_and_borrow_it_from_the_leader(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
     system = tuple(range(30, 100))  # 70 tokens every prompt starts with: they end inside a's last chunk of 16
@@ -463,8 +463,10 @@ def test_prompts_sharing_a_long_prefix_wait_and_copy_it_from_the_leader(tiny_bun
     _, whole, _ = generate(256)
     calls, chunked, hits = generate(16)
     assert chunked == whole and all(len(t) == 6 for t in whole.values())
-    assert hits == 2 * 70  # b and c copied the whole system prompt from a's slot, not computed beside it
-    assert [firsts for firsts in calls if firsts[0] in (tails["b"][0], tails["c"][0])] == [[200], [300]]
+    assert hits == 2 * 70  # b and c took the whole system prompt from a's slot, not computed beside it
+    # ... borrowed, not copied (the graph reads a's row), and their turns continue together in one call
+    assert Engine(bundle, 4, 256).shares_prefixes
+    assert [firsts for firsts in calls if firsts[0] in (tails["b"][0], tails["c"][0])] == [[200, 300]]
 
 
 def test_no_prompt_is_left_one_token_for_a_chunk_of_its_own(tiny_bundle):
@@ -482,3 +484,53 @@ def test_no_prompt_is_left_one_token_for_a_chunk_of_its_own(tiny_bundle):
         s.step()
     prefills = [S for rows, S in calls if S > 1]
     assert sorted(prefills) == sorted([16, 15, 2, 15, 2]), calls  # a: 16 15 2, b: 15 2
+
+
+def test_a_running_prefix_is_borrowed_and_given_back_when_its_slot_is_wanted(tiny_bundle):
+    """Two slots: b borrows the system prompt a is decoding with (its row read from a's, nothing copied); a ends and
+    its slot, still lending, is the only one c can have: b gets its own copy first. Every answer is the one computed
+    without the prefix cache."""
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
+    system = tuple(range(30, 90))
+    prompts = {"a": system + (101, 102), "b": system + (201, 202, 203), "c": tuple(range(500, 530))}
+    lengths = {"a": 3, "b": 12, "c": 5}
+
+    def scheduler(prefix_cache: bool) -> tuple[Scheduler, dict[str, list[int]]]:
+        s = Scheduler(Engine(bundle, 2, 256), tok, (), 256, 1024, prefix_cache=prefix_cache)
+        s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+        return s, {name: [] for name in prompts}
+
+    def submit(s: Scheduler, got: dict[str, list[int]], name: str) -> None:
+        params = SamplingParams(max_tokens=lengths[name], temperature=0.0, ignore_eos=True)
+        s.submit(GenerationRequest(name, prompts[name], params), lambda e: got[name].extend(e.token_ids))
+
+    def slot(s: Scheduler, name: str) -> int:
+        return next(q.slot for q in s.running.values() if q.state.request.request_id == name)
+
+    alone = {}
+    for name in prompts:
+        s, got = scheduler(False)
+        submit(s, got, name)
+        while s.running or not s._incoming.empty():
+            s.step()
+        alone[name] = got[name]
+
+    s, got = scheduler(True)
+    assert s.engine.shares_prefixes
+    submit(s, got, "a")
+    s.step()  # a's prompt
+    submit(s, got, "b")
+    s.step()  # b borrows a's 60 system positions and computes its own 3
+    a, b = slot(s, "a"), slot(s, "b")
+    assert s.prefix.borrowed == {b: (a, len(system))} and s.prefix.shared_positions() == len(system)
+    while len(got["a"]) < lengths["a"]:
+        s.step()
+    s.step()  # a has ended: its slot an entry, still lent to b
+    assert a in s.prefix.entries and s.prefix.borrowers(a) == [(b, len(system))] and len(got["b"]) < lengths["b"]
+    submit(s, got, "c")
+    s.step()  # c takes a's slot, the only free one: b reads its own copy from now on
+    assert slot(s, "c") == a and s.prefix.borrowed == {}
+    while s.running or not s._incoming.empty():
+        s.step()
+    assert got == alone
