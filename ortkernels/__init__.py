@@ -21,7 +21,7 @@ from pathlib import Path
 DOMAIN = "gpt_onnx_serve"
 LIBRARY = Path(__file__).resolve().parent / "libgpt_onnx_serve_kernels.so"
 BUILD_HINT = "build it (again, after a pull) with `make kernels`: a C compiler is all it needs"
-VERSION = 3  # the C library's OrtKernelsVersion(): the ops and attributes this code writes and expects
+VERSION = 4  # the C library's OrtKernelsVersion(): the ops and attributes this code writes and expects
 
 
 def available() -> bool:

@@ -10,7 +10,7 @@ const char* attention_kernel(void);
 /* The library's interface version: the ops and attributes this build runs (2: MatMulQ4_1 with `gated`; 3: and
    CausalAttention and SwiGLU). ortkernels/__init__.py treats a library of another version (built before a pull) as
    not built. */
-EXPORT int OrtKernelsVersion(void) { return 3; }
+EXPORT int OrtKernelsVersion(void) { return 4; }
 EXPORT const char* MatMulQ4_1Kernel(void) { return q4_1_matmul_kernel(); }
 EXPORT const char* CausalAttentionKernel(void) { return attention_kernel(); } /* SwiGLU's too */
 
