@@ -8,8 +8,8 @@ const char* attention_kernel(void);
 #define EXPORT __attribute__((visibility("default")))
 
 /* The library's interface version: the ops and attributes this build runs (2: MatMulQ4_1 with `gated`; 3: and
-   CausalAttention and SwiGLU). ortkernels/__init__.py treats a library of another version (built before a pull) as
-   not built. */
+   CausalAttention and SwiGLU; 4: CausalAttention's cache_rows, prefix_rows, prefix_lens). ortkernels/__init__.py
+   treats a library of another version (built before a pull) as not built. */
 EXPORT int OrtKernelsVersion(void) { return 4; }
 EXPORT const char* MatMulQ4_1Kernel(void) { return q4_1_matmul_kernel(); }
 EXPORT const char* CausalAttentionKernel(void) { return attention_kernel(); } /* SwiGLU's too */
