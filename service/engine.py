@@ -88,6 +88,7 @@ class Engine:
         cuda_graphs: bool = True,  # on CUDA: decode calls replayed from captured graphs
         session_config: dict[str, str] | None = None,  # onnxruntime session config entries over SESSION_CONFIG
         reduce_logits: bool | None = None,  # decode logits reduced to Candidates where computed (None: on CUDA)
+        share_prefixes: bool = True,  # where the graph addresses cache rows (False: bind row ranges, as elsewhere)
     ) -> None:
         self.bundle = bundle
         options = ort.SessionOptions()
@@ -160,7 +161,8 @@ class Engine:
         self.takes_positions = "position_ids" in inputs
         # the project's CausalAttention on the CPU: the cache bound whole, rows addressed, shared prefixes read where
         # they are (service/prefix_cache.py)
-        self.shares_prefixes = self.device == "cpu" and {"cache_rows", "prefix_rows", "prefix_lens"} <= inputs
+        addressed = {"cache_rows", "prefix_rows", "prefix_lens"} <= inputs
+        self.shares_prefixes = share_prefixes and self.device == "cpu" and addressed
         if self.shares_prefixes:
             log.info("shared prefixes: a prompt prefix held once in the cache is read by every sequence sharing it")
         self._plain: ort.RunOptions | None = None  # run options of a call without a graph

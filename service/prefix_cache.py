@@ -15,7 +15,7 @@ recomputation in the last bits (the tokens chosen are the same unless two candid
 
 A prompt is looked up when it is admitted, and again before each step until it computes a chunk of its own (the
 scheduler's second look, entries included): prompts that arrive together with the same system prompt wait for the
-first of them to write it, then copy it (on the CPU a prompt with more than `--prefill-chunk` tokens left waits
+first of them to write it, then reuse it (on the CPU a prompt with more than `--prefill-chunk` tokens left waits
 while another such prompt computes; the token budget rarely lets two long fresh prompts into one step anyway).
 
 Shared prefixes. Where the graph reads a prefix from another cache row (the project's CausalAttention: the engine's
@@ -26,7 +26,10 @@ past the lender's own borrow is copied. So sixteen chats with one 1,000-token sy
 decode step reads it once for all of them (ortkernels/attention.c), not once per row. Borrows never chain: a slot
 borrowing from a borrower borrows from its lender. A lending slot keeps its positions as they are: it is taken
 over only by a prompt that matches at least every borrowed position, it is evicted last, and when it is evicted (or
-its sequence fails) its borrowers get their own copies first (`give_back`).
+its sequence fails) its borrowers get their own copies first (`give_back`). A prompt's chunk reads a borrowed prefix
+key by key in one pass, the same sums as from a copy (its logits the same to the last bit); a decode step merges the
+shared part's softmax with the row's own, so its logits may differ from a copy's in the last bits (as a one-row step's
+already differ from a batch's).
 """
 
 from __future__ import annotations

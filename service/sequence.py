@@ -99,7 +99,7 @@ class Sequence:
     constraint: Constraint | None = None
     slot: int = -1
     prefilled: int = 0  # prompt tokens already in the cache
-    cached: int = 0  # of those, the ones copied from the prefix cache (not computed for this sequence)
+    cached: int = 0  # of those, the ones reused from the prefix cache (not computed for this sequence)
     output: list[int] = field(default_factory=list)
     counts: dict[int, int] = field(default_factory=dict)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)

@@ -198,3 +198,14 @@ def test_prefill_calls_times_a_burst_per_rows_per_call(q4_bundles):
         assert 0 < r["median_first_ms"] <= r["burst_ms"]
         assert r["rows_per_call"] == 1 or r["median_first_ms"] == r["burst_ms"]
     assert set(lines[-1]) == {"bundle", "prompts", "1 rows", "4 rows"}
+
+
+def test_shared_prefix_compares_reading_a_prefix_where_it_is_with_copying_it(tiny_bundle):
+    args = ("--rounds", "1", "--users", "3", "--turns", "2", "--system-tokens", "40", "--turn-tokens", "6")
+    result = run_cli(
+        "loadtests.shared_prefix", "--bundle", str(tiny_bundle), *args, "--output-tokens", "4", timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["mode"] for r in rows] == ["share", "copy"]
+    assert all(r["ttft_p50_ms"] > 0 and r["decode_step_ms"] > 0 and r["wall_s"] > 0 for r in rows)
