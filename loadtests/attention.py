@@ -5,12 +5,14 @@
 The node is the bundle's: packed q/k/v in, rotary inside, one shared buffer bound as past and present (the cache of
 `--cache-len` positions), the bundle's heads and head size. Cases (rows x new tokens over positions already cached):
 decode steps of 1 and 16 rows at a few cache lengths, a fresh 128-token prompt, and a 32-token continuation of a
-1,000-token cached prefix (W4's later turns); those that do not fit the buffer are left out. Prints one JSON line per
-case: the median milliseconds of a call, the same times the bundle's layer count (a forward pass's attention), and
-the keys and values read per second (every row's cached positions, once). `--compare-flash` runs the cases again
-with onnxruntime's flash/decode kernels off (ORT_DISABLE_FLASH_ATTENTION=1, read when a session is created) in a
-second process, alternating. `--cache int8-per-channel` (or `int8-per-tensor`) times onnxruntime's quantized cache
-instead: int8 keys and values with static scales, written and read by the same node (not what a bundle exports).
+1,000-token cached prefix (W4's later turns), one row or four in one call; those that do not fit the buffer are left
+out. Prints one JSON line per case and op: the median milliseconds of a call, the same times the bundle's layer
+count (a forward pass's attention), and the keys and values read per second (every row's cached positions, once).
+`--op causal --against OLD.so` times another build of ortkernels/ (an earlier commit's) beside this one's.
+`--compare-flash` runs the cases again with onnxruntime's flash/decode kernels off (ORT_DISABLE_FLASH_ATTENTION=1, read
+when a session is created) in a second process, alternating. `--cache int8-per-channel` (or `int8-per-tensor`) times
+onnxruntime's quantized cache instead: int8 keys and values with static scales, written and read by the same node
+(not what a bundle exports).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ CASES = [  # (rows, new tokens a row, positions already cached)
     (16, 1, 1024),
     (1, 128, 0),
     (1, 32, 1000),
+    (4, 32, 1000),  # four chats' turns in one call
 ]
 
 
@@ -86,15 +89,24 @@ def attention_graph(
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
-def measure(model: dict, cache_len: int, threads: int, calls: int, cache: str, ops: list[str]) -> list[dict]:
-    """Each case on each op's session, their calls alternating (one process: the machine's speed is the same)."""
+def measure(
+    model: dict, cache_len: int, threads: int, calls: int, cache: str, ops: list[str], against: Path | None = None
+) -> list[dict]:
+    """Each case on each op's session, their calls alternating (one process: the machine's speed is the same). Op
+    "against": CausalAttention from the library file `against` (another build of ortkernels/)."""
     n_head, n_kv, D, layers = model["n_head"], model["n_kv_head"], model["d_model"] // model["n_head"], model["n_layer"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     ortkernels.register(options)
+    other = ort.SessionOptions()
+    other.intra_op_num_threads = threads
+    if against is not None:
+        other.register_custom_ops_library(str(against))
     sessions = {
         op: ort.InferenceSession(
-            attention_graph(n_head, n_kv, D, cache_len, cache, op), options, ["CPUExecutionProvider"]
+            attention_graph(n_head, n_kv, D, cache_len, cache, "causal" if op == "against" else op),
+            other if op == "against" else options,
+            ["CPUExecutionProvider"],
         )
         for op in ops
     }
@@ -160,12 +172,17 @@ def main() -> None:
         default="gqa",
         help="onnxruntime's GroupQueryAttention, the project's CausalAttention (ortkernels/), or both alternating",
     )
+    p.add_argument(
+        "--against",
+        type=Path,
+        help="another build of ortkernels/ (a .so): its CausalAttention alternates with the op(s) chosen, case by case",
+    )
     args = p.parse_args()
     model = json.loads((args.bundle / "manifest.json").read_text())["model"]
     if not args.compare_flash:
         flash = os.environ.get("ORT_DISABLE_FLASH_ATTENTION", "0") != "1"
-        ops = ["gqa", "causal"] if args.op == "both" else [args.op]
-        for row in measure(model, args.cache_len, args.threads, args.calls, args.cache, ops):
+        ops = (["gqa", "causal"] if args.op == "both" else [args.op]) + (["against"] if args.against else [])
+        for row in measure(model, args.cache_len, args.threads, args.calls, args.cache, ops, args.against):
             print(json.dumps({"cache": args.cache, "flash": flash, **row}), flush=True)
         return
     again = [sys.executable, "-m", "loadtests.attention", "--bundle", str(args.bundle), "--cache-len"]

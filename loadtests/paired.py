@@ -10,6 +10,12 @@ turn; the same positions written again each time), one call per round per bundle
     python -m loadtests.paired bundles/gqa bundles/smollm2-135m --prefill 128 --rounds 20
     python -m loadtests.paired bundles/gqa bundles/smollm2-135m --prefill 32 --cached 1000 --rounds 20
 
+`--rows 1,2,4,8` (with --prefill): calls of that many rows at once, each row its own prompt after its own cached
+positions (several chats' next turns in one call), every row count of every bundle in turn each round (graphs on
+the project's CausalAttention: onnxruntime's GroupQueryAttention takes several new tokens only on rows with no past).
+
+    python -m loadtests.paired bundles/smollm2-135m --prefill 32 --cached 1000 --rows 1,2,4,8 --rounds 15
+
 A bundle may carry onnxruntime session config entries for its engine after an @ (key=value, comma-separated), over
 the service's own (service.engine.SESSION_CONFIG).
 
@@ -44,6 +50,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--prefill", type=int, default=0, help="time prompt calls of this many tokens instead of decode")
     p.add_argument("--cached", type=int, default=0, help="with --prefill: positions already cached before them")
+    p.add_argument("--rows", default="1", help="with --prefill: comma-separated rows per call (each its own prompt)")
     args = p.parse_args()
     if args.prefill:
         prefill(args)
@@ -76,36 +83,47 @@ def main() -> None:
 
 
 def prefill(args: argparse.Namespace) -> None:
-    """Prompt calls: `--prefill` new tokens after `--cached` positions (a first prompt when there are none)."""
+    """Prompt calls: `--prefill` new tokens after `--cached` positions (a first prompt when there are none), in calls
+    of each `--rows` count (rows [0, B) of the engine's cache, each with its own prompt)."""
     S, L = args.prefill, args.cached
-    engines, prompts = [], []
+    counts = [int(b) for b in args.rows.split(",")]
+    engines, prompts, runs = [], [], []  # runs: (engine index, rows B) in the order they are timed
     for spec in args.bundles:
         path, _, entries = spec.partition("@")
         config = dict(entry.split("=", 1) for entry in entries.split(",") if entry)
         bundle = load_bundle(Path(path), verify_checksums=False)
-        engine = Engine(bundle, 1, L + S + 1, "auto", args.threads, session_config=config)
-        tokens = np.random.default_rng(0).integers(100, bundle.vocab_size, L + S)[None]  # (1, L + S)
+        B = max(counts)
+        engine = Engine(bundle, B, L + S + 1, "auto", args.threads, session_config=config)
+        tokens = np.random.default_rng(0).integers(100, bundle.vocab_size, (B, L + S))  # (B, L + S)
         if L:
-            at = np.array([L - 1])
-            engine.forward(tokens[:, :L], np.arange(L)[None], at.astype(np.int32), 0, 1, at)
+            at = np.full(B, L - 1)
+            engine.forward(tokens[:, :L], np.tile(np.arange(L), (B, 1)), at.astype(np.int32), 0, B, at)
+        runs += [(len(engines), b) for b in counts]
         engines.append(engine)
         prompts.append(tokens[:, L:])
-    per_round: list[list[float]] = [[] for _ in engines]  # seconds per prompt call
-    at = np.array([L + S - 1])
+    per_round: list[list[float]] = [[] for _ in runs]  # seconds per prompt call
     for _ in range(args.rounds):
-        for i, engine in enumerate(engines):
+        for r, (i, B) in enumerate(runs):
             times = []
             for _ in range(args.chunk):
                 start = time.perf_counter()
-                engine.forward(prompts[i], np.arange(L, L + S)[None], at.astype(np.int32), 0, 1, np.array([S - 1]))
+                engines[i].forward(
+                    prompts[i][:B],
+                    np.tile(np.arange(L, L + S), (B, 1)),
+                    np.full(B, L + S - 1, np.int32),
+                    0,
+                    B,
+                    np.arange(B) * S + S - 1,
+                )  # (B, V): each row's last logits
                 times.append(time.perf_counter() - start)
-            per_round[i].append(statistics.median(times))
-    report(args, per_round, "call")
+            per_round[r].append(statistics.median(times))
+    labels = [args.bundles[i] + (f" x{B} rows" if len(counts) > 1 else "") for i, B in runs]
+    report(args, per_round, "call", labels)
 
 
-def report(args: argparse.Namespace, per_round: list[list[float]], what: str) -> None:
+def report(args: argparse.Namespace, per_round: list[list[float]], what: str, labels: list[str] | None = None) -> None:
     first = np.array(per_round[0])
-    for spec, steps in zip(args.bundles, per_round):
+    for spec, steps in zip(labels or args.bundles, per_round):
         step = statistics.median(steps)
         ratio = float(np.median(np.array(steps) / first))
         print(

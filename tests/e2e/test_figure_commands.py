@@ -120,6 +120,11 @@ def test_paired_decode_reports_each_bundle_against_the_first(q4_bundles):
         assert rows[0]["call_ratio_to_first"] == 1 and rows[1]["call_ratio_to_first"] > 0
         assert all(r["ms_per_call"] > 0 and r["new_tokens"] == int(extra[1]) for r in rows)
         assert all(r["cached"] == (int(extra[3]) if len(extra) > 2 else 0) for r in rows)
+    # several chats' turns in one call: each row count of each bundle on the project's attention
+    result = run_cli("loadtests.paired", str(fp32), *args, "--prefill", "5", "--cached", "20", "--rows", "1,3")
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [r["bundle"] for r in rows] == [f"{fp32} x1 rows", f"{fp32} x3 rows"] and rows[1]["call_ratio_to_first"] > 0
 
 
 def test_divergence_refuses_a_missing_bundle_in_one_line(tmp_path):
