@@ -94,8 +94,9 @@ PREFILL_CALL_TOKENS_CPU = 256
 PREFILL_CHUNK_CPU = 256
 # Where the engine addresses the cache (the project's CausalAttention), continuing prompts (new tokens after a cached
 # prefix: chat turns) share graph calls of at most this many padded tokens: a call streams every weight once however
-# many rows it has, and a 32-token turn's call is 40% that (32 tokens after 1,000 cached: one row 72-77 ms, four in
-# one call 178-236 ms; docs/BENCHMARKS.md). Longer chunks compute at the same rate alone.
+# many rows it has (32 tokens after 1,000 cached, fp32: four rows in one call 2.5x one row's time, int4 2.1x;
+# `loadtests.paired --rows`, docs/BENCHMARKS.md), while each row's first token waits for the whole call: four rows a
+# call gave the lowest mean time to first token over a burst of sixteen (by those costs). Longer chunks run alone.
 CONTINUE_CALL_TOKENS = 128
 
 
