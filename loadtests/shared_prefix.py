@@ -2,6 +2,7 @@
 
     python -m loadtests.shared_prefix --bundle bundles/smollm2-135m --rounds 2
     (--users, --turns, --system-tokens, --turn-tokens, --output-tokens: W4's 16, 4, 1000, 32, 64 unless given)
+    python -m loadtests.shared_prefix --continue-call-tokens 64,128 --rounds 3
 
 W4's chat service (loadtests/workloads.py: 16 users, each sending 4 requests one after another, every one the same
 1,000-token system prompt plus a 32-token turn of its own, 64 tokens answered greedily) driven step by step on this
@@ -12,6 +13,8 @@ it and decoded from there (as the service did before; continuing prompts then ru
 keep a call's rows contiguous). A user's next request is submitted right after the step that ended the previous one.
 Prints one JSON line per round and mode: TTFT p50 over all requests and over the later turns, the median step with
 three quarters of the users or more decoding (wall and inside `session.run_with_iobinding`), and the run's wall time.
+`--continue-call-tokens A,B,...` runs `share` alone, once per value of the scheduler's CONTINUE_CALL_TOKENS (the most
+padded tokens of one call of continuing prompts), alternating.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def main() -> None:
     p.add_argument("--system-tokens", type=int, default=CHAT_SYSTEM_TOKENS)
     p.add_argument("--turn-tokens", type=int, default=CHAT_TURN_TOKENS)
     p.add_argument("--output-tokens", type=int, default=CHAT_OUTPUT_TOKENS)
+    p.add_argument("--continue-call-tokens", help="comma-separated values: share mode once per value, alternating")
     args = p.parse_args()
 
     from loadtests.step_profile import time_graph
@@ -111,7 +115,14 @@ def main() -> None:
             "wall_s": round(time.perf_counter() - t0, 2),
         }
 
+    import service.scheduler
+
     for r in range(args.rounds):
+        if args.continue_call_tokens:
+            for value in [int(v) for v in args.continue_call_tokens.split(",")]:
+                service.scheduler.CONTINUE_CALL_TOKENS = value  # read by the scheduler at each step
+                print(json.dumps({"round": r + 1, "continue_call_tokens": value, **run("share")}), flush=True)
+            continue
         for mode in ("share", "copy"):
             print(json.dumps({"round": r + 1, **run(mode)}), flush=True)
 

@@ -95,8 +95,9 @@ PREFILL_CHUNK_CPU = 256
 # Where the engine addresses the cache (the project's CausalAttention), continuing prompts (new tokens after a cached
 # prefix: chat turns) share graph calls of at most this many padded tokens: a call streams every weight once however
 # many rows it has (32 tokens after 1,000 cached, fp32: four rows in one call 2.5x one row's time, int4 2.1x;
-# `loadtests.paired --rows`, docs/BENCHMARKS.md), while each row's first token waits for the whole call: four rows a
-# call gave the lowest mean time to first token over a burst of sixteen (by those costs). Longer chunks run alone.
+# `loadtests.paired --rows`), while each row's first token waits for the whole call. W4's time to first token, p50,
+# in-process and alternating (`loadtests.shared_prefix --continue-call-tokens`): 32 (one turn a call) 635-675 ms, 64
+# 526-545, 128 477-560, 256 no better than 128 (docs/BENCHMARKS.md). Longer chunks run alone.
 CONTINUE_CALL_TOKENS = 128
 
 
