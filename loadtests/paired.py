@@ -87,7 +87,9 @@ def prefill(args: argparse.Namespace) -> None:
     of each `--rows` count (rows [0, B) of the engine's cache, each with its own prompt)."""
     S, L = args.prefill, args.cached
     counts = [int(b) for b in args.rows.split(",")]
-    engines, prompts, runs = [], [], []  # runs: (engine index, rows B) in the order they are timed
+    engines: list[Engine] = []
+    prompts: list[np.ndarray] = []  # (B, S) each engine's rows' new tokens
+    runs: list[tuple[int, int]] = []  # (engine index, rows B) in the order they are timed
     for spec in args.bundles:
         path, _, entries = spec.partition("@")
         config = dict(entry.split("=", 1) for entry in entries.split(",") if entry)
