@@ -291,9 +291,9 @@ class Scheduler:
         """The planned prompt chunks, each call's first tokens sent before the next call; -> the budget they used
         (a fresh prompt's row costs its call's padded length)."""
         for call in self._continuing_calls(continuing):
-            self._emit(self._sample(self._prefill_continuing(call)))
+            self._emit(self._sample(self._prefill_rows(call)))
         for group in _prefill_calls(fresh, self.prefill_call):
-            self._emit(self._sample(self._prefill_together(group)))
+            self._emit(self._sample(self._prefill_rows(group)))
         return sum(c for _, c in continuing) + len(fresh) * max((c for _, c in fresh), default=0)
 
     def _join_late(self, budget: int) -> None:
@@ -507,11 +507,15 @@ class Scheduler:
             calls.append([(seq, S)])
         return calls
 
-    def _prefill_continuing(self, chunks: list[tuple[Sequence, int]]) -> Ready:
-        """Continuing prompts: each row's chunk of new tokens after its `prefilled` ones, right-padded to the longest
-        (S), in one graph call over their slots (one row, where the engine does not address the cache). A padded
-        row writes throwaway keys past its own length, which its next real write overwrites."""
-        B, S = len(chunks), max(c for _, c in chunks)
+    def _prefill_rows(self, chunks: list[tuple[Sequence, int]]) -> Ready:
+        """Prompt chunks in one graph call: each row's chunk of new tokens after its `prefilled` ones, right-padded to
+        the longest (S). Either every row is a fresh prompt (empty past: the graph places them at 0..S-1) or every row
+        continues one. Rows are the sequences' slots: anywhere where the engine addresses the cache, else contiguous
+        (fresh prompts placed so; a continuing prompt alone). A padded row writes throwaway keys past its own length,
+        which its next real write overwrites."""
+        B, S, lo = len(chunks), max(c for _, c in chunks), chunks[0][0].slot
+        slots = [seq.slot for seq, _ in chunks]
+        assert self.engine.shares_prefixes or slots == list(range(lo, lo + B)), "placed contiguously"
         input_ids = np.zeros((B, S), np.int64)  # (B, S) right-padded
         positions = np.zeros((B, S), np.int64)  # (B, S)
         wanted = []
@@ -520,45 +524,16 @@ class Scheduler:
             input_ids[r, :c] = seq.prompt[start : start + c]
             positions[r] = np.arange(start, start + S)
             wanted.append(r * S + (np.arange(c) if seq.state.request.prompt_logprobs else np.array([c - 1])))
-        slot = chunks[0][0].slot
         logits = self.engine.forward(
             input_ids,
             positions,
-            (positions[:, -1]).astype(np.int32),
-            slot,
-            slot + 1,
-            np.concatenate(wanted),
-            None,
-            self._rows([seq.slot for seq, _ in chunks]),
-        )  # (sum of wanted, V): logits only where read
-        done, last, at = [], [], 0
-        for (seq, c), w in zip(chunks, wanted):
-            at += len(w)
-            if self._prefilled(seq, c, logits[at - len(w) : at]):
-                done.append(seq)
-                last.append(at - 1)
-        return done, logits[last]
-
-    def _prefill_together(self, chunks: list[tuple[Sequence, int]]) -> Ready:
-        """Fresh prompts (empty past) in one graph call over their contiguous slots, right-padded to S."""
-        B, S, lo = len(chunks), max(c for _, c in chunks), chunks[0][0].slot
-        slots = [seq.slot for seq, _ in chunks]
-        assert self.engine.shares_prefixes or slots == list(range(lo, lo + B)), "placed contiguously"
-        input_ids = np.zeros((B, S), np.int64)  # (B, S) right-padded
-        wanted = []
-        for r, (seq, c) in enumerate(chunks):
-            input_ids[r, :c] = seq.prompt[:c]
-            wanted.append(r * S + (np.arange(c) if seq.state.request.prompt_logprobs else np.array([c - 1])))
-        logits = self.engine.forward(
-            input_ids,
-            np.tile(np.arange(S), (B, 1)),
-            np.full(B, S - 1, np.int32),
+            positions[:, -1].astype(np.int32),  # (B,) each row's length after the call - 1
             lo,
             lo + B,
             np.concatenate(wanted),
             None,
             self._rows(slots),
-        )  # (sum of wanted, V); fresh prompts borrow nothing
+        )  # (sum of wanted, V): logits only where read
         done, last, at = [], [], 0
         for (seq, c), w in zip(chunks, wanted):
             at += len(w)
