@@ -19,11 +19,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.onnx_export import save_model
+from export.onnx_export import ADDRESSING, CACHE_ROWS_DIM, save_model
 from ortkernels import DOMAIN
-
-ADDRESSING = ("cache_rows", "prefix_rows", "prefix_lens")  # CausalAttention's inputs 7-9, graph inputs of these names
-CACHE_ROWS_DIM = "cache_slots"  # the cache's first dimension where it is addressed: N rows, not the batch
 
 
 def rewrite(path: Path) -> dict[str, int]:
@@ -104,10 +101,9 @@ def address_cache(model: onnx.ModelProto) -> None:
     for name in ADDRESSING:
         graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.INT32, ["batch"]))
         graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.int32), name))
-    for node in graph.node:
-        if node.op_type == "CausalAttention" and node.domain == DOMAIN:
-            node.input.extend([""] * (7 - len(node.input)) + list(ADDRESSING))
-    attention = [node for node in graph.node if node.op_type == "CausalAttention"]
+    attention = [node for node in graph.node if node.op_type == "CausalAttention" and node.domain == DOMAIN]
+    for node in attention:  # inputs 7-9, after the optional rotary tables
+        node.input.extend([""] * (7 - len(node.input)) + list(ADDRESSING))
     cache = {name for node in attention for name in (*node.input[1:3], *node.output[1:])}
     for value in [*graph.input, *graph.output]:
         if value.name in cache and value.type.tensor_type.shape.dim:  # (where a shape is declared)

@@ -44,11 +44,15 @@ def input_names(config: ModelConfig) -> list[str]:
     return ["input_ids", *positions, "seqlens_k", "total_sequence_length", "logits_index"]
 
 
+ADDRESSING = ("cache_rows", "prefix_rows", "prefix_lens")  # the inputs of a graph on CausalAttention, (B,) int32 each
+CACHE_ROWS_DIM = "cache_slots"  # the cache's first dimension in such a graph: the cache bound whole, N rows
+
+
 def io_contract(config: ModelConfig, cache_dtype: str, addressed: bool = False) -> dict[str, Any]:
     """`addressed`: the graph's attention is the project's CausalAttention with export/kernels.py's three inputs
     (the cache bound whole, its rows and shared prefixes given per batch row)."""
     past, present = cache_names(config.n_layer)
-    cache_shape = ["cache_slots" if addressed else "batch", config.n_kv_head, "max_cache_len", config.head_dim]
+    cache_shape = [CACHE_ROWS_DIM if addressed else "batch", config.n_kv_head, "max_cache_len", config.head_dim]
     rows = {"dtype": "int32", "shape": ["batch"], "default": "empty (not given)"}
     shapes: dict[str, dict[str, Any]] = {
         "input_ids": {"dtype": "int64", "shape": ["batch", "sequence"]},
@@ -60,7 +64,7 @@ def io_contract(config: ModelConfig, cache_dtype: str, addressed: bool = False) 
     return {
         "inputs": {
             **{n: shapes[n] for n in input_names(config)},
-            **({n: rows for n in ("cache_rows", "prefix_rows", "prefix_lens")} if addressed else {}),
+            **(dict.fromkeys(ADDRESSING, rows) if addressed else {}),
             **{n: {"dtype": cache_dtype, "shape": cache_shape} for n in past},
         },
         "outputs": {

@@ -14,9 +14,10 @@
    bound at once): cache_rows[b], the cache row of batch row b (absent: b, and N == B); prefix_rows[b] and
    prefix_lens[b], a shared prefix: row b's keys and values at positions below prefix_lens[b] (at most its positions
    before this step) are read from cache row prefix_rows[b], not from its own (a prompt's system prompt held once for
-   every sequence that begins with it). An empty one counts as not given (the exported graph's default). A decode step (S == 1) reads a shared prefix once for all the rows sharing it
-   (their queries are the lanes of one tile, below) and merges that part's softmax with each row's own; prompts read
-   key by key from whichever row holds it, in one pass (the same sums as from a copy).
+   every sequence that begins with it). An empty one counts as not given (the exported graph's default). A decode
+   step (S == 1) reads a shared prefix once for all the rows sharing it (their queries are the lanes of one tile,
+   below) and merges that part's softmax with each row's own; prompts read key by key from whichever row holds it,
+   in one pass (the same sums as from a copy).
 
    Why: onnxruntime 1.31's CPU GroupQueryAttention computes a prompt's whole square of scores, the masked half too, and
    a continuation's (new tokens after a cached prefix) with small matrix products: 17.9 ms of a 128-token prefill of
@@ -148,8 +149,8 @@ typedef struct {
 } Keys;
 
 /* Unit u of the running phase: its lanes (phase 1: lane g R + r is query head h G + g of the group's r-th row;
-   phase 2: lane l is pair tile L + l of row b's (new token, query head) pairs, token-major), each lane's query as an index (b H + head) S + i into q (-1: no query) and its last key into lim, and where the
-   tile's keys are. */
+   phase 2: lane l is pair tile L + l of row b's (new token, query head) pairs, token-major), each lane's query as an
+   index (b H + head) S + i into q (-1: no query) and its last key into lim, and where the tile's keys are. */
 static void tile_lanes(const Work* t, size_t u, int* query, int* lim, Keys* keys) {
   const int G = t->G, R = t->R, L = t->L, D = t->D;
   const size_t head_floats = (size_t)t->T * D;
@@ -429,7 +430,9 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   t.shared_b = writer + N;
   t.group_at = t.shared_b + B;
   for (int64_t r = 0; r < N; r++) writer[r] = -1;
-  int64_t keys = 0, own_keys = 0, shared_keys = 0; /* the keys all tiles read, about: how much work this call is */
+  /* the keys phase 2's tiles read (each row's own: a decode step's shared prefix is phase 1's), at most and in all
+     (about: how much work it is); the longest shared prefix */
+  int64_t own_keys = 0, own_work = 0, shared_keys = 0;
   int shared_rows = 0;
   for (int b = 0; b < t.B; b++) {
     int last = t.seqlens[b], row = cache_row(&t, b);
@@ -442,8 +445,6 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
       return ort_fail(api, ORT_INVALID_ARGUMENT, "CausalAttention: cache_rows must be distinct rows of the cache");
     writer[row] = b;
     int most = (first ? t.S : last + 1), pl = prefix_len(&t, b);
-    if (most > t.keys) t.keys = most;
-    keys += most;
     if (pl < 0 || pl > t.past[b])
       return ort_fail(api, ORT_INVALID_ARGUMENT, "CausalAttention: prefix_lens must lie within each row's past");
     if (pl > 0 && (t.prefix_rows[b] < 0 || t.prefix_rows[b] >= N))
@@ -452,7 +453,9 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
       t.shared_b[shared_rows++] = b;
       if (pl > shared_keys) shared_keys = pl;
     }
-    if (most - (t.S == 1 ? pl : 0) > own_keys) own_keys = most - (t.S == 1 ? pl : 0);
+    int own = most - (t.S == 1 ? pl : 0);
+    if (own > own_keys) own_keys = own;
+    own_work += own;
   }
   for (int b = 0; b < t.B; b++) { /* a prefix read from a row this call writes: only positions written before it */
     int pl = prefix_len(&t, b), w = pl > 0 ? writer[t.prefix_rows[b]] : -1;
@@ -499,8 +502,8 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   t.L = (int)S > LANES / t.G ? 2 * LANES : LANES;
   if (S == 1 && t.G <= 8 && g_vw <= 8) t.L = 8;
   t.tiles = (t.S * t.G + t.L - 1) / t.L;
-  if (S == 1) t.keys = (int)own_keys;
-  s = attend_phase(api, context, &t, (size_t)t.B * Hkv * t.tiles, (S == 1 ? own_keys * t.B : keys) * Hkv * t.tiles);
+  t.keys = (int)own_keys;
+  s = attend_phase(api, context, &t, (size_t)t.B * Hkv * t.tiles, own_work * Hkv * t.tiles);
   free(t.shared);
   if (s) return s;
   return t.failed ? ort_fail(api, ORT_FAIL, "CausalAttention: out of memory") : NULL;
