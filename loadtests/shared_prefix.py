@@ -32,7 +32,7 @@ from loadtests.workloads import (
     CHAT_SYSTEM_TOKENS,
     CHAT_TURN_TOKENS,
     CHAT_USERS,
-    prompt,
+    chat_prompt,
 )
 
 
@@ -59,15 +59,14 @@ def main() -> None:
     bundle = load_bundle(args.bundle, verify_checksums=False)
     tokenizer = TextTokenizer.from_bundle(bundle)
     max_len = args.system_tokens + args.turn_tokens + args.output_tokens + 8
+    modes = ("share",) if args.continue_call_tokens else ("share", "copy")
     engines = {
-        mode: Engine(bundle, args.users, max_len, "cpu", args.threads, share_prefixes=mode == "share")
-        for mode in ("share", "copy")
+        mode: Engine(bundle, args.users, max_len, "cpu", args.threads, share_prefixes=mode == "share") for mode in modes
     }
     if not engines["share"].shares_prefixes:
         raise SystemExit(f"shared_prefix: {args.bundle}'s graph does not address cache rows (ortkernels/ not built)")
     timers = {mode: time_graph(e.session) for mode, e in engines.items()}
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-    system = prompt(-1, args.system_tokens)
 
     def run(mode: str) -> dict:
         s = Scheduler(engines[mode], tokenizer, bundle.eos_token_ids, max_len, 2048, prefix_cache=True)
@@ -86,7 +85,7 @@ def main() -> None:
                     done.add(key)
 
             sent[key] = time.perf_counter()
-            ids = tuple(system + prompt(5000 + 100 * user + turn, args.turn_tokens))  # as W4's chat_prompt
+            ids = tuple(chat_prompt(user, turn, args.system_tokens, args.turn_tokens))
             s.submit(GenerationRequest(f"{user}-{turn}", ids, params), sink)
 
         turn = dict.fromkeys(range(args.users), 0)
@@ -123,7 +122,7 @@ def main() -> None:
                 service.scheduler.CONTINUE_CALL_TOKENS = value  # read by the scheduler at each step
                 print(json.dumps({"round": r + 1, "continue_call_tokens": value, **run("share")}), flush=True)
             continue
-        for mode in ("share", "copy"):
+        for mode in modes:
             print(json.dumps({"round": r + 1, **run(mode)}), flush=True)
 
 

@@ -17,8 +17,8 @@ W3_REQUESTS, W3_RUNNING = 64, 16
 CHAT_USERS, CHAT_ROUNDS, CHAT_SYSTEM_TOKENS, CHAT_TURN_TOKENS, CHAT_OUTPUT_TOKENS = 16, 4, 1000, 32, 64
 
 
-def chat_prompt(user: int, round_: int) -> list[int]:
-    return prompt(-1, CHAT_SYSTEM_TOKENS) + prompt(5000 + 100 * user + round_, CHAT_TURN_TOKENS)
+def chat_prompt(user: int, round_: int, system: int = CHAT_SYSTEM_TOKENS, turn: int = CHAT_TURN_TOKENS) -> list[int]:
+    return prompt(-1, system) + prompt(5000 + 100 * user + round_, turn)
 
 
 def prompt(i: int, n: int = PROMPT_TOKENS) -> list[int]:
