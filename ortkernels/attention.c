@@ -27,7 +27,9 @@
    are the lanes: 32 for a prompt (each key read once for twice the queries), 16 for decode (8 on targets of 8 floats
    or fewer); keys one at a time broadcast each of their D numbers against those lanes, so neither keys nor values are
    transposed and every product is a vector FMA: scores (keys x lanes), their softmax lane by lane, then the values
-   the same way. A call of few tiles (one row's decode) splits each tile's keys into chunks for the threads and
+   the same way. A decode step's own tiles (one token: G lanes of 16 would hold a query) run along the head
+   dimension instead, 4 keys x 4 heads of dot products at a time and the values once for 4 heads (V(decode_keys));
+   on two Zen 4 cores that halved a decode step's attention (`loadtests.attention --against`). A call of few tiles (one row's decode) splits each tile's keys into chunks for the threads and
    merges their partial softmaxes. A decode step with shared prefixes runs in two phases: first tiles whose lanes are
    the G heads of R rows sharing one prefix row, over that prefix (each lane's query to its own prefix length), left
    as partial softmaxes per query; then each row's tiles over its own keys, merged with them.
@@ -39,6 +41,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "ort_api.h"
 
@@ -253,7 +256,11 @@ static void (*g_merge)(Work*);
 static const char* g_attend_name;
 static pthread_once_t g_chosen = PTHREAD_ONCE_INIT;
 
+static int g_chunk_tasks; /* how many tasks few tiles' keys are split into: two a core, 4 to 32 */
+
 static void choose(void) {
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  g_chunk_tasks = cores < 2 ? 4 : cores > 16 ? 32 : 2 * (int)cores;
   const char* want = getenv("GPT_ONNX_SERVE_ATTENTION_KERNEL");
   g_attend = attend_generic;
   g_merge = merge_generic;
@@ -285,12 +292,14 @@ const char* attention_kernel(void) {
 }
 
 /* The running phase's `units` tiles on the session's threads; `work`, about the keys all of them read. Few tiles (one
-   row's decode: one per kv head) split their keys into chunks of at least 32, so that every thread has a share
-   (partials merged after); a tiny call runs on this thread, where handing it out costs more. */
+   row's decode: one per kv head) split their keys into chunks of at least 32, about two tasks a core in all, so that
+   every thread has a share (partials merged after; on two cores, one row's decode over 160 cached positions took
+   13-17 us a call in 4 tasks against 16-21 us in 16); a tiny call runs on this thread, where handing it out costs
+   more. */
 static OrtStatus* attend_phase(const OrtApi* api, void* context, Work* t, size_t units, int64_t work) {
   t->chunks = 1;
   if (units < 8 && t->keys >= 64) {
-    t->chunks = (int)((16 + units - 1) / units);
+    t->chunks = (int)((g_chunk_tasks + units - 1) / units);
     if (t->chunks > t->keys / 32) t->chunks = t->keys / 32;
   }
   t->tasks = units * (size_t)t->chunks;
