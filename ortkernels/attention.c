@@ -29,10 +29,11 @@
    transposed and every product is a vector FMA: scores (keys x lanes), their softmax lane by lane, then the values
    the same way. A decode step's own tiles (one token: G lanes of 16 would hold a query) run along the head
    dimension instead, 4 keys x 4 heads of dot products at a time and the values once for 4 heads (V(decode_keys));
-   on two Zen 4 cores that halved a decode step's attention (`loadtests.attention --against`). A call of few tiles (one row's decode) splits each tile's keys into chunks for the threads and
-   merges their partial softmaxes. A decode step with shared prefixes runs in two phases: first tiles whose lanes are
-   the G heads of R rows sharing one prefix row, over that prefix (each lane's query to its own prefix length), left
-   as partial softmaxes per query; then each row's tiles over its own keys, merged with them.
+   on two Zen 4 cores that halved a decode step's attention (`loadtests.attention --against`). A call of few tiles
+   (one row's decode) splits each tile's keys into chunks for the threads and merges their partial softmaxes. A
+   decode step with shared prefixes runs in two phases: first tiles whose lanes are the G heads of R rows sharing one
+   prefix row, over that prefix (each lane's query to its own prefix length), left as partial softmaxes per query;
+   then each row's tiles over its own keys, merged with them.
    Decode reads the cache at the memory's speed, like onnxruntime's. One source, written with GCC vector types,
    compiled for AVX-512, AVX2 and plain x86-64 (or the target's own vectors elsewhere) and picked once per process
    (GPT_ONNX_SERVE_ATTENTION_KERNEL overrides). */
