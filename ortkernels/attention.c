@@ -28,7 +28,7 @@
    or fewer); keys one at a time broadcast each of their D numbers against those lanes, so neither keys nor values are
    transposed and every product is a vector FMA: scores (keys x lanes), their softmax lane by lane, then the values
    the same way. A decode step's own tiles (one token: G lanes of 16 would hold a query) run along the head
-   dimension instead, 4 keys x 4 heads of dot products at a time and the values once for 4 heads (V(decode_keys));
+   dimension instead, 4 keys x 4 heads of dot products at a time and the values once for 4 heads (attention_decode.h);
    on two Zen 4 cores that halved a decode step's attention (`loadtests.attention --against`). A call of few tiles
    (one row's decode) splits each tile's keys into chunks for the threads and merges their partial softmaxes. A
    decode step with shared prefixes runs in two phases: first tiles whose lanes are the G heads of R rows sharing one

@@ -87,85 +87,13 @@ TARGET INLINE void V(tile_keys)(const Work* t, const Keys* keys, const float* qt
   }
 }
 
-/* A decode step's tile of one row (S == 1), keys kb .. ke-1, which all of its queries attend: its lanes are query
-   heads (those with a query first, `query` >= 0), so the vectors run along the head dimension instead of the lanes.
-   Each block of 4 keys is read once for 4 heads at a time (16 dot products, their lanes summed in a tree), and the
-   values once for 4 heads (o += p v, DBV vectors of the D a pass); where lanes are queries (V(tile_keys)) a decode
-   tile's 16 lanes hold G = 3 heads and 13 of every 16 products are thrown away. m, l (L,) and o (D, L) as
-   V(tile_keys) leaves them; lanes without a query get m = -inf, l = 0, o = 0. scores: (4 ceil(heads / 4), ke - kb). */
-TARGET static void V(decode_keys)(const Work* t, const Keys* keys, const int* query, int kb, int ke, float* scores,
-                                  float* m_out, float* l_out, float* o_out) {
-  enum { GB = 4, DBV = VW == 16 ? 4 : 2 }; /* heads a pass; vectors of o a pass per head */
-  const int D = t->D, L = t->L, nk = ke - kb;
-  static const float zeros[1024] = {0}; /* the query of a head past the last (D <= 1024) */
-  const float* q[2 * LANES + GB];
-  int n = 0;
-  while (n < L && query[n] >= 0) q[n] = t->q + (size_t)query[n] * D, n++;
-  const int heads = (n + GB - 1) / GB * GB;
-  for (int g = n; g < heads; g++) q[g] = zeros;
-  const float* K = keys->K + (size_t)kb * D;
-  const float* X = keys->X + (size_t)kb * D;
-  for (int lane = 0; lane < L; lane++) m_out[lane] = -INFINITY, l_out[lane] = 0;
-  memset(o_out, 0, sizeof(float) * (size_t)D * L);
-  if (nk <= 0) return;
-  for (int g0 = 0; g0 < heads; g0 += GB) {
-    /* scores: 4 keys x 4 heads a block; the last block's keys past nk repeat the last key, unstored */
-    for (int j = 0; j < nk; j += 4) {
-      const float* k[4];
-      for (int u = 0; u < 4; u++) k[u] = K + (size_t)(j + u < nk ? j + u : nk - 1) * D;
-      V(vf) a[GB][4];
-      for (int g = 0; g < GB; g++)
-        for (int u = 0; u < 4; u++) a[g][u] = (V(vf)){0};
-      for (int d = 0; d < D; d += VW) {
-        V(vf) kv[4];
-        for (int u = 0; u < 4; u++) kv[u] = V(load)(k[u] + d);
-        for (int g = 0; g < GB; g++) {
-          V(vf) qv = V(load)(q[g0 + g] + d);
-          for (int u = 0; u < 4; u++) a[g][u] += qv * kv[u];
-        }
-      }
-      for (int g = 0; g < GB; g++) {
-        float s[4];
-        V(hsum4)(a[g][0], a[g][1], a[g][2], a[g][3], s);
-        for (int u = 0; u < 4 && j + u < nk; u++) scores[(size_t)(g0 + g) * nk + j + u] = s[u];
-      }
-    }
-    /* each head's maximum, its probabilities (unnormalized) and their sum */
-    float* p[GB];
-    for (int g = 0; g < GB; g++) {
-      p[g] = scores + (size_t)(g0 + g) * nk;
-      float m = -INFINITY, l = 0;
-      for (int j = 0; j < nk; j++) m = p[g][j] > m ? p[g][j] : m;
-      int j = 0;
-      for (; j + VW <= nk; j += VW) {
-        V(vf) e = V(vexp)(V(load)(p[g] + j) - m);
-        V(store)(p[g] + j, e);
-        for (int i = 0; i < VW; i++) l += e[i];
-      }
-      for (; j < nk; j++) l += p[g][j] = expf(p[g][j] - m);
-      if (g0 + g < n) m_out[g0 + g] = m, l_out[g0 + g] = l;
-    }
-    /* o = p @ values, DBV vectors of each head's o a pass */
-    for (int d0 = 0; d0 < D; d0 += DBV * VW) {
-      const int nv = D - d0 < DBV * VW ? (D - d0) / VW : DBV;
-      V(vf) o[GB][DBV];
-      for (int g = 0; g < GB; g++)
-        for (int e = 0; e < DBV; e++) o[g][e] = (V(vf)){0};
-      for (int j = 0; j < nk; j++) {
-        const float* x = X + (size_t)j * D + d0;
-        V(vf) xv[DBV];
-        for (int e = 0; e < DBV; e++) xv[e] = e < nv ? V(load)(x + e * VW) : (V(vf)){0};
-        for (int g = 0; g < GB; g++) {
-          float w = p[g][j];
-          for (int e = 0; e < DBV; e++) o[g][e] += w * xv[e];
-        }
-      }
-      for (int g = 0; g < GB && g0 + g < n; g++)
-        for (int e = 0; e < nv; e++)
-          for (int i = 0; i < VW; i++) o_out[(size_t)(d0 + e * VW + i) * L + g0 + g] = o[g][e][i];
-    }
-  }
-}
+/* A decode step's tiles (ortkernels/attention_decode.h): 4 query heads a pass, or 1 where a kv head has one */
+#define DECODE_GB 4
+#include "attention_decode.h"
+#undef DECODE_GB
+#define DECODE_GB 1
+#include "attention_decode.h"
+#undef DECODE_GB
 
 /* Part p: tasks p, p + parts, ... (the causal tiles' costs grow with their rows: interleaved, each part gets a share
    of long and short ones). A task is one tile's keys, or with `chunks` > 1 one chunk of them (a call of few tiles,
@@ -191,8 +119,10 @@ TARGET static void V(attend)(void* user, size_t part) {
     int kb = keys.kb + (int)((int64_t)n * chunk / t->chunks), ke = keys.kb + (int)((int64_t)n * (chunk + 1) / t->chunks);
     float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
     /* L / VW: 1 or 2 (AVX-512), 1, 2 or 4 (AVX2), 2, 4 or 8 (SSE); what this target cannot have is not compiled */
-    if (t->phase == 2 && t->S == 1)
-      V(decode_keys)(t, &keys, query, kb, ke, scores, m, l, dst);
+    if (t->phase == 2 && t->S == 1 && t->G == 1)
+      V(decode_1)(t, &keys, query, kb, ke, scores, m, l, dst);
+    else if (t->phase == 2 && t->S == 1)
+      V(decode_4)(t, &keys, query, kb, ke, scores, m, l, dst);
     else if (L == VW && VW >= 8)
       V(tile_keys)(t, &keys, qt, lim, kb, ke, scores, m, l, dst, 1);
     else if (L == 2 * VW)
