@@ -9,13 +9,10 @@
    (V(tile_keys)) a decode tile's 16 lanes hold G = 3 heads and 13 of every 16 products are thrown away. m, l (L,)
    and o (D, L) as V(tile_keys) leaves them; lanes without a query get m = -inf, l = 0, o = 0. scores: (GB ceil(heads /
    GB), ke - kb). */
-#if DECODE_GB == 4
-TARGET static void V(decode_4)(const Work* t, const Keys* keys, const int* query, int kb, int ke, float* scores,
-                               float* m_out, float* l_out, float* o_out) {
-#else
-TARGET static void V(decode_1)(const Work* t, const Keys* keys, const int* query, int kb, int ke, float* scores,
-                               float* m_out, float* l_out, float* o_out) {
-#endif
+#define DECODE_NAMED(gb) V(decode_##gb) /* DECODE_GB expanded first, then pasted: V(decode_4) */
+#define DECODE_NAME(gb) DECODE_NAMED(gb)
+TARGET static void DECODE_NAME(DECODE_GB)(const Work* t, const Keys* keys, const int* query, int kb, int ke,
+                                          float* scores, float* m_out, float* l_out, float* o_out) {
   enum { GB = DECODE_GB, DBV = VW == 16 ? 4 : 2 }; /* heads a pass; vectors of o a pass per head */
   const int D = t->D, L = t->L, nk = ke - kb;
   static const float zeros[1024] = {0}; /* the query of a head past the last (D <= 1024) */
@@ -87,3 +84,5 @@ TARGET static void V(decode_1)(const Work* t, const Keys* keys, const int* query
     }
   }
 }
+#undef DECODE_NAME
+#undef DECODE_NAMED
