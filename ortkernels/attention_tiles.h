@@ -109,19 +109,20 @@ TARGET static void V(attend)(void* user, size_t part) {
   float *qt = buffer, *o = buffer + (size_t)D * L, *scores = o + (size_t)D * L;
   int lim[2 * LANES], query[2 * LANES];
   float m[2 * LANES], l[2 * LANES];
+  const int decode = t->phase == 2 && t->S == 1; /* a decode step's own tiles: attention_decode.h, no qt */
   for (size_t task = part; task < t->tasks; task += (size_t)t->parts) {
     size_t unit = task / (size_t)t->chunks;
     int chunk = (int)(task % (size_t)t->chunks);
     Keys keys;
     tile_lanes(t, unit, query, lim, &keys);
-    tile_queries(t, query, qt);
+    if (!decode) tile_queries(t, query, qt);
     int n = keys.ke - keys.kb;
     int kb = keys.kb + (int)((int64_t)n * chunk / t->chunks), ke = keys.kb + (int)((int64_t)n * (chunk + 1) / t->chunks);
     float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
     /* L / VW: 1 or 2 (AVX-512), 1, 2 or 4 (AVX2), 2, 4 or 8 (SSE); what this target cannot have is not compiled */
-    if (t->phase == 2 && t->S == 1 && t->G == 1)
+    if (decode && t->G == 1)
       V(decode_1)(t, &keys, query, kb, ke, scores, m, l, dst);
-    else if (t->phase == 2 && t->S == 1)
+    else if (decode)
       V(decode_4)(t, &keys, query, kb, ke, scores, m, l, dst);
     else if (L == VW && VW >= 8)
       V(tile_keys)(t, &keys, qt, lim, kb, ke, scores, m, l, dst, 1);
