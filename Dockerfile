@@ -1,5 +1,6 @@
-# Multi-stage: `build` installs the export side (torch, CPU wheels) and exports the default bundle with the same make
-# target CI uses; `runtime` carries the service only (onnxruntime-gpu, no torch, no pip cache), as a non-root user.
+# Multi-stage: `build` installs the export side (torch, CPU wheels), builds ortkernels/ (the project's CPU ops, C) and
+# exports the default bundle with the same make target CI uses; `runtime` carries the service and the built ops library
+# only (onnxruntime-gpu, no torch, no compiler, no pip cache), as a non-root user.
 #   docker build -t gpt-onnx-serve .                              # CUDA 13 + cuDNN 9 base, fp16 bundle (GPU hosts)
 #   docker build -t gpt-onnx-serve:cpu --build-arg VARIANT=cpu .  # slim Python base, fp32 bundle
 # Needs BuildKit (the builder of every current Docker), which builds only the stages the variant uses.
@@ -7,8 +8,10 @@ ARG VARIANT=gpu
 
 FROM python:3.11-slim-bookworm AS build
 ARG VARIANT
+# gcc for ortkernels/: the library picks its code for the CPU it runs on (AVX-512 VNNI, AVX2 or plain C) at load time,
+# so one build serves every x86-64 host.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make \
+    && apt-get install -y --no-install-recommends make gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Packages first (cached until pyproject.toml or the Makefile change), code after. torch only exports, on the CPU:
@@ -17,11 +20,12 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml Makefile ./
 RUN mkdir export service ortkernels && touch export/__init__.py service/__init__.py ortkernels/__init__.py \
     && PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL" PIP_NO_CACHE_DIR=1 make setup-export
-# The export needs export/ only: a change to service/ rebuilds the runtime stage, not the bundle.
+# The export needs export/ and ortkernels/ only: a change to service/ rebuilds the runtime stage, not the bundle.
 COPY export/ export/
-COPY ortkernels/__init__.py ortkernels/
+COPY ortkernels/ ortkernels/
 # fp16 for the GPU: onnxruntime's CUDA GroupQueryAttention runs fp16/bf16 only (half the weights and KV cache,
-# tensor cores); fp32 for the CPU, where it is the fastest.
+# tensor cores); fp32 for the CPU, where it is the fastest, on ortkernels/' CausalAttention and SwiGLU (`make export`
+# builds the library first where a compiler is found).
 ARG VARIANT
 RUN make export BUNDLE=/bundle EXPORT_ARGS="$(if [ "$VARIANT" = gpu ]; then echo --dtype fp16; fi)"
 
@@ -46,9 +50,10 @@ COPY pyproject.toml Makefile ./
 RUN mkdir export service ortkernels && touch export/__init__.py service/__init__.py ortkernels/__init__.py \
     && PIP_NO_CACHE_DIR=1 make setup-serve PYTHON=python3
 COPY service/ service/
-# ortkernels/ unbuilt (no C compiler in the image): the baked fp32/fp16 bundles run onnxruntime's own ops, and a
-# mounted bundle exported with the project's ops (CausalAttention, SwiGLU, MatMulQ4_1) is refused by name
+# ortkernels/ as the build stage built it (no compiler here): the baked CPU bundle's CausalAttention and SwiGLU, and
+# the MatMulQ4_1 of a mounted int4 bundle exported from a GGUF, run on it.
 COPY ortkernels/__init__.py ortkernels/
+COPY --from=build /src/ortkernels/libgpt_onnx_serve_kernels.so ortkernels/
 COPY export/__init__.py export/
 COPY --from=build /bundle /bundles/default
 USER 10001:10001

@@ -140,6 +140,17 @@ def test_image_holds_no_torch_and_no_pip_cache(image):
     assert "onnxruntime-gpu" in names and "fastapi" in names and "torch" not in names
 
 
+def test_baked_bundle_runs_on_the_projects_cpu_ops(container):
+    """The build stage compiles ortkernels/ and exports the fp32 bundle onto its CausalAttention and SwiGLU; the
+    runtime stage carries the library (it has no compiler), and the engine says which code the CPU runs."""
+    cid, _ = container
+    out = docker("logs", cid)
+    logs = out.stdout + out.stderr
+    ops = r"ortkernels/ on the CPU: CausalAttention \((avx512|avx2|generic) code\), SwiGLU"
+    assert re.search(ops, logs), logs[-3000:]
+    assert "golden outputs reproduce" in logs
+
+
 def test_docker_stop_drains_a_running_stream(container):
     """Last of the container's tests: it stops it. SIGTERM mid-stream: /ready fails, a new request gets 503
     `draining`, the running stream still gets every token it asked for, and the process exits 0 (not killed)."""
@@ -183,6 +194,30 @@ def test_docker_stop_drains_a_running_stream(container):
     state = json.loads(docker("inspect", "-f", "{{json .State}}", cid).stdout)
     assert state["ExitCode"] == 0 and not state["OOMKilled"], state
     assert "draining" in docker("logs", cid).stderr
+
+
+def test_a_mounted_int4_bundle_serves_on_matmulq4_1(image, tmp_path):
+    """A user's int4 bundle (the default GGUF's Q4_1 blocks, exported on the host) mounted read-only over the baked
+    one: the image's ortkernels/ runs its MatMulQ4_1, the golden outputs reproduce, and it answers."""
+    bundle = tmp_path / "int4"
+    export = run_cli("export", "--source", "default", "--out", str(bundle), "--quantize", "int4")
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    assert "MatMulQ4_1" in json.loads((bundle / "manifest.json").read_text())["graph"]["kernels"]
+    args = ("--read-only", "--tmpfs", "/tmp", "-p", "127.0.0.1::8000", "-v", f"{bundle}:/bundles/default:ro")
+    cid = docker("run", "-d", *args, *RUN_ARGS, image).stdout.strip()
+    try:
+        wait_healthy(cid)
+        out = docker("logs", cid)
+        logs = out.stdout + out.stderr
+        assert re.search(r"MatMulQ4_1 \((avx512vnni|avx2|generic) code\)", logs), logs[-3000:]
+        assert "golden outputs reproduce" in logs and "int4" in logs
+        url = "http://" + docker("port", cid, "8000/tcp").stdout.split()[0]
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        (model,) = [m.id for m in client.models.list().data]
+        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
+        assert r.choices[0].text.strip() and r.usage is not None and r.usage.completion_tokens == 8
+    finally:
+        docker("rm", "-f", cid, check=False)
 
 
 def running_services() -> list[str]:
