@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,6 +19,7 @@ import ortkernels
 from export.checkpoints import PackedLinear
 from export.quantize import BLOCK, _q4_1_projection, q4_1_packed
 from tests.export.test_quantize import q4_1_blocks
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.skipif(not ortkernels.available(), reason=f"ortkernels/ is not built: {ortkernels.BUILD_HINT}")
 
@@ -137,6 +141,59 @@ def test_each_code_path_computes_the_blocks_product(kernel):
     assert same < 1e-5  # the same int8 rounding: only float sums in another order
     assert exact < 1e-2  # int8 activations: llama.cpp's Q4_1 x Q8_1, MatMulNBits' level 4
     assert minimum > 10 * exact  # leaving the minimum term out would fail
+
+
+# The vector roundings of a row against the scalar one, byte for byte: int8 values, scales and sums. Rows of ordinary
+# values, of values landing on halves once scaled (rounded to even either way), of zero blocks, of subnormal and of
+# huge products. Compiled against the library's source (its functions are static).
+ROUNDING_HARNESS = r"""
+#include "q4_1_matmul.c"
+#include <stdio.h>
+int main(int argc, char** argv) {
+  enum { K = 1536, NB = K / 32 };
+  QuantizeFn vector = strcmp(argv[1], "avx512vnni") == 0 ? quantize_row_avx512 : quantize_row_avx2;
+  static float a[K];
+  int8_t q0[K], q1[K];
+  float d0[NB], d1[NB], s0[NB], s1[NB];
+  unsigned seed = 1;
+  long bad = 0;
+  for (int it = 0; it < 20000; it++) {
+    for (int i = 0; i < K; i++) {
+      seed = seed * 1103515245u + 12345u;
+      float x = ((int)(seed >> 8) % 20001 - 10000) / 1000.f;
+      switch (it % 6) {
+        case 1: x = ((int)(seed >> 8) % 255 - 127) * 0.5f; break;
+        case 2: x = (seed >> 20) % 3 ? 0.f : x; break;
+        case 3: x = i < 64 ? 0.f : x; break;
+        case 4: x *= 1e-30f; break;
+        case 5: x *= 1e30f; break;
+      }
+      a[i] = x;
+    }
+    quantize_row(a, K, q0, d0, s0);
+    vector(a, K, q1, d1, s1);
+    bad += memcmp(q0, q1, K) || memcmp(d0, d1, sizeof d0) || memcmp(s0, s1, sizeof s0);
+  }
+  printf("%ld of 20000 rows differ\n", bad);
+  return bad != 0;
+}
+"""
+
+
+@pytest.mark.parametrize("kernel", ["avx512vnni", "avx2"])
+def test_vector_rounding_of_the_rows_is_the_scalar_one(kernel, tmp_path: Path):
+    if not cpu_has(kernel):
+        pytest.skip(f"this CPU has no {kernel}")
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        pytest.skip("no C compiler to build the harness")
+    (tmp_path / "harness.c").write_text(ROUNDING_HARNESS)
+    binary = tmp_path / "harness"
+    flags = ["-O3", "-fno-math-errno", "-pthread", "-Wno-psabi", "-I", str(REPO / "ortkernels")]
+    subprocess.run([cc, *flags, "-o", str(binary), str(tmp_path / "harness.c"), "-lm"], check=True, timeout=120)
+    run = subprocess.run([str(binary), kernel], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == "0 of 20000 rows differ"
 
 
 def test_packed_layout_holds_the_files_bytes():
