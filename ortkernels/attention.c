@@ -98,6 +98,7 @@ typedef struct { /* one call, shared by the threads */
   /* the phase running: 1, the shared prefixes' tiles of a decode step; 2, each row's own tiles */
   int phase, L, R, tiles, chunks, parts, keys; /* L lanes a tile (phase 1: the G heads of R = L / G rows);
                                                   keys: the most any tile reads */
+  int decode_gb;   /* a decode tile's query heads a pass (attention_decode.h): decode_heads(G) */
   size_t tasks;    /* units x chunks; a unit is phase 2's (row, kv head, tile) or phase 1's (group, kv head) */
   float* partials; /* with chunks > 1: (tasks, 2 + D, L) each chunk's m, l, o */
   int* shared_b;   /* phase 1: the rows with a shared prefix, grouped by their prefix row */
@@ -108,6 +109,13 @@ typedef struct { /* one call, shared by the threads */
 } Work;
 
 INLINE int cache_row(const Work* t, int b) { return t->rows ? t->rows[b] : b; }
+
+/* The query heads a decode tile takes a pass (attention_decode.h's instances): 1 where G is 1, else 3 where that
+   leaves fewer empty heads than 4 (G = 2, 3, 5, 6, 9: SmolLM2's 3), else 4 (G = 4, 7, 8, 16). */
+static int decode_heads(int G) {
+  if (G == 1) return 1;
+  return (G + 2) / 3 * 3 - G < (G + 3) / 4 * 4 - G ? 3 : 4;
+}
 INLINE int prefix_len(const Work* t, int b) { return t->prefix_lens ? t->prefix_lens[b] : 0; }
 
 /* Rotates (half-split) x's D numbers for position pos into dst, times scale. */
@@ -418,6 +426,7 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   if (B == 0 || S == 0) return NULL;
 
   Work t = {.B = (int)B, .S = (int)S, .H = H, .Hkv = Hkv, .D = (int)D, .T = (int)T, .G = H / Hkv};
+  t.decode_gb = decode_heads(t.G);
   t.qkv = ort_data(api, in[0]);
   t.k = present_k;
   t.v = present_v;

@@ -1,6 +1,9 @@
 /* CausalAttention's decode tiles (ortkernels/attention_tiles.h), a template over GB = DECODE_GB, the query heads a
-   pass: included once with 4 (V(decode_4)) and once with 1 (V(decode_1), a kv head's one query head, as GPT-2's), each
-   compiled with its GB a constant (one function taking GB as an argument ran SmolLM2's 40% slower). */
+   pass: included with 4, 3 and 1 (V(decode_4), V(decode_3), V(decode_1); 1 for a kv head's one query head, as GPT-2's, 3 for
+   SmolLM2's three), each compiled with its GB a constant (one function taking GB as an argument ran SmolLM2's 40%
+   slower) and apart from V(attend) (noinline): inlined there, four instances left GCC's registers worse for all of
+   them (16 rows' decode over 256 positions, SmolLM2: 176-188 us a call with 3 heads a pass, 130-138 with 4 before;
+   apart, 116-136 with 3; GPT-2's shape 317-324 against 380-404 us). */
 
 /* A decode step's tile of one row (S == 1), keys kb .. ke-1, which all of its queries attend: its lanes are query
    heads (those with a query first, `query` >= 0), so the vectors run along the head dimension instead of the lanes.
@@ -11,8 +14,9 @@
    GB), ke - kb). */
 #define DECODE_NAMED(gb) V(decode_##gb) /* DECODE_GB expanded first, then pasted: V(decode_4) */
 #define DECODE_NAME(gb) DECODE_NAMED(gb)
-TARGET static void DECODE_NAME(DECODE_GB)(const Work* t, const Keys* keys, const int* query, int kb, int ke,
-                                          float* scores, float* m_out, float* l_out, float* o_out) {
+TARGET __attribute__((noinline)) static void DECODE_NAME(DECODE_GB)(const Work* t, const Keys* keys, const int* query,
+                                                                    int kb, int ke, float* scores, float* m_out,
+                                                                    float* l_out, float* o_out) {
   enum { GB = DECODE_GB, DBV = VW == 16 ? 4 : 2 }; /* heads a pass; vectors of o a pass per head */
   const int D = t->D, L = t->L, nk = ke - kb;
   static const float zeros[1024] = {0}; /* the query of a head past the last (D <= 1024) */

@@ -87,8 +87,12 @@ TARGET INLINE void V(tile_keys)(const Work* t, const Keys* keys, const float* qt
   }
 }
 
-/* A decode step's tiles (ortkernels/attention_decode.h): 4 query heads a pass, or 1 where a kv head has one */
+/* A decode step's tiles (ortkernels/attention_decode.h): 4, 3 or 1 query heads a pass, whichever leaves the fewest
+   empty heads for a kv head's G (decode_heads: SmolLM2's G = 3 three a pass, not 4 with one empty) */
 #define DECODE_GB 4
+#include "attention_decode.h"
+#undef DECODE_GB
+#define DECODE_GB 3
 #include "attention_decode.h"
 #undef DECODE_GB
 #define DECODE_GB 1
@@ -120,8 +124,10 @@ TARGET static void V(attend)(void* user, size_t part) {
     int kb = keys.kb + (int)((int64_t)n * chunk / t->chunks), ke = keys.kb + (int)((int64_t)n * (chunk + 1) / t->chunks);
     float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
     /* L / VW: 1 or 2 (AVX-512), 1, 2 or 4 (AVX2), 2, 4 or 8 (SSE); what this target cannot have is not compiled */
-    if (decode && t->G == 1)
+    if (decode && t->decode_gb == 1)
       V(decode_1)(t, &keys, query, kb, ke, scores, m, l, dst);
+    else if (decode && t->decode_gb == 3)
+      V(decode_3)(t, &keys, query, kb, ke, scores, m, l, dst);
     else if (decode)
       V(decode_4)(t, &keys, query, kb, ke, scores, m, l, dst);
     else if (L == VW && VW >= 8)

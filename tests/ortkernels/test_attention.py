@@ -81,8 +81,11 @@ def attention_session(
 
 
 # (heads, kv heads, head size, rotary): SmolLM2's 9/3 x 64, multi-head without rotary (GPT-2), 8/2 x 128 (Mistral's
-# group of 4), 16 query heads to one kv head (a tile's lanes all one row's), 7/1 (Qwen2-0.5B's group of 7)
-MODELS = [(9, 3, 64, True), (4, 4, 32, False), (8, 2, 128, True), (16, 1, 16, True), (7, 1, 32, True)]
+# group of 4), 16 query heads to one kv head (a tile's lanes all one row's), 7/1 (Qwen2-0.5B's group of 7), 6/3 (a
+# group of 2). A decode tile takes G's heads 3 (G = 3, 2), 1 (G = 1) or 4 (G = 4, 16, 7) at a time.
+MODELS = [
+    (9, 3, 64, True), (4, 4, 32, False), (8, 2, 128, True), (16, 1, 16, True), (7, 1, 32, True), (6, 3, 32, True),
+]  # fmt: skip
 # (rows, new tokens, positions cached before them per row; None: a first prompt, right-padded): a burst of first
 # prompts, one long prompt, a continuation after a cached prefix, two at once, decode steps of rows at different
 # lengths (one at 0), one row's decode over a long cache (its keys split between threads and merged)
