@@ -138,10 +138,10 @@ def measure(
                 binding.bind_ortvalue_output(f"present_{name}", value)
             binding.bind_output("out")
         times: dict[str, list[float]] = {op: [] for op in ops}
-        for _ in range(calls):
-            for op, session in sessions.items():
+        for call in range(calls):  # the order turned every call (A B B A ...): the first of two ran 3-6% faster
+            for op in ops if call % 2 == 0 else ops[::-1]:
                 start = time.perf_counter()
-                session.run_with_iobinding(bindings[op])
+                sessions[op].run_with_iobinding(bindings[op])
                 times[op].append(time.perf_counter() - start)
         for op in ops:
             ms = statistics.median(times[op][3:]) * 1e3
