@@ -154,8 +154,9 @@ docker-cpu: docker-base
 docker-gpu:
 	DOCKER=$(DOCKER) deploy/docker/build.sh -t $(IMAGE):latest .
 
-# The CPU image run as a user runs it, then compose's cpu and scale-cpu profiles (tests/deploy/test_docker.py).
-docker-test: $(VENV)/.installed docker-cpu
+# The CPU image run as a user runs it (and a host-exported int4 bundle mounted into it: the host's kernels export
+# it), then compose's cpu and scale-cpu profiles (tests/deploy/test_docker.py).
+docker-test: $(VENV)/.installed kernels docker-cpu
 	DOCKER=$(DOCKER) deploy/docker/standin.sh nginx:1.27-alpine
 	DOCKER=$(DOCKER) DOCKER_IMAGE=$(IMAGE):cpu $(BIN)/python -m pytest -m docker tests/deploy/test_docker.py $(PYTEST_ARGS)
 

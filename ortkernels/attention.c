@@ -109,6 +109,7 @@ typedef struct { /* one call, shared by the threads */
 } Work;
 
 INLINE int cache_row(const Work* t, int b) { return t->rows ? t->rows[b] : b; }
+INLINE int prefix_len(const Work* t, int b) { return t->prefix_lens ? t->prefix_lens[b] : 0; }
 
 /* The query heads a decode tile takes a pass (attention_decode.h's instances): 1 where G is 1, else 3 where that
    leaves fewer empty heads than 4 (G = 2, 3, 5, 6, 9: SmolLM2's 3), else 4 (G = 4, 7, 8, 16). */
@@ -116,7 +117,6 @@ static int decode_heads(int G) {
   if (G == 1) return 1;
   return (G + 2) / 3 * 3 - G < (G + 3) / 4 * 4 - G ? 3 : 4;
 }
-INLINE int prefix_len(const Work* t, int b) { return t->prefix_lens ? t->prefix_lens[b] : 0; }
 
 /* Rotates (half-split) x's D numbers for position pos into dst, times scale. */
 INLINE void rotate(const float* x, const float* cos, const float* sin, int D, float scale, float* dst) {

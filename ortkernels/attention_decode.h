@@ -1,9 +1,9 @@
 /* CausalAttention's decode tiles (ortkernels/attention_tiles.h), a template over GB = DECODE_GB, the query heads a
-   pass: included with 4, 3 and 1 (V(decode_4), V(decode_3), V(decode_1); 1 for a kv head's one query head, as GPT-2's, 3 for
-   SmolLM2's three), each compiled with its GB a constant (one function taking GB as an argument ran SmolLM2's 40%
-   slower) and apart from V(attend) (noinline): inlined there, four instances left GCC's registers worse for all of
-   them (16 rows' decode over 256 positions, SmolLM2: 176-188 us a call with 3 heads a pass, 130-138 with 4 before;
-   apart, 116-136 with 3; GPT-2's shape 317-324 against 380-404 us). */
+   pass: included with 4, 3 and 1 (V(decode_4), V(decode_3), V(decode_1); 1 for a kv head's one query head, as
+   GPT-2's, 3 for SmolLM2's three), each compiled with its GB a constant (one function taking GB as an argument ran
+   SmolLM2's 40% slower) and apart from V(attend) (noinline): inlined there, several instances left GCC's registers
+   worse for all of them (16 rows' decode over 256 positions, SmolLM2: 176-188 us a call with 3 heads a pass, against
+   127-138 with 4 before; apart, 115-119 with 3; GPT-2's shape 360-364 against 405-411 us). */
 
 /* A decode step's tile of one row (S == 1), keys kb .. ke-1, which all of its queries attend: its lanes are query
    heads (those with a query first, `query` >= 0), so the vectors run along the head dimension instead of the lanes.
