@@ -57,13 +57,20 @@ TARGET __attribute__((noinline)) static void DECODE_NAME(DECODE_GB)(const Work* 
     for (int g = 0; g < GB; g++) {
       p[g] = scores + (size_t)(g0 + g) * nk;
       float m = -INFINITY, l = 0;
-      for (int j = 0; j < nk; j++) m = p[g][j] > m ? p[g][j] : m;
+      V(vf) mv = (V(vf)){0} - INFINITY, lv = {0}; /* a vector's lanes, reduced once */
       int j = 0;
       for (; j + VW <= nk; j += VW) {
+        V(vf) x = V(load)(p[g] + j);
+        mv = V(pick)(x > mv, x, mv);
+      }
+      for (int i = 0; i < VW; i++) m = mv[i] > m ? mv[i] : m;
+      for (; j < nk; j++) m = p[g][j] > m ? p[g][j] : m;
+      for (j = 0; j + VW <= nk; j += VW) {
         V(vf) e = V(vexp)(V(load)(p[g] + j) - m);
         V(store)(p[g] + j, e);
-        for (int i = 0; i < VW; i++) l += e[i];
+        lv += e;
       }
+      for (int i = 0; i < VW; i++) l += lv[i];
       for (; j < nk; j++) l += p[g][j] = expf(p[g][j] - m);
       if (g0 + g < n) m_out[g0 + g] = m, l_out[g0 + g] = l;
     }
