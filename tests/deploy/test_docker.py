@@ -3,6 +3,7 @@ the Dockerfile, then these run it. Marked `docker` (a Docker engine and the buil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -67,12 +68,12 @@ def image() -> str:
     return IMAGE
 
 
-@pytest.fixture(scope="module")
-def container(image: str) -> Iterator[tuple[str, str]]:
-    """The image as deploy/README.md runs it: read-only root, a tmpfs /tmp, and a stop timeout (Docker's default,
-    10 s, would kill a draining server) that covers the drain and uvicorn's graceful shutdown. Docker picks the host
-    port itself (-p 127.0.0.1::8000) and says which: no port is chosen here and raced for."""
-    args = ("--read-only", "--tmpfs", "/tmp", "--stop-timeout", "70", "-p", "127.0.0.1::8000", *RUN_ARGS)
+@contextlib.contextmanager
+def running(image: str, *extra: str) -> Iterator[tuple[str, str]]:
+    """The image as deploy/README.md runs it, read-only root and a tmpfs /tmp (`extra`: more `docker run` options),
+    until healthy -> (container id, base URL); removed after. Docker picks the host port itself (-p 127.0.0.1::8000)
+    and says which: no port is chosen here and raced for."""
+    args = ("--read-only", "--tmpfs", "/tmp", "-p", "127.0.0.1::8000", *extra, *RUN_ARGS)
     cid = docker("run", "-d", *args, image).stdout.strip()
     try:
         wait_healthy(cid)
@@ -80,6 +81,14 @@ def container(image: str) -> Iterator[tuple[str, str]]:
         yield cid, f"http://{address}"
     finally:
         docker("rm", "-f", cid, check=False)
+
+
+@pytest.fixture(scope="module")
+def container(image: str) -> Iterator[tuple[str, str]]:
+    """With a stop timeout (Docker's default, 10 s, would kill a draining server) that covers the drain and uvicorn's
+    graceful shutdown."""
+    with running(image, "--stop-timeout", "70") as started:
+        yield started
 
 
 def test_readme_curl_streams_an_answer(container):
@@ -203,21 +212,15 @@ def test_a_mounted_int4_bundle_serves_on_matmulq4_1(image, tmp_path):
     export = run_cli("export", "--source", "default", "--out", str(bundle), "--quantize", "int4")
     assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
     assert "MatMulQ4_1" in json.loads((bundle / "manifest.json").read_text())["graph"]["kernels"]
-    args = ("--read-only", "--tmpfs", "/tmp", "-p", "127.0.0.1::8000", "-v", f"{bundle}:/bundles/default:ro")
-    cid = docker("run", "-d", *args, *RUN_ARGS, image).stdout.strip()
-    try:
-        wait_healthy(cid)
+    with running(image, "-v", f"{bundle}:/bundles/default:ro") as (cid, url):
         out = docker("logs", cid)
         logs = out.stdout + out.stderr
         assert re.search(r"MatMulQ4_1 \((avx512vnni|avx2|generic) code\)", logs), logs[-3000:]
         assert "golden outputs reproduce" in logs and "int4" in logs
-        url = "http://" + docker("port", cid, "8000/tcp").stdout.split()[0]
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         (model,) = [m.id for m in client.models.list().data]
         r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=8, temperature=0)
         assert r.choices[0].text.strip() and r.usage is not None and r.usage.completion_tokens == 8
-    finally:
-        docker("rm", "-f", cid, check=False)
 
 
 def running_services() -> list[str]:
