@@ -98,7 +98,6 @@ typedef struct { /* one call, shared by the threads */
   /* the phase running: 1, the shared prefixes' tiles of a decode step; 2, each row's own tiles */
   int phase, L, R, tiles, chunks, parts, keys; /* L lanes a tile (phase 1: the G heads of R = L / G rows);
                                                   keys: the most any tile reads */
-  int decode_gb;   /* a decode tile's query heads a pass (attention_decode.h): decode_heads(G) */
   size_t tasks;    /* units x chunks; a unit is phase 2's (row, kv head, tile) or phase 1's (group, kv head) */
   float* partials; /* with chunks > 1: (tasks, 2 + D, L) each chunk's m, l, o */
   int* shared_b;   /* phase 1: the rows with a shared prefix, grouped by their prefix row */
@@ -426,7 +425,6 @@ static OrtStatus* kernel_compute(void* kernel, void* context) {
   if (B == 0 || S == 0) return NULL;
 
   Work t = {.B = (int)B, .S = (int)S, .H = H, .Hkv = Hkv, .D = (int)D, .T = (int)T, .G = H / Hkv};
-  t.decode_gb = decode_heads(t.G);
   t.qkv = ort_data(api, in[0]);
   t.k = present_k;
   t.v = present_v;

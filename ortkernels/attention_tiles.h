@@ -114,6 +114,7 @@ TARGET static void V(attend)(void* user, size_t part) {
   int lim[2 * LANES], query[2 * LANES];
   float m[2 * LANES], l[2 * LANES];
   const int decode = t->phase == 2 && t->S == 1; /* a decode step's own tiles: attention_decode.h, no qt */
+  const int heads_a_pass = decode ? decode_heads(t->G) : 0;
   for (size_t task = part; task < t->tasks; task += (size_t)t->parts) {
     size_t unit = task / (size_t)t->chunks;
     int chunk = (int)(task % (size_t)t->chunks);
@@ -124,9 +125,9 @@ TARGET static void V(attend)(void* user, size_t part) {
     int kb = keys.kb + (int)((int64_t)n * chunk / t->chunks), ke = keys.kb + (int)((int64_t)n * (chunk + 1) / t->chunks);
     float* dst = t->chunks == 1 ? o : t->partials + task * (size_t)(D + 2) * L + 2 * L; /* partial: m, l, o */
     /* L / VW: 1 or 2 (AVX-512), 1, 2 or 4 (AVX2), 2, 4 or 8 (SSE); what this target cannot have is not compiled */
-    if (decode && t->decode_gb == 1)
+    if (decode && heads_a_pass == 1)
       V(decode_1)(t, &keys, query, kb, ke, scores, m, l, dst);
-    else if (decode && t->decode_gb == 3)
+    else if (decode && heads_a_pass == 3)
       V(decode_3)(t, &keys, query, kb, ke, scores, m, l, dst);
     else if (decode)
       V(decode_4)(t, &keys, query, kb, ke, scores, m, l, dst);
