@@ -46,6 +46,28 @@ def test_hf_dir_exports_a_verified_bundle(tiny_llama, tmp_path, extra, variants)
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"]  # no temp dirs left behind
 
 
+def test_int8_of_a_tied_embedding_keeps_the_table_its_gather_reads(tmp_path):
+    """GPT-2's unembedding is its embedding: onnxruntime's quantizer would transpose that table for a MatMul in
+    place, under the embedding's Gather too (the default model's int8 export failed so). The Gemm stays fp32 and
+    shares the one table."""
+    import onnx
+
+    directory = tmp_path / "hf-gpt2"
+    write_hf_checkpoint(directory, "gpt2")
+    out = tmp_path / "bundle"
+    result = run_cli(
+        "export", "--source", str(directory), "--out", str(out), "--max-context", "128", "--quantize", "int8"
+    )
+    assert result.returncode == 0, result.stderr
+    reports = [ParityReport.from_dict(r) for r in json.loads((out / "manifest.json").read_text())["parity"]]
+    assert [r.variant for r in reports] == ["fp32", "int8"] and all(r.verified and r.passed() for r in reports)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    (gemm,) = [n for n in graph.node if n.op_type == "Gemm"]
+    (gather,) = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == gemm.input[1]]
+    assert all(a.f == 1.0 for a in gemm.attribute if a.name == "alpha")
+    assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node)
+
+
 def test_gguf_with_q4_blocks_exports_int4_from_its_own_blocks(tiny_llama, tmp_path):
     directory, hf = tiny_llama
     path = tmp_path / "tiny-q4.gguf"
