@@ -149,7 +149,7 @@ def run_cases(kernel: str) -> tuple[str, float]:
     return ortkernels.code_path("CausalAttention"), worst
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("kernel", [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"])
 def test_each_code_path_computes_gqa_attention(kernel):
     ran, worst = in_own_process(run_cases, kernel)
     assert ran == kernel
@@ -216,7 +216,7 @@ def run_shared_cases(kernel: str) -> tuple[str, float]:
     return ortkernels.code_path("CausalAttention"), worst
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("kernel", [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"])
 def test_each_code_path_reads_cache_rows_and_shared_prefixes(kernel):
     ran, worst = in_own_process(run_shared_cases, kernel)
     assert ran == kernel
@@ -319,7 +319,7 @@ def run_swiglu(kernel: str) -> tuple[str, float]:
     return ortkernels.code_path("SwiGLU"), worst
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "avx2", "generic"])
+@pytest.mark.parametrize("kernel", [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"])
 def test_swiglu_is_silu_of_the_first_half_times_the_second(kernel):
     ran, worst = in_own_process(run_swiglu, kernel)
     assert ran == kernel

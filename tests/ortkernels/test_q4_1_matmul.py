@@ -131,7 +131,7 @@ def in_process_with(kernel: str) -> tuple[str, float, float, float]:
     return run_case(kernel)
 
 
-@pytest.mark.parametrize("kernel", ["avx512vnni", "avx2", "generic"])
+@pytest.mark.parametrize("kernel", [pytest.param("avx512vnni", marks=pytest.mark.cpu_path), "avx2", "generic"])
 def test_each_code_path_computes_the_blocks_product(kernel):
     if not cpu_has(kernel):
         pytest.skip(f"this CPU has no {kernel}")  # an AVX2-only machine runs avx2 and generic
@@ -180,7 +180,7 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.mark.parametrize("kernel", ["avx512vnni", "avx2"])
+@pytest.mark.parametrize("kernel", [pytest.param("avx512vnni", marks=pytest.mark.cpu_path), "avx2"])
 def test_vector_rounding_of_the_rows_is_the_scalar_one(kernel, tmp_path: Path):
     if not cpu_has(kernel):
         pytest.skip(f"this CPU has no {kernel}")
