@@ -105,7 +105,7 @@ static inline float half_to_float(uint16_t h) {
 
 /* How far ahead of its block the AVX2 tile asks for weights (4 blocks of a group): a decode step's tiles stalled on
    each block's first load from memory (perf annotate on a Zen 3), the groups being too short (5.8 KB at K = 576) for
-   the hardware prefetcher to run ahead. 16 alternating pairs of `loadtests.engine --bundle
+   the hardware prefetcher to run ahead. 17 alternating pairs of `loadtests.engine --bundle
    bundles/smollm2-135m-int4 --steps 128`: the step 0.76-1.14x, median 0.91x. */
 #define Q41_PREFETCH 1280
 #define TILE_ROWS 4 /* the most rows a tile takes (8 measured no faster with the VNNI tile) */
