@@ -8,11 +8,13 @@ token for token, one prompt of them sent while another request is running.
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 from pathlib import Path
 
 import httpx
+import onnx
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -72,6 +74,22 @@ def reference(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str) -> tupl
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
 
+# Nodes a graph may have outside its decoder layers: the embedding (GPT-2: two Gathers and an Add), the final norm,
+# the Reshape and Gather of the logits' positions, the unembedding (docs/EXPORT.md census).
+OUTSIDE_LAYERS = 8
+# What a TorchScript trace leaves between the fused ops (docs/EXPORT.md: format 1's ~131 nodes a layer)
+TRACE_OPS = {"Cast", "Shape", "Constant", "ConstantOfShape", "Unsqueeze", "Squeeze", "Concat", "Slice", "Pow", "Sqrt"}
+
+
+def assert_fused(bundle: Path, n_layer: int) -> None:
+    """The fp32 graph has at most 12 nodes a decoder layer and no Cast/Shape/Constant chains (issue 10's census)."""
+    nodes = onnx.load(bundle / "model.onnx", load_external_data=False).graph.node
+    ops = collections.Counter(n.op_type for n in nodes)
+    assert len(nodes) <= 12 * n_layer + OUTSIDE_LAYERS, f"{len(nodes)} nodes for {n_layer} layers: {ops}"
+    assert not TRACE_OPS & set(ops), f"trace nodes left in the graph: {ops}"
+    assert ops["CausalAttention"] + ops["GroupQueryAttention"] == n_layer, ops
+
+
 def complete(url: str, prompt: str, max_tokens: int = MAX_TOKENS, **extra) -> dict:
     body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     r = httpx.post(url + "/v1/completions", json=body, timeout=120)
@@ -90,6 +108,7 @@ def test_family_exports_serves_and_answers_like_transformers(family, source, tmp
     assert manifest["model"]["arch"] == arch.get(family, family)
     parity = manifest["parity"][0]
     assert parity["verified"] and parity["max_abs_diff"] <= 1e-3 and parity["top1_agreement"] == 1.0
+    assert_fused(bundle, manifest["model"]["n_layer"])
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     expected = {p: reference(model, tokenizer, p) for p in PROMPTS}
