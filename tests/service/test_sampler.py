@@ -319,3 +319,41 @@ def test_reduction_inputs_name_each_rows_edited_ids_once():
             want = np.unique(sampler.edit_ids(row))
             assert edits[i, : len(want)].tolist() == want.tolist() and (edits[i, len(want) :] == -1).all()
             assert inv_t[i] == (0.0 if row.params.greedy else np.float32(1 / row.params.temperature))
+
+
+@pytest.mark.parametrize("min_p", [0.0, 1e-12, 0.05])
+def test_peaked_rows_draw_the_tokens_the_whole_rows_give(min_p, monkeypatch):
+    """Rows from very peaked to flat (temperatures 0.05 to 1.5; ties at the top; one row whose nucleus needs tokens
+    below NUCLEUS_FLOOR), many draws each: the rows _draw_peaked takes draw the same tokens, bit for bit, as with it
+    turned off (every row then computes all its probabilities), and at low temperatures it takes most rows."""
+    rng = np.random.default_rng(11)
+    V, N = 8192, 48
+    logits = rng.normal(size=(N, V)).astype(np.float32) * 2.5
+    logits[:, :40] += rng.uniform(2.0, 9.0, size=(N, 1)).astype(np.float32)  # a head of likely tokens
+    logits[5, [3, 17, 4000]] = logits[5].max()  # ties at the top
+    logits[7] = 0.0  # a flat row: its nucleus is most of the vocabulary
+    logits[7, 9] = 12.0
+    temperature = np.geomspace(0.05, 1.5, N)
+    top_p = rng.choice([0.5, 0.9, 0.95, 0.999], N)
+
+    def draws(seed: int) -> np.ndarray:
+        rows = [
+            Row(
+                SamplingParams(max_tokens=1, temperature=float(t), top_p=float(p), min_p=min_p),
+                np.random.default_rng([seed, i]),
+                {},
+                NONE,
+            )
+            for i, (t, p) in enumerate(zip(temperature, top_p))
+        ]
+        return sample_batch(logits, rows)
+
+    taken = []
+    peaked = sampler._draw_peaked
+    monkeypatch.setattr(sampler, "_draw_peaked", lambda *a: taken.append(peaked(*a)[0]) or peaked(*a))
+    on = np.stack([draws(seed) for seed in range(30)])
+    assert taken[0][: N // 3].all() and not taken[0][-4:].any()  # the cool rows are taken, the hottest are not
+    monkeypatch.setattr(sampler, "PEAK_MOST", 0)
+    off = np.stack([draws(seed) for seed in range(30)])
+    assert np.array_equal(on, off)
+    assert sum(len(np.unique(column)) > 1 for column in on.T) >= N // 4  # draws, not one token per row every time
