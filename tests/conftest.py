@@ -37,9 +37,9 @@ def default_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template: fast, and its random tokens exercise
-    byte-level pieces (split UTF-8 characters, emoji, CJK) that a trained model rarely emits."""
+def tiny_source(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama checkpoint with SmolLM2's real tokenizer and chat template: fast, and its random tokens
+    exercise byte-level pieces (split UTF-8 characters, emoji, CJK) that a trained model rarely emits."""
     import json
 
     from tests.helpers import write_hf_checkpoint
@@ -48,7 +48,26 @@ def tiny_bundle(default_bundle: Path, tmp_path_factory: pytest.TempPathFactory) 
     manifest = json.loads((default_bundle / "manifest.json").read_text())
     write_hf_checkpoint(src, "llama", tokenizer_json=(default_bundle / "tokenizer.json").read_text(), seed=1)
     (src / "tokenizer_config.json").write_text(json.dumps({"chat_template": manifest["tokenizer"]["chat_template"]}))
+    return src
+
+
+def export_tiny(source: Path, tmp_path_factory: pytest.TempPathFactory, *flags: str) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny"
-    result = run_cli("export", "--source", str(src), "--out", str(out), "--name", "tiny", "--max-context", "256")
+    result = run_cli(
+        "export", "--source", str(source), "--out", str(out), "--name", "tiny", "--max-context", "256", *flags
+    )
     assert result.returncode == 0, result.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint's bundle as `make export` would write it (the project's ops where they are built)."""
+    return export_tiny(tiny_source, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_onnxruntime(tiny_source: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with onnxruntime's own ops only (`--kernels none`): GroupQueryAttention binds one contiguous range of
+    cache rows a call, so cached prefixes are copied between slots and rows are moved, as on CUDA."""
+    return export_tiny(tiny_source, tmp_path_factory, "--kernels", "none")

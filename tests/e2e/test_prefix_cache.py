@@ -1,6 +1,8 @@
 """The automatic prefix cache on a real server: the same answers with and without it (greedy and seeded
 sampling), its counters on /metrics, a match that ends inside a 16-token block, and eviction when every slot
-is wanted. Two servers on the tiny bundle with two cache slots each, one started with --no-prefix-cache."""
+is wanted. Two servers on the tiny bundle with two cache slots each, one started with --no-prefix-cache; all of it
+twice: on the project's CausalAttention, which reads a shared prefix where it is, and on onnxruntime's own ops
+(GroupQueryAttention, as on CUDA), where a cached prefix is copied into the slot that reuses it."""
 
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ SYSTEM = list(range(300, 340))  # a 40-token "system prompt" shared by several r
 SAMPLED = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_bundle, tmp_path_factory) -> Iterator[tuple[Server, Server]]:
+@pytest.fixture(scope="module", params=["tiny_bundle", "tiny_bundle_onnxruntime"], ids=["shares", "copies"])
+def servers(request, tmp_path_factory) -> Iterator[tuple[Server, Server, bool]]:
+    """(with the cache, without it, whether the graph reads shared prefixes where they are)"""
+    bundle = request.getfixturevalue(request.param)
     logs = tmp_path_factory.mktemp("prefix-logs")
     args = ("--max-model-len", "256", "--max-num-seqs", "2")
-    on = start_server(tiny_bundle, logs / "on.log", *args)
-    off = start_server(tiny_bundle, logs / "off.log", *args, "--no-prefix-cache")
-    yield on, off
+    on = start_server(bundle, logs / "on.log", *args)
+    off = start_server(bundle, logs / "off.log", *args, "--no-prefix-cache")
+    yield on, off, request.param == "tiny_bundle"
     stop_server(on)
     stop_server(off)
 
@@ -45,7 +49,7 @@ def counters(server: Server) -> tuple[float, float]:
 
 
 def test_answers_are_the_same_with_and_without_the_cache_and_hits_are_counted(servers):
-    on, off = servers
+    on, off, _ = servers
     q0, h0 = counters(on)
     first = SYSTEM + [401, 402, 403]
     assert complete(on, first) == complete(off, first)
@@ -68,7 +72,7 @@ def test_answers_are_the_same_with_and_without_the_cache_and_hits_are_counted(se
 
 
 def test_a_match_that_ends_inside_a_block_is_reused(servers):
-    on, off = servers
+    on, off, _ = servers
     base = list(range(900, 950))
     complete(on, base)
     partial = base[:21] + [77, 78, 79]  # shares 21 tokens: one full block of 16 and 5 of the next
@@ -78,7 +82,7 @@ def test_a_match_that_ends_inside_a_block_is_reused(servers):
 
 
 def test_least_recently_used_entry_is_evicted_when_every_slot_is_wanted(servers):
-    on, off = servers
+    on, off, _ = servers
     a, b, c = ([k] * 30 + list(range(k, k + 10)) for k in (1000, 2000, 3000))
     for p in (a, b, c):  # two slots: c takes the slot of a, the least recently used
         assert complete(on, p) == complete(off, p)
@@ -90,11 +94,12 @@ def test_least_recently_used_entry_is_evicted_when_every_slot_is_wanted(servers)
     assert counters(on)[1] - h == len(c) - 2  # c is still cached: all but the last two prompt tokens are reused
 
 
-def test_a_prefix_a_running_request_holds_is_shared_not_copied(servers):
-    """b arrives while a (the same system prompt) is still generating: b reads those positions from a's row (the
-    server's prefix_cache_shared_positions gauge counts them while b's slot keeps them) and answers as without the
-    cache."""
-    on, off = servers
+def test_a_prefix_a_running_request_holds_is_reused_while_it_runs(servers):
+    """b arrives while a (the same system prompt) is still generating: on CausalAttention b reads those positions
+    from a's row (the server's prefix_cache_shared_positions gauge counts them while b's slot keeps them), on
+    GroupQueryAttention they are copied from a's running slot into b's (the gauge stays 0); either way b answers as
+    without the cache, and a's stream is undisturbed."""
+    on, off, shares = servers
     a, b = SYSTEM + [701, 702, 703], SYSTEM + [801, 802]
     body = {"model": "tiny", "prompt": a, "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
     streamed = []
@@ -109,6 +114,6 @@ def test_a_prefix_a_running_request_holds_is_shared_not_copied(servers):
             if line.startswith("data: {"):
                 streamed.append(json.loads(line[6:])["choices"][0]["text"])
     assert CACHED[-1] == len(SYSTEM)
-    assert on.metric("prefix_cache_shared_positions") == len(SYSTEM)  # b's slot, an entry now, still reads a's row
+    assert on.metric("prefix_cache_shared_positions") == (len(SYSTEM) if shares else 0)  # b's slot still reads a's row
     assert answer_b == complete(off, b)
     assert "".join(streamed) == complete(off, a, max_tokens=200)[0]
