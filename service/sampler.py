@@ -511,7 +511,9 @@ def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarra
     # normal number, 1.2e-38, is e^-87.3): arithmetic on subnormal numbers is many times slower, and a token that
     # unlikely is never drawn
     p = np.subtract(z, zmax, out=z)
-    p = np.exp(np.maximum(p, np.float32(-87.0), out=p), out=p)
+    if p.min() < -87.0:  # (a row's logits spanning less than 87 temperatures, as at 1.0, need no clamp)
+        np.maximum(p, np.float32(-87.0), out=p)
+    p = np.exp(p, out=p)
     if min_p.any():
         p = np.where(p < min_p[:, None], 0.0, p).astype(np.float32)  # min_p x the top probability
     n = len(left)
