@@ -323,16 +323,16 @@ def test_reduction_inputs_name_each_rows_edited_ids_once():
 
 @pytest.mark.parametrize("min_p", [0.0, 1e-12, 0.05])
 def test_peaked_rows_draw_the_tokens_the_whole_rows_give(min_p, monkeypatch):
-    """Rows from very peaked to flat (temperatures 0.05 to 1.5; ties at the top; one row whose nucleus needs tokens
-    below NUCLEUS_FLOOR), many draws each: the rows _draw_peaked takes draw the same tokens, bit for bit, as with it
-    turned off (every row then computes all its probabilities), and at low temperatures it takes most rows."""
+    """Rows from very peaked to flat (temperatures 0.05 to 1.5; ties at the top; a last row whose nucleus needs
+    tokens below NUCLEUS_FLOOR), many draws each: the rows _draw_peaked takes draw the same tokens, bit for bit, as
+    with it turned off (every row then computes all its probabilities), and at low temperatures it takes most rows."""
     rng = np.random.default_rng(11)
     V, N = 8192, 48
     logits = rng.normal(size=(N, V)).astype(np.float32) * 2.5
     logits[:, :40] += rng.uniform(2.0, 9.0, size=(N, 1)).astype(np.float32)  # a head of likely tokens
     logits[5, [3, 17, 4000]] = logits[5].max()  # ties at the top
-    logits[7] = 0.0  # a flat row: its nucleus is most of the vocabulary
-    logits[7, 9] = 12.0
+    logits[-1] = np.float32(1.5 * np.log(5e-5))  # at temperature 1.5: 8,191 tokens at 5e-5 of the top, a third of
+    logits[-1, 9] = 0.0  # the mass: a nucleus of 0.9 or more needs them
     temperature = np.geomspace(0.05, 1.5, N)
     top_p = rng.choice([0.5, 0.9, 0.95, 0.999], N)
 
