@@ -582,11 +582,7 @@ def _draw_peaked(
     peaked[rows[ok]] = True
     ids, ql, lo = ids[ok], ql[ok], lo[ok]
     # the likely tokens alone, left-aligned, ascending (as _draw_nucleus_above_floor holds them), and the cut
-    lr, lc = _nonzero_rows(ql > 0)
-    at = np.arange(len(lr)) - np.searchsorted(lr, lr)
-    width = max(int(np.bincount(lr, minlength=len(ql)).max()), 1)
-    lids, lq = np.full((len(ql), width), -1, np.int64), np.zeros((len(ql), width), np.float32)
-    lids[lr, at], lq[lr, at] = ids[lr, lc], ql[lr, lc]
+    lids, lq = _left_aligned(ql > 0, ids, ql, fill=0.0)
     floor = _nucleus_floor(lq, lo)
     lq = np.where(lq >= floor[:, None], lq, 0.0)
     return peaked, _draw(lids, lq, np.ones(len(lq)), u[rows[ok]], ordered=True)

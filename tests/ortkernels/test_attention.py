@@ -101,6 +101,10 @@ def reference(qkv, past_k, past_v, seqlens, total, cos, sin, H, H_kv):  # noqa: 
     return out.numpy(), k.numpy(), v.numpy()
 
 
+# each code path the library has; AVX-512 runs only where the CPU has it (skipped elsewhere: cpu_path)
+CODE_PATHS = [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"]
+
+
 def run_cases(kernel: str) -> tuple[str, float]:
     """In a process of its own (the library reads GPT_ONNX_SERVE_ATTENTION_KERNEL once): -> (the code path run, the
     worst error against the reference, outputs and cache rows written, over every model and case)."""
@@ -149,7 +153,7 @@ def run_cases(kernel: str) -> tuple[str, float]:
     return ortkernels.code_path("CausalAttention"), worst
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"])
+@pytest.mark.parametrize("kernel", CODE_PATHS)
 def test_each_code_path_computes_gqa_attention(kernel):
     ran, worst = in_own_process(run_cases, kernel)
     assert ran == kernel
@@ -216,7 +220,7 @@ def run_shared_cases(kernel: str) -> tuple[str, float]:
     return ortkernels.code_path("CausalAttention"), worst
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"])
+@pytest.mark.parametrize("kernel", CODE_PATHS)
 def test_each_code_path_reads_cache_rows_and_shared_prefixes(kernel):
     ran, worst = in_own_process(run_shared_cases, kernel)
     assert ran == kernel
@@ -319,7 +323,7 @@ def run_swiglu(kernel: str) -> tuple[str, float]:
     return ortkernels.code_path("SwiGLU"), worst
 
 
-@pytest.mark.parametrize("kernel", [pytest.param("avx512", marks=pytest.mark.cpu_path), "avx2", "generic"])
+@pytest.mark.parametrize("kernel", CODE_PATHS)
 def test_swiglu_is_silu_of_the_first_half_times_the_second(kernel):
     ran, worst = in_own_process(run_swiglu, kernel)
     assert ran == kernel
