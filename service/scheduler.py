@@ -14,22 +14,26 @@ over as it is; from a running slot the prefix is borrowed where the graph reads 
 every row sharing them), else copied into the new one. Either way those positions are not computed again.
 
 A token budget per step (`max_num_batched_tokens`, vLLM's name). Every decoding sequence gets its one token first;
-prompt chunks fill what is left. Continuing prompts (already partly in the cache: a chat's next turn after its
-cached system prompt) share calls of up to CONTINUE_CALL_TOKENS padded tokens where the graph runs the project's
-CausalAttention, which takes several new tokens on rows with a past and any cache rows; onnxruntime's
-GroupQueryAttention takes several new tokens per row only for rows whose past is empty, so there they run one per
-call. Fresh prompts start together, right-padded to a common chunk length S chosen to fill the budget with the most real
-tokens, in calls of at most PREFILL_CALL_TOKENS (PREFILL_CALL_TOKENS_CPU on the CPU). A padded row writes throwaway
-keys past its own length, which its next real write overwrites. On the CPU a prompt gets at most PREFILL_CHUNK_CPU
-tokens a step, and of the prompts with more than that left only one computes at a time (vLLM's
-max_long_partial_prefills of 1): the others wait for it, so a burst of long prompts is prefilled one after another,
-not all in lockstep, and those sharing its prefix (a chat service's system prompt) copy that from its slot when their
-turn comes instead of computing it too. The decode call runs first, then the prompt calls; each call's tokens are
-sampled and sent before the next call starts, so a prompt's first token never waits for the prefill of the prompts
-after it. (The prompt calls first measured worse: a chat's next turn, sent right after a decode call brought its
-previous answer's last token, then just misses the next step's start; docs/BENCHMARKS.md.) Prompts that arrive while
-a step's calls run join that step, within what is left of its budget: a burst the engine began before all of it had
-arrived stalls the running streams once, not once per part.
+prompt chunks fill what is left. Continuing prompts (already partly in the cache: a chat's next turn after its cached
+system prompt) get one graph call a step, the oldest first: as many as share a call of up to CONTINUE_CALL_TOKENS padded
+tokens where the graph runs the project's CausalAttention, which takes several new tokens on rows with a past and any
+cache rows; onnxruntime's GroupQueryAttention takes several new tokens per row only for rows whose past is empty, so
+there one. A burst of chat turns (users whose previous answers ended in the same step) is so spread over steps with
+decode calls between them: each turn's stream starts decoding right after its call, the streams running wait at most one
+such call between two tokens, and the users' next turns no longer arrive together (W4 served, TTFT p50 1,080-1,337 ->
+234-244 ms; docs/BENCHMARKS.md). Fresh prompts start together, right-padded to a common chunk length S chosen to fill
+the budget with the most real tokens, in calls of at most PREFILL_CALL_TOKENS (PREFILL_CALL_TOKENS_CPU on the CPU), all
+in the step that plans them (a burst of fresh prompts measured best prefilled at once: the token budget's curve in
+docs/BENCHMARKS.md). A padded row writes throwaway keys past its own length, which its next real write overwrites. On
+the CPU a prompt gets at most PREFILL_CHUNK_CPU tokens a step, and of the prompts with more than that left only one
+computes at a time (vLLM's max_long_partial_prefills of 1): the others wait for it, so a burst of long prompts is
+prefilled one after another, not all in lockstep, and those sharing its prefix (a chat service's system prompt) copy
+that from its slot when their turn comes instead of computing it too. The decode call runs first, then the prompt calls;
+each call's tokens are sampled and sent before the next call starts, so a prompt's first token never waits for the
+prefill of the prompts after it. (The prompt calls first measured worse: a chat's next turn, sent right after a decode
+call brought its previous answer's last token, then just misses the next step's start; docs/BENCHMARKS.md.) Prompts that
+arrive while a step's calls run join that step, within what is left of its budget: a burst the engine began before all
+of it had arrived stalls the running streams once, not once per part.
 
 No idle rows. A graph on the project's CausalAttention reads each batch row's cache row wherever it is: nothing moves.
 Otherwise a graph call binds one contiguous range of cache rows, so before the calls the scheduler places
@@ -92,13 +96,14 @@ PREFILL_CALL_TOKENS_CPU = 256
 # int4; docs/BENCHMARKS.md; not measured again with the project's CausalAttention, which computes the causal half).
 # Elsewhere a prompt's chunk is bounded by the step's token budget alone (not measured).
 PREFILL_CHUNK_CPU = 256
-# Where the engine addresses the cache (the project's CausalAttention), continuing prompts (new tokens after a cached
-# prefix: chat turns) share graph calls of at most this many padded tokens: a call streams every weight once however
-# many rows it has (32 tokens after 1,000 cached, fp32: four rows in one call 2.5x one row's time, int4 2.1x;
-# `loadtests.paired --rows`), while each row's first token waits for the whole call. W4's time to first token, p50,
-# in-process and alternating (`loadtests.shared_prefix --continue-call-tokens`): 32 (one turn a call) 635-675 ms, 64
-# 526-545, 128 477-560, 256 no better than 128 (docs/BENCHMARKS.md). Longer chunks run alone.
-CONTINUE_CALL_TOKENS = 128
+# Where the engine addresses the cache (the project's CausalAttention), the step's call of continuing prompts (new
+# tokens after a cached prefix: chat turns) holds at most this many padded tokens. A call streams every weight once
+# however many rows it has (32 tokens after 1,000 cached, fp32: four rows in one call 2.5x one row's time, int4 2.1x;
+# `loadtests.paired --rows`), but with one such call a step, a small one spreads a burst of turns the most: W4's
+# time to first token, p50, in-process and alternating (`loadtests.shared_prefix --continue-call-tokens`): 32 (one
+# 32-token turn a call) 156-167 ms, 64 240-246, 128 378-400, 256 557-617; served, 32 / 64 / 128: 234-244 / 381-484
+# / 682-711 ms, with the most tokens/s and the lowest ITL p99 at 32 (docs/BENCHMARKS.md). Longer chunks run alone.
+CONTINUE_CALL_TOKENS = 32
 
 
 # Decode steps with at least this many sampled rows have their logits reduced where the engine can (on CUDA: the
@@ -275,7 +280,7 @@ class Scheduler:
         self._admit()
         decoding = [s for s in self.running.values() if s.decoding]
         budget = self.budget - len(decoding)
-        continuing, fresh = self._plan_prefill(budget)
+        continuing, fresh = self._plan_prefill(budget, continue_call=True)
         if not self._in_place(decoding, [seq for seq, _ in fresh]):
             self._place(decoding, 0)
             self._place([seq for seq, _ in fresh], len(decoding))
@@ -283,20 +288,21 @@ class Scheduler:
         # waits for another sequence's call. (sequences, logits (N, V)) -> [(sequence, token, logprob)] -> events
         self._emit(self._sample(self._decode(decoding)))
         budget -= self._prefill(continuing, fresh)
-        self._join_late(budget)
+        self._join_late(budget, continue_call=not continuing)
         self._retire([s for s in self.running.values() if s.finish_reason])
         self.steps += 1
 
     def _prefill(self, continuing: list[tuple[Sequence, int]], fresh: list[tuple[Sequence, int]]) -> int:
-        """The planned prompt chunks, each call's first tokens sent before the next call; -> the budget they used
-        (a fresh prompt's row costs its call's padded length)."""
-        for call in self._continuing_calls(continuing):
-            self._emit(self._sample(self._prefill_rows(call)))
+        """The planned prompt chunks, each call's first tokens sent before the next call: the continuing prompts' one
+        call, then the fresh prompts' calls; -> the budget they used (a fresh prompt's row costs its call's padded
+        length)."""
+        if continuing:
+            self._emit(self._sample(self._prefill_rows(continuing)))
         for group in _prefill_calls(fresh, self.prefill_call):
             self._emit(self._sample(self._prefill_rows(group)))
         return sum(c for _, c in continuing) + len(fresh) * max((c for _, c in fresh), default=0)
 
-    def _join_late(self, budget: int) -> None:
+    def _join_late(self, budget: int, continue_call: bool) -> None:
         """Prompts that arrived while this step's calls ran are prefilled in it too, within what is left of its
         token budget, as they would have been had they come before it began: the streams already running are
         waiting out this step's prompt calls anyway, and would otherwise wait out a second step of them (a burst
@@ -310,13 +316,14 @@ class Scheduler:
                 for slot, seq in self.running.items()
                 if slot not in taken and len(seq.prompt) - seq.prefilled <= min(budget, self.prefill_chunk)
             ]
-            continuing, fresh = self._plan_prefill(budget, among=late)
+            continuing, fresh = self._plan_prefill(budget, continue_call, among=late)
             if not continuing and not fresh:
                 return
             group = [seq for seq, _ in fresh]
             if group and not self._in_place([], group):
                 self._place(group, len(self.running) - len(group))
             budget -= self._prefill(continuing, fresh)
+            continue_call = continue_call and not continuing
 
     def _run_job(self) -> None:
         try:
@@ -379,12 +386,13 @@ class Scheduler:
             self.running[slot] = seq
 
     def _plan_prefill(
-        self, budget: int, among: list[Sequence] | None = None
+        self, budget: int, continue_call: bool, among: list[Sequence] | None = None
     ) -> tuple[list[tuple[Sequence, int]], list[tuple[Sequence, int]]]:
         """Which prompts get how many tokens this step, within `budget` tokens: (continuing, fresh), each a list
-        of (sequence, chunk length). Continuing prompts go first, oldest first; then fresh prompts, right-padded to
-        the chunk length that fits the most real tokens (every row of it costs S tokens), split into calls later.
-        `among`: only these sequences (late arrivals) are planned.
+        of (sequence, chunk length). Continuing prompts go first, oldest first, as many as share one graph call
+        (_joins), where `continue_call` (the step has not run one yet); then fresh prompts, right-padded to the chunk
+        length that fits the most real tokens (every row of it costs S tokens), split into calls later. `among`:
+        only these sequences (late arrivals) are planned.
 
         No chunk is longer than `prefill_chunk`, and of the prompts with more than that left only one computes at a
         time (the leader: the one part-way through, else the oldest); the others wait, and look for their prefix
@@ -429,10 +437,12 @@ class Scheduler:
         if leader is None:
             leader = next((s for s in pending if left(s) > cap and not waits(s)), None)
         ready = [s for s in pending if left(s) <= cap or s is leader]
-        continuing = []
-        for seq in ready:
+        continuing: list[tuple[Sequence, int]] = []  # one call's rows, oldest first
+        for seq in ready if continue_call else ():
             if seq.prefilled and budget > 0:
                 chunk = _not_one_short(left(seq), min(left(seq), budget, cap))
+                if continuing and not self._joins(continuing, seq, chunk):
+                    break
                 continuing.append((seq, chunk))
                 budget -= chunk
         fresh = [s for s in ready if not s.prefilled]
@@ -492,20 +502,15 @@ class Scheduler:
         """The engine's cache rows for a call over `slots` (with the prefixes they borrow), where it addresses them."""
         return self.prefix.rows(slots) if self.engine.shares_prefixes else None
 
-    def _continuing_calls(self, continuing: list[tuple[Sequence, int]]) -> list[list[tuple[Sequence, int]]]:
-        """Continuing prompts' chunks, in order, in graph calls of at most CONTINUE_CALL_TOKENS padded tokens where the
-        engine addresses the cache (rows anywhere, each with its own past), else one a call."""
-        calls: list[list[tuple[Sequence, int]]] = []
-        for seq, S in continuing:
-            call = calls[-1] if calls and self.engine.shares_prefixes else None
-            if call is not None:
-                width = max(S, *(c for _, c in call))
-                fits = all(q.prefilled + width <= self.cache.max_len for q, _ in [*call, (seq, S)])  # padding too
-                if fits and width * (len(call) + 1) <= CONTINUE_CALL_TOKENS:
-                    call.append((seq, S))
-                    continue
-            calls.append([(seq, S)])
-        return calls
+    def _joins(self, call: list[tuple[Sequence, int]], seq: Sequence, S: int) -> bool:
+        """Whether a continuing prompt's chunk of S tokens joins a call of others: where the engine addresses the
+        cache (rows anywhere, each with its own past), while the call stays within CONTINUE_CALL_TOKENS padded tokens
+        and every row's padding within the cache; elsewhere a continuing prompt runs alone."""
+        if not self.engine.shares_prefixes:
+            return False
+        width = max(S, *(c for _, c in call))
+        fits = all(q.prefilled + width <= self.cache.max_len for q, _ in [*call, (seq, S)])  # padding too
+        return fits and width * (len(call) + 1) <= CONTINUE_CALL_TOKENS
 
     def _prefill_rows(self, chunks: list[tuple[Sequence, int]]) -> Ready:
         """Prompt chunks in one graph call: each row's chunk of new tokens after its `prefilled` ones, right-padded to

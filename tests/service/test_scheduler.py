@@ -10,7 +10,7 @@ import pytest
 from service.bundle import load_bundle
 from service.engine import Engine
 from service.sampler import SamplingParams
-from service.scheduler import EngineStopped, GenerationRequest, Scheduler
+from service.scheduler import CONTINUE_CALL_TOKENS, EngineStopped, GenerationRequest, Scheduler
 from service.tokenizer import IncrementalDetokenizer, TextTokenizer
 from tests.helpers import wait_for
 
@@ -474,6 +474,41 @@ def test_prompts_sharing_a_long_prefix_wait_and_borrow_it_from_the_leader(tiny_b
     # ... borrowed, not copied (the graph reads a's row), and their turns continue together in one call
     assert Engine(bundle, 4, 256).shares_prefixes
     assert [firsts for firsts in calls if firsts[0] in (tails["b"][0], tails["c"][0])] == [[200, 300]]
+
+
+def test_a_burst_of_chat_turns_gets_one_call_a_step_with_the_decode_calls_between(tiny_bundle):
+    """Three turns after a cached system prompt arrive together: each gets its own call (20 tokens: two would pass
+    CONTINUE_CALL_TOKENS), one a step, so the turns already answered decode between them; the answers are those
+    computed without the prefix cache."""
+    bundle = load_bundle(tiny_bundle)
+    tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
+    system = tuple(range(30, 100))
+    turns = {name: system + tuple(range(start, start + 20)) for name, start in (("b", 200), ("c", 300), ("d", 400))}
+
+    def generate(prefix_cache: bool) -> tuple[list[tuple[int, int]], dict[str, list[int]]]:
+        s = Scheduler(Engine(bundle, 4, 256), tok, (), 256, 1024, prefix_cache=prefix_cache)
+        s._thread = threading.current_thread()  # this thread runs the steps: the scheduler counts as alive
+        got: dict[str, list[int]] = {name: [] for name in ("a", *turns)}
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        s.submit(GenerationRequest("a", system + (101, 102), params), lambda e: got["a"].extend(e.token_ids))
+        while s.running or s.waiting or not s._incoming.empty():
+            s.step()  # a's system prompt stays cached in its slot
+        calls = []
+        real = s.engine.forward
+        s.engine.forward = lambda ids, *a: calls.append(ids.shape) or real(ids, *a)
+        for name, prompt in turns.items():
+            s.submit(GenerationRequest(name, prompt, params), lambda e, name=name: got[name].extend(e.token_ids))
+        while s.running or s.waiting or not s._incoming.empty():
+            s.step()
+        return calls, got
+
+    _, plain = generate(False)
+    calls, cached = generate(True)
+    assert cached == plain and all(len(t) == 6 for t in plain.values())
+    assert CONTINUE_CALL_TOKENS < 2 * 20
+    turn_calls = [i for i, (rows, S) in enumerate(calls) if S > 1]
+    assert [calls[i] for i in turn_calls] == [(1, 20)] * 3, calls  # the system prompt is not computed again
+    assert [calls[i + 1] for i in turn_calls[:2]] == [(1, 1), (2, 1)], calls  # a decode call after each turn's
 
 
 def test_no_prompt_is_left_one_token_for_a_chunk_of_its_own(tiny_bundle):
