@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import ortkernels
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -142,20 +144,43 @@ def _bans_hold(row: Row) -> bool:
     return row.allowed is None or row.allowed.sum() > np.count_nonzero(row.allowed[list(row.banned)])
 
 
-def apply_penalties(logits: np.ndarray, rows: list[Row]) -> np.ndarray:
-    """logits (N, V) -> penalized (a copy where anything changes): each row's grammar mask, and its edited() tokens."""
+def apply_penalties(logits: np.ndarray, rows: list[Row], private: bool = False) -> np.ndarray:
+    """logits (N, V) -> penalized (a copy where anything changes, unless private: then in place): each row's grammar
+    mask, and its edited() tokens."""
     edits = [edit_ids(r) for r in rows]
     if not any(len(ids) or r.allowed is not None for ids, r in zip(edits, rows)):
         return logits
-    logits = logits.copy()
+    if not private:
+        logits = logits.copy()
+    _write_edits(logits, logits, np.arange(len(rows)), rows, edits)
+    return logits
+
+
+def _write_edits(
+    z: np.ndarray,
+    raw: np.ndarray,
+    at: np.ndarray,
+    rows: list[Row],
+    edits: list[np.ndarray],
+    temp: np.ndarray | None = None,
+) -> None:
+    """Into z (n, V), row i of which holds raw[at[i]] (over temp (n,) where given): each row's grammar mask, and its
+    edited tokens (edits[i], edit_ids), their values edited() from raw's, the masked ones -inf first (as the mask comes
+    before the edits), then over temp: what apply_penalties(raw[at]) / temp gives, bit for bit, without the copy."""
     for i, row in enumerate(rows):
         if row.allowed is not None:
-            logits[i, ~row.allowed] = -np.inf
-    r = np.repeat(np.arange(len(rows)), [len(ids) for ids in edits])
-    if len(r):
-        ids = np.concatenate(edits)
-        logits[r, ids] = edited(rows, r, ids, logits[r, ids])
-    return logits
+            z[i, ~row.allowed] = -np.inf
+    r = np.repeat(np.arange(len(rows)), [len(ids) for ids in edits])  # (M,)
+    if not len(r):
+        return
+    ids = np.concatenate(edits)  # (M,)
+    vals = raw[at[r], ids]  # (M,) float32
+    for i, row in enumerate(rows):
+        if row.allowed is not None:
+            m = r == i
+            vals[m] = np.where(row.allowed[ids[m]], vals[m], np.float32(-np.inf))
+    vals = edited(rows, r, ids, vals)
+    z[r, ids] = vals if temp is None else vals / temp[r]
 
 
 def _bans_only(row: Row) -> bool:
@@ -332,21 +357,22 @@ def sample_batch(logits: np.ndarray | Candidates, rows: list[Row]) -> np.ndarray
     tokens); a top-p row without top-k on its tokens at least NUCLEUS_FLOOR times as likely as its most likely one
     when they hold its nucleus (a peaked distribution, as at the models' usual temperatures; where the row is
     peaked enough, without computing the others' probabilities at all: _draw_peaked), else it sorts only the
-    tokens of one probability bucket (_cut_nucleus).
+    tokens of one probability bucket (_cut_nucleus). Where ortkernels/ is built, the rows left after _draw_peaked
+    are drawn by its SampleRows (C: the same method in four passes, the exponentials in vectors) instead.
     """
     if isinstance(logits, Candidates):
         return _sample_candidates(logits, rows)
     N, V = logits.shape
     if all(r.params.greedy and _bans_only(r) for r in rows):  # greedy rows, some with banned tokens: no copy
         return _argmax_unbanned(logits, rows)
-    logits = apply_penalties(logits, rows)
     s = np.array([i for i, r in enumerate(rows) if not r.params.greedy], np.int64)
-    if len(s) < N:
-        tokens = np.argmax(logits, axis=1)  # (N,) greedy rows are done
+    tokens = np.zeros(N, np.int64)
+    if len(s) < N:  # the greedy rows, penalized: their argmax
+        g = np.array([i for i, r in enumerate(rows) if r.params.greedy], np.int64)
+        pen = apply_penalties(logits[g], [rows[i] for i in g], private=True)  # (Ng, V)
+        tokens[g] = np.argmax(pen, axis=1)
         if not len(s):
             return tokens
-    else:
-        tokens = np.zeros(N, np.int64)
     temp = np.array([rows[i].params.temperature for i in s], np.float32)
     u = np.array([rows[i].rng.random() for i in s])  # one draw per row, from the row's own generator
     top_k = np.array([rows[i].params.top_k if 0 < rows[i].params.top_k < V else 0 for i in s])
@@ -354,7 +380,9 @@ def sample_batch(logits: np.ndarray | Candidates, rows: list[Row]) -> np.ndarray
     top_p = np.array([rows[i].params.top_p for i in s])
     k_rows = np.nonzero(top_k)[0]
     if len(k_rows):  # the top k of logits / temperature are the top k of the logits: scale only those
-        ids, zk = _top_k_candidates(logits if len(k_rows) == N else logits[s[k_rows]], top_k[k_rows])  # (Nk, C)
+        zk = logits if len(k_rows) == N else logits[s[k_rows]]  # (Nk, V) penalized next, in place where a copy
+        zk = apply_penalties(zk, [rows[i] for i in s[k_rows]], private=zk is not logits)
+        ids, zk = _top_k_candidates(zk, top_k[k_rows])  # (Nk, C)
         zk = zk / temp[k_rows, None]
         p = np.exp(zk - zk.max(axis=1, keepdims=True))  # (Nk, C) unnormalized; the most likely has 1.0
         p = np.where(p < min_p[k_rows, None], 0.0, p)  # min_p x the top probability
@@ -362,10 +390,13 @@ def sample_batch(logits: np.ndarray | Candidates, rows: list[Row]) -> np.ndarray
     full = np.nonzero(top_k == 0)[0]
     if len(full):
         z = (logits if len(full) == N else logits[s[full]]) / temp[full, None]  # (Nf, V) a new array, _draw_full's
+        fr = [rows[i] for i in s[full]]
+        _write_edits(z, logits, s[full], fr, [edit_ids(r) for r in fr], temp[full])  # penalized, as if before
         tokens[s[full]] = _draw_full(z, min_p[full], top_p[full], u[full])
     return tokens
 
 
+NATIVE = True  # rows needing every token's probability are drawn by ortkernels.sample_rows where it is built
 BLOCK = 64  # top-k finds a row's k largest logits among the k blocks of this many tokens with the largest maxima
 NUCLEUS_FLOOR = 1e-4  # a top-p row without top-k looks for its nucleus among its tokens at least this likely first,
 NUCLEUS_MOST = 1024  # when they are at most this many
@@ -507,6 +538,11 @@ def _draw_full(z: np.ndarray, min_p: np.ndarray, top_p: np.ndarray, u: np.ndarra
             z, zmax, min_p, top_p, u = z[left], zmax[left], min_p[left], top_p[left], u[left]
     else:
         left = np.arange(N)
+    if NATIVE:  # the same draw in ortkernels/ (C, its exponentials in vectors), where the library is built
+        native = ortkernels.sample_rows(np.ascontiguousarray(z, np.float32), min_p, top_p, u)
+        if native is not None:
+            tokens[left] = native
+            return tokens
     # (n, V) unnormalized, the most likely token at 1.0, computed in z's memory; none below e^-87 (float32's smallest
     # normal number, 1.2e-38, is e^-87.3): arithmetic on subnormal numbers is many times slower, and a token that
     # unlikely is never drawn

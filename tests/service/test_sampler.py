@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import ortkernels
 from service import sampler
 from service.sampler import Row, SamplingParams, _cut_nucleus, log_softmax, logprobs_batch, sample_batch, top_logprobs
 
@@ -354,6 +355,40 @@ def test_peaked_rows_draw_the_tokens_the_whole_rows_give(min_p, monkeypatch):
     on = np.stack([draws(seed) for seed in range(30)])
     assert taken[0][: N // 3].all() and not taken[0][-4:].any()  # the cool rows are taken, the hottest are not
     monkeypatch.setattr(sampler, "PEAK_MOST", 0)
+    monkeypatch.setattr(sampler, "NATIVE", False)  # the whole rows through numpy, as _draw_peaked computes them
     off = np.stack([draws(seed) for seed in range(30)])
     assert np.array_equal(on, off)
     assert sum(len(np.unique(column)) > 1 for column in on.T) >= N // 4  # draws, not one token per row every time
+
+
+@pytest.mark.skipif(
+    ortkernels.sample_rows(np.zeros((0, 1), np.float32), *[np.zeros(0)] * 3) is None,
+    reason=f"ortkernels/ is not built: {ortkernels.BUILD_HINT}",
+)
+@pytest.mark.parametrize("V", [8192, 3001, 5])
+def test_the_native_draw_gives_the_tokens_of_the_numpy_one(V, monkeypatch):
+    """Rows from peaked to flat (temperatures 0.3 to 2), top-p and min-p mixed, vocabularies a multiple of the
+    vectors and not: ortkernels.sample_rows (exponentials in vectors) draws inside each row's exact support, and the
+    token numpy draws with the same number in all but a rounding's share of draws."""
+    rng = np.random.default_rng(V)
+    N = 24
+    logits = rng.normal(size=(N, V)).astype(np.float32) * 2.5
+    logits[:, : min(40, V)] += rng.uniform(0.0, 9.0, size=(N, 1)).astype(np.float32)
+    logits[3, [0, 1, 2][: min(3, V)]] = logits[3].max()  # ties at the top
+    params = [
+        SamplingParams(max_tokens=1, temperature=float(t), top_p=float(p), min_p=float(m))
+        for t, p, m in zip(
+            np.geomspace(0.3, 2.0, N), rng.choice([1.0, 0.5, 0.9, 0.95, 0.999], N), rng.choice([0.0, 0.0, 0.05], N)
+        )
+    ]
+
+    def draws(native: bool, seed: int) -> np.ndarray:
+        monkeypatch.setattr(sampler, "NATIVE", native)
+        return sample_batch(logits, [Row(q, np.random.default_rng([seed, i]), {}, NONE) for i, q in enumerate(params)])
+
+    native = np.stack([draws(True, seed) for seed in range(30)])  # (30, N)
+    numpy = np.stack([draws(False, seed) for seed in range(30)])
+    for i, q in enumerate(params):
+        assert reference_support(logits[i], q)[native[:, i]].min() > 0, f"row {i}: a token outside the support"
+    assert (native == numpy).mean() >= 0.99
+    assert sum(len(np.unique(column)) > 1 for column in native.T) >= N // 3  # draws, not one token per row
