@@ -1,8 +1,8 @@
 /* SampleRows: the service's draw for sampled rows that need every token's probability (service/sampler.py, where
    this library is built): numpy takes about ten passes over a 16 x 49,152 batch of logits for a wide top-p row (a
-   float32 exponential of ~2 ns a token here, a histogram, masks), this one four, its exponential in vectors
-   (ortkernels/vec.h). Called through ctypes, not onnxruntime. One source compiled for AVX-512, AVX2 and plain x86-64
-   (ortkernels/targets.h), picked with CausalAttention's code path. */
+   float32 exponential of ~2 ns a token here, a histogram, masks), this one five over a row (two without top-p), three
+   of them in vectors (ortkernels/vec.h). Called through ctypes, not onnxruntime. One source compiled for AVX-512,
+   AVX2 and plain x86-64 (ortkernels/targets.h), picked with CausalAttention's code path. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

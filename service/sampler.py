@@ -358,7 +358,7 @@ def sample_batch(logits: np.ndarray | Candidates, rows: list[Row]) -> np.ndarray
     when they hold its nucleus (a peaked distribution, as at the models' usual temperatures; where the row is
     peaked enough, without computing the others' probabilities at all: _draw_peaked), else it sorts only the
     tokens of one probability bucket (_cut_nucleus). Where ortkernels/ is built, the rows left after _draw_peaked
-    are drawn by its SampleRows (C: the same method in four passes, the exponentials in vectors) instead.
+    are drawn by its SampleRows (C: the same method in five passes over a row, the exponentials in vectors) instead.
     """
     if isinstance(logits, Candidates):
         return _sample_candidates(logits, rows)
