@@ -1,10 +1,10 @@
 /* A sampled row's draw (ortkernels/sample.c), a template over the target's native vector of VW floats
    (ortkernels/vec.h): V(sample_row). */
 
-/* The sum of p's lanes where p >= cut, as a double. */
-TARGET INLINE double V(kept_sum)(V(vf) p, float cut) {
+/* The sum of p's lanes, as a double. */
+TARGET INLINE double V(lanes_sum)(V(vf) p) {
   float lanes[VW];
-  V(store)(lanes, V(pick)(p >= cut, p, p * 0));
+  V(store)(lanes, p);
   double s = 0;
   for (int i = 0; i < VW; i++) s += lanes[i];
   return s;
@@ -47,7 +47,7 @@ TARGET static int64_t V(sample_row)(float* z, int64_t n, float min_p, double top
       V(store)(z + j, p);
       acc += p;
     }
-    double s = V(kept_sum)(acc, 0);
+    double s = V(lanes_sum)(acc);
     for (int64_t j = hi > lo ? hi : lo; j < lo + BLOCK && j < n; j++) s += z[j]; /* the tail's, done above */
     blocks[b] = s;
     total += s;
@@ -99,7 +99,7 @@ TARGET static int64_t V(sample_row)(float* z, int64_t n, float min_p, double top
         V(vf) p = V(load)(z + j);
         acc += V(pick)(p >= cut, p, zero);
       }
-      double s = V(kept_sum)(acc, 0);
+      double s = V(lanes_sum)(acc);
       for (int64_t j = hi > lo ? hi : lo; j < lo + BLOCK && j < n; j++) s += z[j] >= cut ? z[j] : 0;
       blocks[b] = s;
     }
