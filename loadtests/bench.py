@@ -281,16 +281,24 @@ def bench_peer(script: str, *args: str) -> dict | None:
 # ------------------------------------------------------------------------------------------------ machine
 
 
-def memory_bandwidth_gbs() -> float:
-    """Read bandwidth, all cores: the best of 5 dot products of two 512 MiB vectors (bytes read / seconds)."""
-    a = np.ones(2**27, dtype=np.float32)
-    b = np.ones(2**27, dtype=np.float32)
+def memory_bandwidth_gbs(threads: int = 0) -> float:
+    """Read bandwidth, all cores: the best of 5 passes of `threads` threads (0: one a core), each taking the maximum
+    of its share of a 1 GiB float32 array (numpy's vectorized max keeps up with memory and lets go of the GIL; a dot
+    product of two vectors, this probe before, ran on one core: 18-22 GB/s where two read 27-32 on a 2-core Zen 3,
+    so a "floor" from it sat below what both servers reached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = threads or os.cpu_count() or 1
+    a = np.ones(2**28, dtype=np.float32)
+    n = a.size // threads
+    parts = [a[i * n : (i + 1) * n] for i in range(threads)]
     best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return (a.nbytes + b.nbytes) / best / 1e9
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(5):
+            t = time.perf_counter()
+            list(pool.map(np.max, parts))
+            best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
 
 
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
@@ -377,7 +385,12 @@ def main(argv: list[str] | None = None) -> int:
         return alternating_rounds(args, args.w2_rounds, "W2")
     if args.w4_rounds:
         return w4_rounds(args, args.w4_rounds)
-    report: dict = {**run_header(), "memory_read_gbs": memory_bandwidth_gbs(), "device": args.device, "systems": {}}
+    report: dict = {
+        **run_header(),
+        "memory_read_gbs": memory_bandwidth_gbs(args.threads),
+        "device": args.device,
+        "systems": {},
+    }
     systems = report["systems"]
     dev = (
         "--device",
@@ -469,12 +482,22 @@ def alternating_rounds(args: argparse.Namespace, rounds: int, workload: str) -> 
     def cell(w: dict) -> str:
         return " / ".join(f"{w[key] * scale:.1f}" for key, _, scale in figures)
 
+    if workload == "W1":  # each round's read bandwidth, probed just before it: the floor it had
+        rows[0] += " read GB/s | ours / llama.cpp, % of the floor |"
+        rows[1] += "---|---|"
     for r in range(rounds):
         for precision, (bundle, gguf) in pairs.items():
+            gbs = memory_bandwidth_gbs(args.threads) if workload == "W1" else None
             ours = bench_ours(bundle, args.threads, which=(workload,))[workload]
             peer = bench_llama(gguf, args.threads, which=(workload,))[workload]
-            report.setdefault(precision, []).append({"ours": ours, "llama.cpp": peer})
+            report.setdefault(precision, []).append({"ours": ours, "llama.cpp": peer, "memory_read_gbs": gbs})
             rows.append(f"| {r + 1} | {precision} | {cell(ours)} | {cell(peer)} |")
+            if gbs:  # tokens/s over the floor's: bytes a step reads / bandwidth
+                pct = [
+                    w["decode_tps"] * n / (gbs * 1e9) * 100
+                    for w, n in ((ours, weight_bytes(bundle)), (peer, gguf.stat().st_size))
+                ]
+                rows[-1] += f" {gbs:.1f} | {pct[0]:.0f}% / {pct[1]:.0f}% |"
             print(rows[-1], file=sys.stderr)
     for precision in pairs:
         runs = report[precision]
