@@ -12,12 +12,15 @@ the same HTTP client on the same workloads. The other peers run in their own vir
 peers`): Hugging Face transformers `generate()` (fp32, static batches) and onnxruntime-genai (its own builder's
 fp32 and int4 models, generator API, in-process); against them our engine's W1 runs in-process too ("engine
 in-process": no HTTP, no scheduler). Results go to results/bench/bench.json and a markdown table printed for
-docs/BENCHMARKS.md. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget;
+docs/BENCHMARKS.md. The full run ends with W1 again, ours and llama.cpp alternating (`--w1-alternating N` rounds,
+3 by default; each round's read bandwidth probed before it): a single stream's decode follows the machine's read
+bandwidth from minute to minute, and the full run measures each system once, minutes apart; the rounds' medians
+join the ratio table. `--budget-curve 256,512,...` instead runs W2 on ours (fp32) once per token budget;
 `--w1-rounds N` / `--w2-rounds N` one workload, ours and llama.cpp alternating; `--w4-rounds N` W4, ours with and
-without the prefix cache and llama.cpp. `--device
-cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none --skip-peers` runs ours on a GPU (the row is named by the
-bundle's precision and the device; the card is recorded), its decode steps from CUDA graphs unless
-`--no-cuda-graphs`, their logits reduced on the device unless `--no-reduce-logits`.
+without the prefix cache and llama.cpp. `--device cuda --bundle bundles/smollm2-135m-fp16 --int4-bundle none
+--skip-peers` runs ours on a GPU (the row is named by the bundle's precision and the device; the card is recorded),
+its decode steps from CUDA graphs unless `--no-cuda-graphs`, their logits reduced on the device unless
+`--no-reduce-logits`.
 """
 
 from __future__ import annotations
@@ -373,6 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--w1-rounds", type=int, help="W1 only, ours and llama.cpp alternating, this many rounds")
     p.add_argument("--w2-rounds", type=int, help="W2 only, ours and llama.cpp alternating, this many rounds")
     p.add_argument(
+        "--w1-alternating",
+        type=int,
+        default=3,
+        help="the full run: after it, this many rounds of W1 with ours and llama.cpp alternating (0: none)",
+    )
+    p.add_argument(
         "--w4-rounds", type=int, help="W4 only: ours with and without the prefix cache and llama.cpp, alternating"
     )
     args = p.parse_args(argv)
@@ -422,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"llama.cpp Q4_1": systems["llama.cpp Q4_1"]}), file=sys.stderr)
     else:
         print("skipping llama.cpp: run loadtests/peers/build_llama_server.sh", file=sys.stderr)
+    if (LLAMA_BIN / "llama-server").exists() and args.device == "cpu" and args.w1_alternating:
+        # W1 again, ours and llama.cpp alternating: the full run measures each system once, minutes apart, and a
+        # single stream's decode moves with the machine's read bandwidth from minute to minute
+        report["w1_alternating"], report["w1_alternating_rows"] = run_alternating(args, args.w1_alternating, "W1")
+        print("\n".join(report["w1_alternating_rows"]), file=sys.stderr)
     if not args.skip_peers:
         hf_dir = args.out / "hf-smollm2"
         systems["transformers fp32"] = bench_peer("transformers_peer.py", "--hf-dir", str(hf_dir))
@@ -467,6 +481,14 @@ ROUND_FIGURES = {
 def alternating_rounds(args: argparse.Namespace, rounds: int, workload: str) -> int:
     """One workload alone, ours and llama.cpp alternating in each precision, `rounds` times: ratios that the
     machine's drift between the systems' turns in a full run does not skew. Medians over the rounds."""
+    report, rows = run_alternating(args, rounds, workload)
+    (args.out / f"{workload.lower()}-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(rows))
+    return 0
+
+
+def run_alternating(args: argparse.Namespace, rounds: int, workload: str) -> tuple[dict, list[str]]:
+    """`alternating_rounds`' measurements -> (the report, its markdown rows: each round, then the medians)."""
     from export.checkpoints import default_gguf_path
 
     q4 = default_gguf_path()
@@ -507,9 +529,10 @@ def alternating_rounds(args: argparse.Namespace, rounds: int, workload: str) -> 
             paired = median([x["ours"][key] / x["llama.cpp"][key] for x in runs])
             ratios.append(f"{label.removesuffix(' ms')} {ours_m / peer_m:.2f}x ({paired:.2f}x)")
         rows.append(f"| median | {precision} | {', '.join(ratios)} of llama.cpp (median of the rounds' ratios) | |")
-    (args.out / f"{workload.lower()}-rounds.json").write_text(json.dumps(report, indent=2) + "\n")
-    print("\n".join(rows))
-    return 0
+        report.setdefault("medians", {})[precision] = {
+            key: {side: median([x[side][key] for x in runs]) for side in ("ours", "llama.cpp")} for key, _, _ in figures
+        }
+    return report, rows
 
 
 def w4_rounds(args: argparse.Namespace, rounds: int) -> int:
@@ -608,6 +631,20 @@ def table(report: dict) -> str:
             f"{ratio(mine, peer, 'W2', 'tokens_per_s')} | {ratio(mine, peer, 'W2', 'ttft_p50_s')} | "
             f"{ratio(mine, peer, 'W2', 'itl_p99_s')} | {ratio(mine, peer, 'W4', 'ttft_p50_s')} |"
         )
+    alt = report.get("w1_alternating", {}).get("medians", {})
+    for precision, peer in (("fp32", "llama.cpp F32"), ("int4", "llama.cpp Q4_1")):
+        if precision in alt:
+            m = alt[precision]
+            decode = m["decode_tps"]["ours"] / m["decode_tps"]["llama.cpp"]
+            ttft = m["ttft_s"]["ours"] / m["ttft_s"]["llama.cpp"]
+            rows.append(f"| ours {precision} / {peer}, W1 alternating | {decode:.2f}x | {ttft:.2f}x | | | | |")
+    if report.get("w1_alternating_rows"):
+        rows += [
+            "",
+            "W1, ours and llama.cpp alternating (medians over the rounds):",
+            "",
+            *report["w1_alternating_rows"],
+        ]
     for name, r in s.items():
         if r and r.get("W4 without prefix cache"):
             on, off = r["W4"]["ttft_p50_s"], r["W4 without prefix cache"]["ttft_p50_s"]
