@@ -496,6 +496,7 @@ def run_alternating(args: argparse.Namespace, rounds: int, workload: str) -> tup
         "fp32": (args.bundle, llama_f32_gguf(q4, args.out)),
         "int4": (args.int4_bundle, q4),
     }
+    pairs = {precision: pair for precision, pair in pairs.items() if pair[0].exists()}  # (--int4-bundle none)
     figures = ROUND_FIGURES[workload]
     labels = ", ".join(label for _, label, _ in figures)
     report: dict = {**run_header(), "workload": workload}
