@@ -95,6 +95,8 @@ def prefill(args: argparse.Namespace) -> None:
         config = dict(entry.split("=", 1) for entry in entries.split(",") if entry)
         bundle = load_bundle(Path(path), verify_checksums=False)
         B = max(counts)
+        if B > 1 and L and "CausalAttention" not in bundle.kernels:  # onnxruntime's GroupQueryAttention refuses it
+            raise SystemExit(f"paired: {path}: several rows' prompts after cached positions need CausalAttention")
         engine = Engine(bundle, B, L + S + 1, "auto", args.threads, session_config=config)
         tokens = np.random.default_rng(0).integers(100, bundle.vocab_size, (B, L + S))  # (B, L + S)
         if L:

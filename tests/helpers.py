@@ -11,9 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+import ortkernels
+
 REPO = Path(__file__).resolve().parents[1]
+
+# Tests of the project's own ops (ortkernels/) and of what only they do: skipped where the library is not built (a
+# machine without a C compiler; `make test` builds it wherever there is one, and CI fails a skip)
+needs_kernels = pytest.mark.skipif(
+    not ortkernels.available(), reason=f"ortkernels/ is not built: {ortkernels.BUILD_HINT}"
+)
 
 CORPUS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",

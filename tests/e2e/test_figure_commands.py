@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import needs_kernels, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +21,7 @@ def test_engine_alone_reports_prefill_step_time_and_tokens_per_second(q4_bundles
     assert out["tokens_per_s"] == pytest.approx(3 / out["ms_per_step"] * 1e3)
 
 
+@needs_kernels
 def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
     args = ("--steps", "3", "--prompt-tokens", "8", "--rows", "2", "--top", "100")
     result = run_cli("loadtests.profile", "--bundle", str(q4_bundles("int4-gguf")), *args, timeout=300)
@@ -32,6 +33,7 @@ def test_profiler_table_covers_the_ops_of_a_decode_step(q4_bundles):
     assert {"MatMulQ4_1", "CausalAttention", "Gather"} <= ops  # the 4-bit weights, attention, embedding
 
 
+@needs_kernels
 def test_profiler_prefill_mode_times_whole_prompts(q4_bundles):
     args = ("--prefill", "--steps", "2", "--prompt-tokens", "24", "--top", "100")
     result = run_cli("loadtests.profile", "--bundle", str(q4_bundles("fp32")), *args, timeout=300)
@@ -60,6 +62,7 @@ def test_minimum_term_cost_compares_the_exact_graph_with_one_without_them(q4_bun
     assert sorted(p.name for p in bundle.parent.iterdir()) == [bundle.name]  # its temporary copy is gone
 
 
+@needs_kernels
 def test_attention_alone_times_the_bundles_attention_node_with_and_without_flash(q4_bundles):
     bundle = q4_bundles("fp32")
     args = ("--compare-flash", "--rounds", "1", "--calls", "5", "--cache-len", "300")
@@ -102,6 +105,7 @@ def test_divergence_of_an_int4_bundle_from_its_fp32_one(q4_bundles, tmp_path):
     assert int4_row["bundle"] == str(int4) and int4_row["tokens"] == 40 and 0 < int4_row["kl"] < 1
 
 
+@needs_kernels
 def test_paired_decode_reports_each_bundle_against_the_first(q4_bundles):
     fp32, int4 = q4_bundles("fp32"), q4_bundles("int4-gguf")
     args = ("--rounds", "3", "--chunk", "2", "--prompt-tokens", "8")
@@ -205,6 +209,7 @@ def test_prefill_calls_times_a_burst_per_rows_per_call(q4_bundles):
     assert set(lines[-1]) == {"bundle", "prompts", "1 rows", "4 rows"}
 
 
+@needs_kernels
 def test_shared_prefix_compares_reading_a_prefix_where_it_is_with_copying_it(tiny_bundle):
     args = ("--rounds", "1", "--users", "3", "--turns", "2", "--system-tokens", "40", "--turn-tokens", "6")
     result = run_cli(

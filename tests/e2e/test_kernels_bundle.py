@@ -14,8 +14,9 @@ import pytest
 import ortkernels
 from service.bundle import BundleError, load_bundle
 from service.engine import Engine
+from tests.helpers import needs_kernels
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, needs_kernels]
 
 
 def test_a_bundle_that_needs_the_kernels_is_refused_by_name_where_they_are_not_built(q4_bundles, monkeypatch):

@@ -12,7 +12,7 @@ from service.engine import Engine
 from service.sampler import SamplingParams
 from service.scheduler import CONTINUE_CALL_TOKENS, EngineStopped, GenerationRequest, Scheduler
 from service.tokenizer import IncrementalDetokenizer, TextTokenizer
-from tests.helpers import wait_for
+from tests.helpers import needs_kernels, wait_for
 
 
 class Collector:
@@ -448,6 +448,7 @@ def test_long_prompts_prefill_in_capped_chunks_one_after_another(tiny_bundle):
     assert c == [0]  # a short prompt does not wait for the long one
 
 
+@needs_kernels
 def test_prompts_sharing_a_long_prefix_wait_and_borrow_it_from_the_leader(tiny_bundle):
     bundle = load_bundle(tiny_bundle)
     tok = TextTokenizer(bundle.tokenizer_file, None, None, None)
@@ -528,6 +529,7 @@ def test_no_prompt_is_left_one_token_for_a_chunk_of_its_own(tiny_bundle):
     assert sorted(prefills) == sorted([16, 15, 2, 15, 2]), calls  # a: 16 15 2, b: 15 2
 
 
+@needs_kernels
 def test_a_running_prefix_is_borrowed_and_given_back_when_its_slot_is_wanted(tiny_bundle):
     """Two slots: b borrows the system prompt a is decoding with (its row read from a's, nothing copied); a ends and
     its slot, still lending, is the only one c can have: b gets its own copy first. Every answer is the one computed
