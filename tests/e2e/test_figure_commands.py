@@ -131,6 +131,17 @@ def test_paired_decode_reports_each_bundle_against_the_first(q4_bundles):
     assert [r["bundle"] for r in rows] == [f"{fp32} x1 rows", f"{fp32} x3 rows"] and rows[1]["call_ratio_to_first"] > 0
 
 
+def test_paired_refuses_several_rows_after_cached_positions_on_onnxruntimes_attention_in_one_line(q4_bundles):
+    """GroupQueryAttention takes one row a call once positions are cached: said in one line, not its traceback."""
+    bundle = q4_bundles("fp32-onnxruntime")
+    args = ("--rounds", "1", "--prefill", "5", "--cached", "20", "--rows", "1,3")
+    result = run_cli("loadtests.paired", str(bundle), *args, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        f"paired: {bundle}: several rows' prompts after cached positions need CausalAttention"
+    ]
+
+
 def test_divergence_refuses_a_missing_bundle_in_one_line(tmp_path):
     result = run_cli("export.divergence", "--reference", str(tmp_path / "nowhere"), str(tmp_path), timeout=60)
     assert result.returncode == 2 and "nowhere: not a bundle (no manifest.json)" in result.stderr
