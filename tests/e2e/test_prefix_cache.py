@@ -12,18 +12,20 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-import ortkernels
 from tests.e2e.conftest import Server, start_server, stop_server
+from tests.helpers import needs_kernels
 
 SYSTEM = list(range(300, 340))  # a 40-token "system prompt" shared by several requests
 SAMPLED = {"temperature": 0.9, "top_p": 0.95, "seed": 7}
 
 
-@pytest.fixture(scope="module", params=["tiny_bundle", "tiny_bundle_onnxruntime"], ids=["shares", "copies"])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param("tiny_bundle", marks=needs_kernels), "tiny_bundle_onnxruntime"],  # unbuilt: "copies" alone
+    ids=["shares", "copies"],
+)
 def servers(request, tmp_path_factory) -> Iterator[tuple[Server, Server, bool]]:
     """(with the cache, without it, whether the graph reads shared prefixes where they are)"""
-    if request.param == "tiny_bundle" and not ortkernels.available():  # its graph is then the "copies" one
-        pytest.skip(f"ortkernels/ is not built: {ortkernels.BUILD_HINT}")
     bundle = request.getfixturevalue(request.param)
     logs = tmp_path_factory.mktemp("prefix-logs")
     args = ("--max-model-len", "256", "--max-num-seqs", "2")

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper
 
 import ortkernels
 from export.ops import packed_gqa_reference
+from tests.helpers import needs_kernels
 
-pytestmark = pytest.mark.skipif(not ortkernels.available(), reason=f"ortkernels/ is not built: {ortkernels.BUILD_HINT}")
+pytestmark = needs_kernels
 
 PATH_FLAGS = {"avx512": {"avx512f", "fma"}, "avx2": {"avx2", "fma"}, "generic": set()}  # what each code path needs
 

@@ -19,9 +19,9 @@ import ortkernels
 from export.checkpoints import PackedLinear
 from export.quantize import BLOCK, _q4_1_projection, q4_1_packed
 from tests.export.test_quantize import q4_1_blocks
-from tests.helpers import REPO
+from tests.helpers import REPO, needs_kernels
 
-pytestmark = pytest.mark.skipif(not ortkernels.available(), reason=f"ortkernels/ is not built: {ortkernels.BUILD_HINT}")
+pytestmark = needs_kernels
 
 FLAGS = {"avx512vnni": ("avx512f", "avx512bw", "avx512vl", "avx512_vnni"), "avx2": ("avx2", "fma")}
 
