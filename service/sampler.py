@@ -39,7 +39,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures under GREEDY_BELOW are greedy, as vLLM reads them: logits over a smaller one leave float32."""
+        return self.temperature < GREEDY_BELOW
+
+
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
+MIN_REPETITION_PENALTY = 1e-6  # a smaller penalty is this one: logits over a smaller one would leave float32
 
 
 @dataclass(frozen=True)
@@ -103,7 +108,8 @@ def edited(rows: list[Row], r: np.ndarray, ids: np.ndarray, z: np.ndarray) -> np
     rep = [i for i, row in enumerate(rows) if row.params.repetition_penalty != 1.0]
     if rep:
         m = np.isin(key, _keys(rep, [np.concatenate([rows[i].prompt_ids, counted(rows[i])]) for i in rep]))
-        penalty = np.array([row.params.repetition_penalty for row in rows], np.float32)[r[m]]
+        penalty = np.array([max(row.params.repetition_penalty, MIN_REPETITION_PENALTY) for row in rows], np.float32)
+        penalty = penalty[r[m]]
         z[m] = np.where(z[m] > 0, z[m] / penalty, z[m] * penalty)
     pen = [
         i

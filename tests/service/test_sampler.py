@@ -26,6 +26,24 @@ def test_greedy_is_argmax():
     assert sample(LOGITS, SamplingParams(max_tokens=1, temperature=0.0), np.random.default_rng(), {}, NONE) == 1
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_tiny_temperatures_and_penalties_stay_finite(native, monkeypatch):
+    """A temperature under 1e-5 is greedy (as vLLM reads it) and a repetition penalty of 1e-40 divides by 1e-6: the
+    logits never leave float32, so a hostile request neither fails the step nor draws at random."""
+    monkeypatch.setattr(sampler, "NATIVE", native)
+    rng = np.random.default_rng(0)
+    wide = np.random.default_rng(1).normal(size=(4, 1000)).astype(np.float32)
+    for top_p in (1.0, 0.5):
+        tiny = SamplingParams(max_tokens=1, temperature=1e-40, top_p=top_p)
+        assert sample(wide[0], tiny, rng, {}, NONE) == int(np.argmax(wide[0]))
+    for top_p in (1.0, 0.5):
+        penalized = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, repetition_penalty=1e-40)
+        best = int(np.argmax(wide[1]))  # a positive logit divided by 1e-6: the only likely token
+        assert sample(wide[1], penalized, rng, {}, np.array([best], np.int64)) == best
+    greedy = SamplingParams(max_tokens=1, temperature=0.0, repetition_penalty=1e-40)
+    assert sample(wide[2], greedy, rng, {}, np.array([5], np.int64)) in range(1000)
+
+
 def test_top_k_limits_the_support():
     assert set(draw(SamplingParams(max_tokens=1, temperature=1.0, top_k=2))) == {1, 4}
 
