@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
@@ -65,16 +66,33 @@ class TextFrames:
         return parts[0] + json.dumps(text, ensure_ascii=False) + parts[1]
 
 
+class TextOffsets:
+    """Legacy logprobs' `text_offset`: where each token's text begins in its choice's text. A token counts the
+    characters it completes (a character split over tokens counts at its last one); a special token counts none,
+    as the text skips it."""
+
+    def __init__(self) -> None:
+        self.at = 0
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def advance(self, raw: bytes, shown: bool) -> int:
+        """The offset of a token of these bytes; the next token's begins after the characters it completes."""
+        start = self.at
+        if shown:
+            self.at += len(self._utf8.decode(raw))
+        return start
+
+
 @dataclass
 class Choice:
-    """What one choice accumulated: text, tokens, logprobs, how it ended; `offset` is where its text stands."""
+    """What one choice accumulated: text, tokens, logprobs, how it ended; `offsets` is where its text stands."""
 
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None
-    offset: int = 0  # legacy logprobs: text_offset of this choice's next token
+    offsets: TextOffsets = field(default_factory=TextOffsets)  # legacy logprobs: its tokens' text_offset
     cached_tokens: int = 0  # of its prompt, the tokens the prefix cache held
 
 
@@ -104,7 +122,7 @@ class OpenAIServing:
             c = choices[index]
             prompt = gen.prompts[index // gen.valid.n]
             text = (self.tokenizer.decode(list(prompt)) if req.echo else "") + c.text
-            lp = self._completion_logprobs(c.logprobs, 0, prompt) if req.logprobs is not None else None
+            lp = self._completion_logprobs(c.logprobs, TextOffsets(), prompt) if req.logprobs is not None else None
             out.append(CompletionChoice(text=text, index=index, logprobs=lp, finish_reason=c.finish_reason))
         usage = self._usage(gen, choices)
         return CompletionResponse(id=rid, created=created, model=self.model, choices=out, usage=usage).model_dump()
@@ -212,8 +230,7 @@ class OpenAIServing:
                 text = self.tokenizer.decode(list(prompt)) + text
             lp = None
             if req.logprobs is not None:  # offsets go on from where the last chunk's stopped
-                lp = self._completion_logprobs(c.logprobs[new:], c.offset, prompt)
-                c.offset = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else c.offset
+                lp = self._completion_logprobs(c.logprobs[new:], c.offsets, prompt)
             if not text and not ev.finish_reason and not (lp and lp.tokens):
                 continue
             if lp is None and c.finish_reason is None:
@@ -276,33 +293,35 @@ class OpenAIServing:
         )
 
     def _completion_logprobs(
-        self, entries: list[TokenLogprob | None], offset: int, prompt: tuple[int, ...]
+        self, entries: list[TokenLogprob | None], offsets: TextOffsets, prompt: tuple[int, ...]
     ) -> CompletionLogprobs:
-        """OpenAI's legacy logprobs object from `offset` on; with echo, the prompt's entries come first (None for
-        the very first prompt token, which has no context)."""
+        """OpenAI's legacy logprobs object, its offsets going on from `offsets`; with echo, the prompt's entries come
+        first (None for the very first prompt token, which has no context)."""
         out = CompletionLogprobs()
+        tok = self.tokenizer
         for e in entries:
             if e is None:
-                out.tokens.append(self.tokenizer.token_text(prompt[0]))
+                token_id = prompt[0]
+                out.tokens.append(tok.token_text(token_id))
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
             else:
+                token_id = e.token_id
                 out.tokens.append(e.text)
                 out.token_logprobs.append(e.logprob)
                 out.top_logprobs.append({t: lp for _, t, lp in e.top})
-            out.text_offset.append(offset)
-            offset += len(out.tokens[-1])
+            out.text_offset.append(offsets.advance(tok.token_bytes(token_id), tok.shows(token_id)))
         return out
 
-    @staticmethod
-    def _chat_logprobs(entries: list[TokenLogprob | None]) -> ChatLogprobs:
+    def _chat_logprobs(self, entries: list[TokenLogprob | None]) -> ChatLogprobs:
+        raw = self.tokenizer.token_bytes
         return ChatLogprobs(
             content=[
                 ChatTokenLogprob(
                     token=e.text,
                     logprob=e.logprob,
-                    bytes=list(e.text.encode("utf-8")),
-                    top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(t.encode("utf-8"))) for _, t, v in e.top],
+                    bytes=list(raw(e.token_id)),
+                    top_logprobs=[TopLogprob(token=t, logprob=v, bytes=list(raw(i))) for i, t, v in e.top],
                 )
                 for e in entries
                 if e is not None

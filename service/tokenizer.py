@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +29,9 @@ class TextTokenizer:
         if chat_template:
             self._template = template_environment().from_string(chat_template)
         self.bos_token, self.eos_token = bos_token, eos_token
+        decoder = self._tok.decoder.__getstate__() if self._tok.decoder is not None else b""
+        self._byte_level = b'"ByteLevel"' in decoder  # vocabulary strings spell bytes (GPT-2's byte alphabet)
+        self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> TextTokenizer:
@@ -53,9 +58,33 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one tokenizer per process, alive as long as it)
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (logprobs' `bytes`): a token holding part of a character has the character's
+        bytes it holds, not the replacement character a decode of it alone shows."""
+        text = self._tok.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self._tok.id_to_token(token_id) or ""
+        if self._byte_level and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece's byte fallback
+            return bytes([int(m[1], 16)])
+        return text.encode("utf-8")
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019
     def token_text(self, token_id: int) -> str:
-        """The text of one token for logprobs; bytes of a partial character show as their raw form."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        """The text of one token for logprobs. A token that is not whole UTF-8 (part of a character) reads
+        `bytes:` and its bytes, as OpenAI's API writes it (`bytes: \\xf0\\x9f`), so two such tokens stay apart."""
+        raw = self.token_bytes(token_id)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(chr(b) if 0x20 <= b < 0x7F and b != 0x5C else f"\\x{b:02x}" for b in raw)
+
+    def shows(self, token_id: int) -> bool:
+        """Whether a decode shows the token: special tokens (BOS, EOS, the chat markers) are skipped."""
+        return token_id not in self._special
 
     @property
     def vocab_size(self) -> int:
@@ -75,6 +104,22 @@ class TextTokenizer:
             )
         except Exception as exc:  # jinja2 errors, raise_exception() from the template
             raise TemplateError(f"chat template failed: {exc}") from exc
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte in a vocabulary."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF_CHAR = _byte_alphabet()
 
 
 def template_environment() -> ImmutableSandboxedEnvironment:
@@ -121,7 +166,18 @@ class IncrementalDetokenizer:
         self.ids: list[int] = list(prompt_tail or [])  # a little prompt context so the first token decodes right
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
-        self._stream = DecodeStream(ids=list(self.ids), skip_special_tokens=True)  # tokenizers' incremental decoder
+        # tokenizers' incremental decoder, started on the context's whole characters: a prompt that ends inside a
+        # character (token ids can) leaves its first bytes pending, and the token completing it sends the character
+        # but not the prompt's own characters its pending tokens also hold (`_held_by_prompt`)
+        whole = len(self.ids)
+        while whole and tokenizer.decode(self.ids[:whole]).endswith("\ufffd"):
+            whole -= 1
+        self._stream = DecodeStream(ids=self.ids[:whole], skip_special_tokens=True)
+        for t in self.ids[whole:]:
+            self._stream.step(tokenizer.backend, t)  # the pending bytes: nothing to send yet
+        shown, before = tokenizer.decode(self.ids).rstrip("\ufffd"), tokenizer.decode(self.ids[:whole])
+        self._held_by_prompt = shown[len(before) :] if shown.startswith(before) else ""
+        self.prefix_offset = self.read_offset = whole
         self.text = ""  # all decoded completion text so far
         self.emitted = 0  # characters of `text` already sent
 
@@ -129,6 +185,8 @@ class IncrementalDetokenizer:
         self.ids.append(token_id)
         piece = self._stream.step(self.tokenizer.backend, token_id)  # None while a character is incomplete
         if piece is not None:
+            if self._held_by_prompt:
+                piece, self._held_by_prompt = piece.removeprefix(self._held_by_prompt), ""
             self.text += piece
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release()
@@ -139,7 +197,7 @@ class IncrementalDetokenizer:
         tail = self.tokenizer.decode(self.ids[self.prefix_offset :])
         head = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         if len(tail) > len(head):
-            self.text += tail[len(head) :]
+            self.text += tail[len(head) :].removeprefix(self._held_by_prompt)
             self.prefix_offset = self.read_offset = len(self.ids)
         out = self.text[self.emitted :]
         self.emitted = len(self.text)

@@ -76,3 +76,27 @@ def test_chat_template_environment_matches_transformers(default_bundle):
     assert out == f'"<b>&\'é""y"|{datetime.datetime.now().year}'  # no HTML escaping, non-ASCII kept
     with pytest.raises(TemplateError, match="too many"):
         tok.apply_chat_template(msgs + [{"role": "user", "content": "z"}])
+
+
+def test_a_prompt_ending_inside_a_character_sends_only_the_character_it_completes(tok):
+    """Token-id prompts can end inside a character: the prompt's own text never leaks into the completion, and a
+    stop string found only in the prompt does not end it."""
+    emoji = tok.encode(" 😀 ok")  # " " + the emoji's first bytes, its last bytes, " ok"
+    prompt = tok.encode("The quick hi") + emoji[:1]
+    assert tok.decode(prompt).endswith("\ufffd")
+    detok = IncrementalDetokenizer(tok, ["hi"], prompt[-4:])
+    pieces = [detok.add(t) for t in emoji[1:]]
+    assert not any(p.stopped for p in pieces)
+    assert "".join(p.text for p in pieces) + detok.flush() == "😀 ok"
+
+
+def test_logprob_tokens_of_part_of_a_character_carry_their_own_bytes(tok):
+    emoji = tok.encode("😀")
+    assert len(emoji) > 1  # a character over several tokens
+    raw = b"".join(tok.token_bytes(t) for t in emoji)
+    assert raw == "😀".encode()
+    texts = [tok.token_text(t) for t in emoji]
+    assert all(t.startswith("bytes:") and "\ufffd" not in t for t in texts)
+    assert len(set(texts)) == len(texts)  # two such tokens stay apart (completions' top_logprobs keys)
+    assert tok.token_text(tok.encode(" ok")[0]) == " ok"
+    assert tok.token_bytes(2) == b"<|im_end|>" and not tok.shows(2) and tok.shows(emoji[0])
