@@ -134,6 +134,12 @@ class ChatMessage(_Strict):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # refused by validation: tools are not supported
     tool_call_id: str | None = None
+    # An earlier assistant message as OpenAI's API (and the openai client's `message.model_dump()`) returns it:
+    # refusal and annotations are accepted and read no further; audio and function_call are refused by validation.
+    refusal: str | None = None
+    annotations: list[dict[str, Any]] | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
 
     def text(self) -> str:
         if self.content is None:

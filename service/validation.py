@@ -57,6 +57,19 @@ class Validator:
         if req.best_of is not None and req.best_of != req.n:
             raise unsupported("best_of", "server-side best-of sampling is not implemented; use n")
         prompts = self._prompts(req.prompt)
+        # more sequences or prompt tokens than the waiting queue ever holds: a 400, not a 429 to retry forever
+        if len(prompts) * req.n > self.settings.max_waiting_requests:
+            raise bad_request(
+                f"{len(prompts)} prompts x n={req.n} is more than the {self.settings.max_waiting_requests} sequences "
+                "one request may queue (max_waiting_requests)",
+                "prompt",
+            )
+        if sum(map(len, prompts)) * req.n > self.settings.max_queued_prompt_tokens:
+            raise bad_request(
+                f"the prompts' tokens x n are more than the {self.settings.max_queued_prompt_tokens} prompt tokens "
+                "one request may queue (max_queued_prompt_tokens)",
+                "prompt",
+            )
         longest = max(len(p) for p in prompts)
         default = COMPLETIONS_DEFAULT_MAX_TOKENS
         max_tokens = self.get_max_tokens(longest, req.max_tokens, default, "prompt", "max_tokens")
@@ -71,8 +84,10 @@ class Validator:
             raise unsupported("tools" if req.tools else "functions", "tool calling is not implemented")
         if req.tool_choice not in (None, "none") or req.function_call not in (None, "none"):
             raise unsupported("tool_choice" if req.tool_choice else "function_call", "tool calling is not implemented")
-        if any(m.tool_calls for m in req.messages):
+        if any(m.tool_calls or m.function_call for m in req.messages):
             raise unsupported("messages", "messages with tool_calls (tool calling is not implemented)")
+        if any(m.audio for m in req.messages):
+            raise unsupported("messages", "messages with audio (audio is not implemented)")
         self._no_effect_fields(req)
         requested, param = (
             (req.max_completion_tokens, "max_completion_tokens")
@@ -80,6 +95,8 @@ class Validator:
             else (req.max_tokens, "max_tokens")
         )
         self._common(req, requested, param)
+        if req.top_logprobs is not None and not req.logprobs:  # as OpenAI's API and vLLM answer it
+            raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
         top = (req.top_logprobs or 0) if req.logprobs else None
         if top is not None and top > self.settings.max_logprobs:
             raise bad_request(f"top_logprobs must be at most {self.settings.max_logprobs}", "top_logprobs")
@@ -234,7 +251,12 @@ class Validator:
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         """Messages rendered with the bundle's chat template, then encoded (no special tokens added again)."""
-        rendered = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        rendered = [
+            # OpenAI's `developer` role is the system role of models trained before it (their templates know system)
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            | ({"name": m.name} if m.name else {})
+            for m in messages
+        ]
         try:
             ids = self.tokenizer.encode_chat(rendered, add_generation_prompt)
         except TemplateError as exc:

@@ -131,6 +131,7 @@ BAD = [
     ),
     ({"response_format": {"type": "yaml"}}, None, None),
     ({"stream_options": {"include_usage": True}}, "stream_options", None),
+    ({"prompt": [[1, 2]] * 300}, "prompt", None),  # more sequences than the waiting queue holds: never a 429
 ]
 BAD_CHAT = [
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "unsupported_parameter"),
@@ -159,6 +160,17 @@ BAD_CHAT = [
     ({"prediction": {"type": "guess", "content": "x"}}, None, None),
     ({"safety_identifier": "x" * 65}, "safety_identifier", None),
     ({"n": None, "model": None}, "model", None),  # null is a default's, and model has none
+    ({"top_logprobs": 2}, "top_logprobs", None),  # without logprobs: true
+    (
+        {"messages": [{"role": "assistant", "content": "x", "audio": {"id": "audio_1"}}]},
+        "messages",
+        "unsupported_parameter",
+    ),
+    (
+        {"messages": [{"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}]},
+        "messages",
+        "unsupported_parameter",
+    ),
 ]
 
 
@@ -248,3 +260,42 @@ def test_usage_counts_each_prompt_once_whatever_n(tiny_server):
     cached = usage.pop("prompt_tokens_details")["cached_tokens"]
     assert usage == {"prompt_tokens": len(EMOJI_IDS), "completion_tokens": 9, "total_tokens": len(EMOJI_IDS) + 9}
     assert 0 <= cached <= len(EMOJI_IDS) - 2  # the prefix cache recomputes a prompt's last two tokens at least
+
+
+def test_a_chat_goes_on_from_the_clients_own_dump_of_the_last_answer(tiny_server):
+    """The agent loop's `messages.append(reply.model_dump())`: the dump's null refusal, annotations, audio and
+    function_call are accepted and change nothing."""
+    c = client(tiny_server)
+    messages = [{"role": "user", "content": "Say hi"}]
+    reply = c.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    dumped = reply.choices[0].message.model_dump()
+    assert {"refusal", "audio", "function_call"} <= set(dumped)
+    kw = dict(model="tiny", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    turn = {"role": "user", "content": "Again"}
+    following = c.chat.completions.create(messages=[*messages, dumped, turn], **kw)
+    plain = {"role": "assistant", "content": dumped["content"]}
+    assert following.choices[0].message.content == c.chat.completions.create(messages=[*messages, plain, turn], **kw).choices[0].message.content
+
+
+def test_logprob_tokens_hold_their_own_bytes_and_offsets_index_the_text(tiny_server):
+    """A prompt of token ids with a special token and a character split over two tokens, echoed: each token's offset
+    indexes the echoed text, special tokens take no room in it, tokens holding part of a character read `bytes:`;
+    chat's `bytes` are each token's own."""
+    ids = [1, 6004, 40303, 218, 2162]  # <|im_start|>, "hi", " " + part of "😀", the rest of it, "ptoms"
+    body = {"model": "tiny", "prompt": ids, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    choice = httpx.post(tiny_server.v1 + "/completions", json=body, timeout=60).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    assert text.startswith("hi 😀ptoms")
+    assert lp["tokens"][:2] == ["<|im_start|>", "hi"] and lp["text_offset"][:6] == [0, 0, 2, 3, 4, 9]
+    assert lp["tokens"][2] == "bytes: \\xf0\\x9f\\x98" and lp["tokens"][3] == "bytes:\\x80"
+    reply = client(tiny_server).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "😀"}], max_tokens=24, logprobs=True, top_logprobs=2,
+        temperature=1.0, seed=5,
+    )
+    for t in reply.choices[0].logprobs.content:
+        for token, raw in [(t.token, bytes(t.bytes)), *((x.token, bytes(x.bytes)) for x in t.top_logprobs)]:
+            if token.startswith("bytes:"):
+                with pytest.raises(UnicodeDecodeError):
+                    raw.decode("utf-8")
+            else:
+                assert raw.decode("utf-8") == token

@@ -80,3 +80,36 @@ def test_tools_are_refused_not_ignored(validator):
     assert error(validator.chat, chat(tools=tools)).code == "unsupported_parameter"
     assert error(validator.chat, chat(tool_choice="auto")).code == "unsupported_parameter"
     assert validator.chat(chat(tool_choice="none")).n == 1
+
+
+def test_an_earlier_assistant_message_as_the_openai_client_dumps_it_is_accepted(validator):
+    """`messages.append(response.choices[0].message.model_dump())`: refusal, annotations, audio and function_call
+    come back as nulls; audio or a function call that is there is refused, not ignored."""
+    dumped = {"role": "assistant", "content": "Hello!", "refusal": None, "annotations": [], "audio": None}
+    dumped |= {"function_call": None, "tool_calls": None}
+    messages = [{"role": "user", "content": "hi"}, dumped, {"role": "user", "content": "and?"}]
+    plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, messages[2]]
+    assert validator.chat(chat(messages=messages)).prompts == validator.chat(chat(messages=plain)).prompts
+    for extra in ({"audio": {"id": "a1"}}, {"function_call": {"name": "f", "arguments": "{}"}}):
+        refused = [*messages[:1], {**dumped, **extra}, messages[2]]
+        err = error(validator.chat, chat(messages=refused))
+        assert (err.code, err.param) == ("unsupported_parameter", "messages")
+
+
+def test_developer_messages_are_the_system_prompt(validator):
+    as_developer = chat(messages=[{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "hi"}])
+    as_system = chat(messages=[{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hi"}])
+    assert validator.chat(as_developer).prompts == validator.chat(as_system).prompts
+
+
+def test_top_logprobs_without_logprobs_is_refused(validator):
+    err = error(validator.chat, chat(top_logprobs=3))
+    assert (err.status, err.param) == (400, "top_logprobs")
+    assert validator.chat(chat(top_logprobs=3, logprobs=True)).params.logprobs == 3
+
+
+def test_a_request_larger_than_the_waiting_queue_is_a_400_not_a_429(validator):
+    room = validator.settings.max_waiting_requests
+    assert validator.completion(completion(prompt=[[1, 2]] * room)).n == 1
+    err = error(validator.completion, completion(prompt=[[1, 2]] * (room // 2 + 1), n=2))
+    assert (err.status, err.param) == (400, "prompt")
