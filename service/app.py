@@ -125,13 +125,6 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
     app = FastAPI(title="gpt-onnx-serve", version="0.1.0", lifespan=lifespan)
     app.state.draining = False  # set on SIGTERM: /ready fails and new generation requests get 503
     errors.install(app)
-    if settings.origins():
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.origins(),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
-        )
     app.add_middleware(SizeLimitMiddleware, limit=settings.max_body_bytes, header_limit=settings.max_header_bytes)
     app.add_middleware(
         AdmissionGate,
@@ -139,6 +132,13 @@ def create_app(settings: Settings, prebuilt: Runtime | None = None) -> FastAPI:
         paths=("/v1/completions", "/v1/chat/completions"),
     )
     app.add_middleware(RequestIdMiddleware)
+    if settings.origins():  # outermost: the size limit's 413 and the gate's 429 carry the CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.origins(),
+            allow_methods=["GET", "POST"],
+            allow_headers=["*"],  # the openai SDKs send their own X-Stainless-* headers
+        )
     keys = [k.encode() for k in settings.keys()]
 
     def runtime(request: Request) -> Runtime:

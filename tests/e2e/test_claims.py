@@ -112,6 +112,10 @@ def test_cors_allows_only_the_listed_origins(claims):
         assert "access-control-allow-origin" not in other.headers
         r = c.get("/health", headers={"Origin": "https://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+        sdk = {**preflight, "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang"}
+        assert c.options("/v1/chat/completions", headers={"Origin": ORIGIN, **sdk}).status_code == 200
+        big = c.post("/v1/completions", content=b"x" * 2_000_000, headers={"Origin": ORIGIN})
+        assert big.status_code == 413 and big.headers["access-control-allow-origin"] == ORIGIN
 
 
 @pytest.mark.parametrize("origins", ["*", f"{ORIGIN},*"])
