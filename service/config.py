@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 # Not a setting: glibc reads its tunables at process start, so the environment carries it (the Makefile and the image
@@ -102,6 +102,16 @@ class Settings(BaseSettings):
     def _bundle_is_dir(cls, v: Path) -> Path:
         if not v.is_dir():
             raise ValueError(f"{v}: no such bundle directory (run `make export` or `python -m export`)")
+        return v
+
+    @field_validator("max_num_batched_tokens")
+    @classmethod
+    def _room_for_prompts(cls, v: int, info: ValidationInfo) -> int:
+        """Every decoding sequence takes one of a step's tokens first: a budget no larger than the slots would
+        leave admitted prompts waiting for decodes to end (vLLM refuses it too)."""
+        seqs = info.data.get("max_num_seqs")
+        if seqs is not None and v <= seqs:
+            raise ValueError(f"must be more than max_num_seqs ({seqs}): decoding sequences take one token each")
         return v
 
     @field_validator("prefill_chunk")

@@ -13,6 +13,7 @@ from service.__main__ import main
         (["--prefill-chunk", "1"], "prefill_chunk"),
         (["--max-num-batched-tokens", "8"], "max_num_batched_tokens"),
         (["--max-num-seqs", "0"], "max_num_seqs"),
+        (["--max-num-seqs", "64", "--max-num-batched-tokens", "64"], "max_num_batched_tokens"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(argv, field, capsys):
