@@ -58,6 +58,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -267,7 +268,7 @@ class Scheduler:
             self._run_job()
             try:
                 self.step()
-            except Exception as exc:  # one bad step fails the sequences in it; the loop keeps serving
+            except Exception as exc:  # a step that broke outside its calls fails its sequences; the loop keeps serving
                 log.exception("engine step failed")
                 reason = f"{type(exc).__name__}: {exc}"
                 for seq in list(self.running.values()):
@@ -286,7 +287,7 @@ class Scheduler:
             self._place([seq for seq, _ in fresh], len(decoding))
         # One graph call at a time, its tokens sampled and sent before the next call runs: a stream's token never
         # waits for another sequence's call. (sequences, logits (N, V)) -> [(sequence, token, logprob)] -> events
-        self._emit(self._sample(self._decode(decoding)))
+        self._call(decoding, partial(self._decode, decoding))
         budget -= self._prefill(continuing, fresh)
         self._join_late(budget, continue_call=not continuing)
         self._retire([s for s in self.running.values() if s.finish_reason])
@@ -297,9 +298,9 @@ class Scheduler:
         call, then the fresh prompts' calls; -> the budget they used (a fresh prompt's row costs its call's padded
         length)."""
         if continuing:
-            self._emit(self._sample(self._prefill_rows(continuing)))
+            self._call([seq for seq, _ in continuing], partial(self._prefill_rows, continuing))
         for group in _prefill_calls(fresh, self.prefill_call):
-            self._emit(self._sample(self._prefill_rows(group)))
+            self._call([seq for seq, _ in group], partial(self._prefill_rows, group))
         return sum(c for _, c in continuing) + len(fresh) * max((c for _, c in fresh), default=0)
 
     def _join_late(self, budget: int, continue_call: bool) -> None:
@@ -364,26 +365,35 @@ class Scheduler:
             if seq.state.cancelled:
                 self._finish(seq, "cancelled")
                 continue
-            free = [slot for slot in range(self.cache.slots) if slot not in self.running]
-            source, n = None, 0
-            if not seq.state.request.prompt_logprobs:  # those need the logits of every prompt position
-                written = {slot: s.written() for slot, s in self.running.items()}
-                source, n = self.prefix.lookup(seq.prompt, written)
-            if source in free and self.prefix.can_take_over(source, n):
-                slot = source
-            else:
-                slot = self.prefix.victim(free, spare=source)
-            if slot == source:  # an entry taken over as it is (one that lent more than this prompt keeps: no longer)
-                self._give_back(slot, unless_within=n)
-                self.prefix.take_over(slot, n)
-            else:
-                self._give_back(slot)
-                self.prefix.drop(slot)
-                if source is not None:
-                    self._reuse(source, slot, n)
+            try:
+                slot, n = self._slot_for(seq)
+            except Exception as exc:  # in neither queue now: answered here, then the step fails as it would
+                self._finish(seq, "error", error=f"engine step failed: {type(exc).__name__}: {exc}")
+                raise
             self.cache.lengths[slot] = n
             seq.slot, seq.prefilled, seq.cached, seq.admitted = slot, n, n, time.perf_counter()
             self.running[slot] = seq
+
+    def _slot_for(self, seq: Sequence) -> tuple[int, int]:
+        """A free slot for an admitted sequence, holding its prompt's longest cached prefix where one is found:
+        (slot, the prefix's length)."""
+        free = [slot for slot in range(self.cache.slots) if slot not in self.running]
+        source, n = None, 0
+        if not seq.state.request.prompt_logprobs:  # those need the logits of every prompt position
+            source, n = self.prefix.lookup(seq.prompt, self._written())
+        if source in free and self.prefix.can_take_over(source, n):
+            slot = source
+        else:
+            slot = self.prefix.victim(free, spare=source)
+        if slot == source:  # an entry taken over as it is (one that lent more than this prompt keeps: no longer)
+            self._give_back(slot, unless_within=n)
+            self.prefix.take_over(slot, n)
+        else:
+            self._give_back(slot)
+            self.prefix.drop(slot)
+            if source is not None:
+                self._reuse(source, slot, n)
+        return slot, n
 
     def _plan_prefill(
         self, budget: int, continue_call: bool, among: list[Sequence] | None = None
@@ -422,7 +432,7 @@ class Scheduler:
             # start beside an ending one, unless it is writing a prefix this one would copy
             return self.prefix.enabled and any(common_prefix(s.prompt, e.prompt) > e.prefilled for e in ending)
 
-        written = {slot: s.written() for slot, s in self.running.items()}
+        written = self._written()
         for seq in pending:  # a second look: others may have written more of its prefix since its admission
             if seq.prefilled > seq.cached or seq.state.request.prompt_logprobs or waits(seq):
                 continue  # computing its own already, or needing every position's logits, or not its turn
@@ -624,10 +634,28 @@ class Scheduler:
             allowed = seq.constraint.allowed(self.engine.bundle.vocab_size)  # (V,) bool
         return Row(seq.params, seq.rng, seq.counts, seq.prompt, seq.stop.banned(len(seq.output)), allowed)
 
+    def _call(self, seqs: list[Sequence], run: Callable[[], Ready]) -> None:
+        """One graph call, its tokens sampled and sent. A call that raises fails the sequences in it, and the step
+        goes on: the other calls' sequences keep their tokens and their streams."""
+        try:
+            self._emit(self._sample(run()))
+        except Exception as exc:
+            log.exception("an engine call failed")
+            for seq in seqs:
+                if seq.finish_reason is None:  # those that ended in it already had their final event
+                    self._finish(seq, "error", error=f"engine call failed: {type(exc).__name__}: {exc}")
+
     def _emit(self, tokens: list[tuple[Sequence, int, TokenLogprob | None]]) -> None:
-        """Each sequence takes its token and learns whether it ended (its stop criteria); its event goes out."""
+        """Each sequence takes its token and learns whether it ended (its stop criteria); its event goes out. One
+        whose token cannot be taken (its grammar, its detokenizer raising) fails alone."""
         for seq, token, lp in tokens:
-            self._send(seq, seq.append(token, lp))
+            try:
+                event = seq.append(token, lp)
+            except Exception as exc:
+                log.exception("request %s: taking a token failed", seq.state.request.request_id)
+                self._finish(seq, "error", error=f"engine step failed: {type(exc).__name__}: {exc}")
+                continue
+            self._send(seq, event)
 
     def _retire(self, sequences: list[Sequence]) -> None:
         """Frees each sequence's slot; its written positions stay as a prefix-cache entry unless it failed. One
@@ -646,6 +674,11 @@ class Scheduler:
                 self._finish(seq, "cancelled")
 
     # ------------------------------------------------------------------ helpers
+
+    def _written(self) -> dict[int, np.ndarray]:
+        """slot -> the token ids its sequence has written (W,), for prefix lookups; a sequence that failed in this step
+        (still running until the step retires it) lends nothing, as its retirement keeps no entry."""
+        return {slot: s.written() for slot, s in self.running.items() if s.finish_reason != "error"}
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         self._send(seq, seq.end(reason, error))

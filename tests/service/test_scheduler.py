@@ -175,6 +175,62 @@ def test_a_step_failing_after_a_choice_ended_sends_one_final_event_per_choice(ma
     assert s.num_running == 0
 
 
+def test_one_sequences_failure_is_its_own(make_scheduler, monkeypatch):
+    """A sequence whose detokenizer raises fails alone: the stream decoding in the same call goes on to its end."""
+    s = make_scheduler()
+    real = IncrementalDetokenizer.add
+
+    def add(self, token_id):
+        if "BOOM" in self.stop and len(self.ids) > 6:
+            raise RuntimeError("injected fault")
+        return real(self, token_id)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", add)
+    ok = run(s, [1, 2, 3], max_tokens=30, ignore_eos=True)
+    bad = run(s, [4, 5, 6], max_tokens=30, ignore_eos=True, stop=("BOOM",))
+    assert bad.done.wait(30) and ok.done.wait(30)
+    assert bad.events[-1].finish_reason == "error" and "injected fault" in bad.events[-1].error
+    assert ok.events[-1].finish_reason == "length" and len(ok.tokens()) == 30
+    assert s.alive and s.num_running == 0
+
+
+def test_a_failing_prompt_call_fails_its_prompts_not_the_running_streams(make_scheduler):
+    s = make_scheduler()
+    real = s.engine.forward
+    ok = run(s, [1, 2, 3], max_tokens=60, ignore_eos=True)
+    assert ok.started.wait(30)
+
+    def no_prompts(*args, **kwargs):
+        if args[0].shape[1] > 1:  # (N, S) tokens: a prompt call
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    s.engine.forward = no_prompts
+    bad = run(s, [4, 5, 6, 7], max_tokens=5)
+    assert bad.done.wait(30) and ok.done.wait(30)
+    assert bad.events[-1].finish_reason == "error" and "injected fault" in bad.events[-1].error
+    assert ok.events[-1].finish_reason == "length" and len(ok.tokens()) == 60
+
+
+def test_a_prompt_whose_admission_fails_is_answered(make_scheduler):
+    """Taken off the waiting queue and not yet running when its prefix lookup raised: it still gets its final event
+    (it waited for its request timeout before)."""
+    s = make_scheduler()
+    real, calls = s.prefix.lookup, {"n": 0}
+
+    def lookup(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return real(*args, **kwargs)
+
+    s.prefix.lookup = lookup
+    bad = run(s, [1, 2, 3], max_tokens=5)
+    assert bad.done.wait(30) and bad.events[-1].finish_reason == "error" and "injected fault" in bad.events[-1].error
+    ok = run(s, [1, 2, 3], max_tokens=5, ignore_eos=True)
+    assert ok.done.wait(30) and ok.events[-1].finish_reason == "length"
+
+
 def test_non_finite_logits_are_reported_not_sampled(make_scheduler):
     s = make_scheduler()
     real = s.engine.forward
