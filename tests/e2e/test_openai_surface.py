@@ -274,7 +274,10 @@ def test_a_chat_goes_on_from_the_clients_own_dump_of_the_last_answer(tiny_server
     turn = {"role": "user", "content": "Again"}
     following = c.chat.completions.create(messages=[*messages, dumped, turn], **kw)
     plain = {"role": "assistant", "content": dumped["content"]}
-    assert following.choices[0].message.content == c.chat.completions.create(messages=[*messages, plain, turn], **kw).choices[0].message.content
+    assert (
+        following.choices[0].message.content
+        == c.chat.completions.create(messages=[*messages, plain, turn], **kw).choices[0].message.content
+    )
 
 
 def test_logprob_tokens_hold_their_own_bytes_and_offsets_index_the_text(tiny_server):
@@ -289,8 +292,13 @@ def test_logprob_tokens_hold_their_own_bytes_and_offsets_index_the_text(tiny_ser
     assert lp["tokens"][:2] == ["<|im_start|>", "hi"] and lp["text_offset"][:6] == [0, 0, 2, 3, 4, 9]
     assert lp["tokens"][2] == "bytes: \\xf0\\x9f\\x98" and lp["tokens"][3] == "bytes:\\x80"
     reply = client(tiny_server).chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "😀"}], max_tokens=24, logprobs=True, top_logprobs=2,
-        temperature=1.0, seed=5,
+        model="tiny",
+        messages=[{"role": "user", "content": "😀"}],
+        max_tokens=24,
+        logprobs=True,
+        top_logprobs=2,
+        temperature=1.0,
+        seed=5,
     )
     for t in reply.choices[0].logprobs.content:
         for token, raw in [(t.token, bytes(t.bytes)), *((x.token, bytes(x.bytes)) for x in t.top_logprobs)]:

@@ -97,7 +97,9 @@ def test_an_earlier_assistant_message_as_the_openai_client_dumps_it_is_accepted(
 
 
 def test_developer_messages_are_the_system_prompt(validator):
-    as_developer = chat(messages=[{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "hi"}])
+    as_developer = chat(
+        messages=[{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "hi"}]
+    )
     as_system = chat(messages=[{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "hi"}])
     assert validator.chat(as_developer).prompts == validator.chat(as_system).prompts
 
