@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.quantize != "none" and args.dtype != "fp32":
         raise ExportError("--quantize int8/int4 starts from fp32 weights: use it with --dtype fp32")
+    target = bundle.check_target(args.out)
     phases = Phases(6 if args.quantize != "none" else 5)
 
     phases.start("load", args.source)
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     reports: list[parity.ParityReport] = []
-    with bundle.staging(args.out) as tmp:
+    with bundle.staging(target) as tmp:
         work = tmp / "work"
         work.mkdir()
         phases.start("export", f"ONNX opset {OPSET}, {args.dtype}")

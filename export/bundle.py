@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from export.errors import ExportError
+
 FORMAT = "gpt-onnx-bundle"
 FORMAT_VERSION = 2  # 2: fused graph, logits only at `logits_index`, rotary from seqlens_k (1: one logit per position)
 
@@ -28,6 +30,27 @@ def sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_target(out: Path) -> Path:
+    """The directory a bundle will replace, resolved: absent, empty, or a bundle; anything else (a checkpoint, a
+    folder of bundles, the working directory) is refused before any work, never renamed away."""
+    out = out.resolve()
+    if not out.name:
+        raise ExportError(f"--out {out}: name a directory for the bundle")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or _is_bundle(out))):
+        raise ExportError(
+            f"--out {out}: exists and is not a bundle (no manifest.json of {FORMAT}); refusing to replace it: "
+            "name a new directory or an earlier bundle"
+        )
+    return out
+
+
+def _is_bundle(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @contextmanager

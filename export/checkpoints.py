@@ -259,9 +259,22 @@ def _split_fused_qkv(weights: dict[str, torch.Tensor], config: ModelConfig) -> N
 
 def _hf_config(cfg: dict[str, Any], directory: Path) -> ModelConfig:
     mt = cfg.get("model_type")
+    if cfg.get("quantization_config") is not None:  # FP8 / int8 / GPTQ / AWQ weights with their own scales
+        method = (
+            cfg["quantization_config"].get("quant_method", "?") if isinstance(cfg["quantization_config"], dict) else "?"
+        )
+        raise ExportError(
+            f"{directory}: a quantized checkpoint (quantization_config, quant_method {method!r}) is not supported: "
+            "export its unquantized (fp32/fp16/bf16) weights, then --quantize int8/int4 here"
+        )
     if mt == "gpt2":
         if cfg.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ExportError(f"{directory}: unsupported GPT-2 activation {cfg.get('activation_function')!r}")
+        if cfg.get("scale_attn_by_inverse_layer_idx") or cfg.get("scale_attn_weights", True) is False:
+            raise ExportError(
+                f"{directory}: GPT-2 attention scaled other than by 1/sqrt(head_dim) (scale_attn_weights false or "
+                "scale_attn_by_inverse_layer_idx true) is not supported"
+            )
         return ModelConfig(
             family="gpt2",
             arch="gpt2",
@@ -406,6 +419,27 @@ def _llama_rename(name: str) -> tuple[str, Callable[[torch.Tensor], torch.Tensor
     return (f"blocks.{layer}.{layer_table[rest]}", lambda t: t) if rest in layer_table else None
 
 
+def _weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files: those its index (model.safetensors.index.json) names where it has one,
+    else every *.safetensors but Mistral's consolidated copy of the same weights beside Hugging Face's."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise ExportError(f"{index}: not a safetensors index (no weight_map of tensor -> file)") from exc
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise ExportError(f"{index}: names {len(missing)} missing weight file(s): {', '.join(missing[:3])}")
+        return [directory / n for n in names]
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) > 1:
+        files = [f for f in files if not f.name.startswith("consolidated")] or files
+    if not files:
+        raise ExportError(f"{directory}: no *.safetensors weight files")
+    return files
+
+
 def load_hf_dir(directory: Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -418,9 +452,7 @@ def load_hf_dir(directory: Path) -> Checkpoint:
     except json.JSONDecodeError as exc:
         raise ExportError(f"{cfg_path}: invalid JSON: {exc}") from exc
     config = _hf_config(cfg, directory)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise ExportError(f"{directory}: no *.safetensors weight files")
+    files = _weight_files(directory)
     rename = _gpt2_rename if config.family == "gpt2" else _llama_rename
     weights: dict[str, torch.Tensor] = {}
     for f in files:

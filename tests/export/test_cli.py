@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -180,3 +181,73 @@ def test_not_a_gguf(tmp_path):
     path.write_bytes(b"GGUF" + struct.pack("<I", 3) + b"\x00" * 7)
     out = tmp_path / "b"
     _assert_clean_failure(run_cli("export", "--source", str(path), "--out", str(out)), out, "junk.gguf")
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "folder"])
+def test_out_that_is_not_a_bundle_is_refused_before_any_work(tiny_llama, tmp_path, kind):
+    """`--out` naming the checkpoint itself or a folder of other files: refused in one line, nothing moved."""
+    import shutil
+
+    directory, _ = tiny_llama
+    src = tmp_path / "src"
+    shutil.copytree(directory, src)
+    other = tmp_path / "bundles"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    out = src if kind == "checkpoint" else other
+    result = run_cli("export", "--source", str(src), "--out", str(out))
+    assert result.returncode == 2 and "is not a bundle" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "] load" not in result.stdout
+    assert (src / "config.json").is_file() and (other / "keep.txt").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundles", "src"]
+
+
+def test_out_dot_is_the_working_directory_and_refused_unless_a_bundle(tmp_path, monkeypatch):
+    from export.bundle import FORMAT, check_target
+    from export.errors import ExportError
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("x")
+    monkeypatch.chdir(work)
+    with pytest.raises(ExportError, match="is not a bundle"):
+        check_target(Path("."))
+    assert check_target(Path("new")) == work / "new"  # absent: fine
+    (work / "old").mkdir()
+    (work / "old" / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    assert check_target(Path("old")) == work / "old"  # an earlier bundle: replaced at the end
+
+
+def test_quantized_checkpoints_are_refused(tiny_llama, tmp_path):
+    import shutil
+
+    directory, _ = tiny_llama
+    src = tmp_path / "fp8"
+    shutil.copytree(directory, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "b"
+    _assert_clean_failure(
+        run_cli("export", "--source", str(src), "--out", str(out)), out, "quantized checkpoint", "compressed-tensors"
+    )
+
+
+def test_a_sharded_checkpoint_loads_the_files_its_index_names(tiny_llama, tmp_path):
+    """A stale shard beside the index's files is not read (it would overwrite tensors); a missing one is named."""
+    import shutil
+
+    from export.checkpoints import load
+
+    directory, _ = tiny_llama
+    src = tmp_path / "sharded"
+    shutil.copytree(directory, src)
+    (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+    index = {"metadata": {}, "weight_map": {"any": "model-00001-of-00001.safetensors"}}
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "model-stale.safetensors").write_bytes(b"not read")
+    ckpt = load(str(src))
+    assert ckpt.weights
+    (src / "model-00001-of-00001.safetensors").unlink()
+    out = tmp_path / "b"
+    _assert_clean_failure(run_cli("export", "--source", str(src), "--out", str(out)), out, "missing weight file")

@@ -105,3 +105,13 @@ CONFIG_LLAMA31 = {  # Llama 3.1 8B Instruct's config.json, shrunk
     "eos_token_id": [128001, 128008, 128009],
     "tie_word_embeddings": False,
 }
+
+
+@pytest.mark.parametrize("changes", [{"scale_attn_by_inverse_layer_idx": True}, {"scale_attn_weights": False}])
+def test_gpt2_attention_scaled_otherwise_is_refused(tmp_path, changes):
+    """Stanford CRFM's GPT-2 checkpoints scale attention by 1/layer too: exported as plain GPT-2 they would pass
+    parity against a torch model built the same wrong way."""
+    directory = tmp_path / "src"
+    write_hf_checkpoint(directory, "gpt2")
+    edit_config(directory, **changes)
+    assert_refused(tmp_path, directory, "GPT-2 attention scaled")
