@@ -13,6 +13,12 @@ from export.errors import ExportError
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
+# llama.cpp's end-of-generation tokens found by their text (llama-vocab.cpp), for GGUFs whose metadata names fewer
+# (an older Llama 3 Instruct names <|end_of_text|> as eos and no eot, and would write past <|eot_id|>)
+_END_OF_GENERATION = (
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
+    "<EOT>", "_<EOT>", "<|end_of_text|>",
+)  # fmt: skip
 
 # Pre-tokenizer splits by `tokenizer.ggml.pre`, as llama.cpp applies them (llama-vocab.cpp).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -94,8 +100,12 @@ def from_gguf_metadata(meta: dict[str, Any], gguf_path: str) -> TokenizerSpec:
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos)]
         )
-    # llama.cpp ends generation at any end-of-generation token: eos, end-of-turn (<|eot_id|>), end-of-message.
-    stops = _unique_ids(*(meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")))
+    # llama.cpp ends generation at any end-of-generation token: eos, end-of-turn (<|eot_id|>), end-of-message, and
+    # the control tokens spelled as one of them
+    tokens: list[str] = meta["tokenizer.ggml.tokens"]
+    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    named = [i for i, (t, k) in enumerate(zip(tokens, types)) if k == _CONTROL and t in _END_OF_GENERATION]
+    stops = _unique_ids(*(meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")), named)
     return TokenizerSpec(
         tokenizer_json=tokenizer.to_str(),
         bos_token_id=bos,

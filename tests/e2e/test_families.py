@@ -55,8 +55,9 @@ def write_source(tmp: Path, family: str, source: str) -> tuple[Path, torch.nn.Mo
     return path, model, tokenizer_json
 
 
-def reference(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str) -> tuple[str, int]:
-    """transformers' greedy generate(): the completion's text and its number of tokens."""
+def reference(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, stops: list[int]) -> tuple[str, int]:
+    """transformers' greedy generate() ending at the bundle's stop ids (a GGUF's add llama.cpp's end-of-generation
+    control tokens to the checkpoint's eos): the completion's text and its number of tokens."""
     ids = tokenizer.encode(prompt).ids
     with torch.no_grad():
         out = model.generate(
@@ -65,11 +66,10 @@ def reference(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str) -> tupl
             max_new_tokens=MAX_TOKENS,
             do_sample=False,
             pad_token_id=0,
+            eos_token_id=stops,
         )
     new = out[0, len(ids) :].tolist()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos])
-    if new and new[-1] in eos:  # the stop token ends the text; it is not part of it
+    if new and new[-1] in stops:  # the stop token ends the text; it is not part of it
         return tokenizer.decode(new[:-1], skip_special_tokens=True), len(new)
     return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
@@ -111,7 +111,10 @@ def test_family_exports_serves_and_answers_like_transformers(family, source, tmp
     assert_fused(bundle, manifest["model"]["n_layer"])
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    expected = {p: reference(model, tokenizer, p) for p in PROMPTS}
+    stops = manifest["tokenizer"]["eos_token_ids"]
+    eos = model.generation_config.eos_token_id
+    assert set(eos if isinstance(eos, list) else [eos]) <= set(stops)
+    expected = {p: reference(model, tokenizer, p, stops) for p in PROMPTS}
     server = start_server(bundle, tmp_path / "server.log", "--max-num-seqs", "4", "--served-model-name", "m")
     try:
         for prompt in PROMPTS[:2]:

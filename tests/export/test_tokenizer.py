@@ -64,3 +64,16 @@ def test_gguf_stop_ids_include_end_of_turn_and_end_of_message():
     }
     spec = from_gguf_metadata(meta, "model.gguf")
     assert spec.eos_token_id == 4 and spec.eos_token_ids == (4, 2, 3)
+
+
+def test_gguf_stop_ids_include_control_tokens_spelled_as_llama_cpps_end_of_generation():
+    """An older Llama 3 Instruct GGUF names <|end_of_text|> as eos and no eot: llama.cpp still stops at <|eot_id|>
+    (found by its text among the control tokens), and so does the bundle. A normal token of that text is not one."""
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a", "b", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<|start_header_id|>"],
+        "tokenizer.ggml.token_type": [1, 1, 3, 3, 1, 3],
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.eos_token_id": 2,
+    }
+    assert from_gguf_metadata(meta, "model.gguf").eos_token_ids == (2, 3)
