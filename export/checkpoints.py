@@ -191,6 +191,11 @@ def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
         raise ExportError(f"{path}: no such file")
     reader = read_gguf(path)
     meta = gguf_metadata(reader)
+    if int(meta.get("split.count") or 1) > 1:
+        raise ExportError(
+            f"{path}: one part of a split GGUF ({meta['split.count']} files): merge them first "
+            "(llama.cpp's `llama-gguf-split --merge FIRST-PART OUT.gguf`)"
+        )
     config = _gguf_config(meta, path)
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
@@ -215,6 +220,9 @@ def load_gguf(path: Path, name: str | None = None) -> Checkpoint:
         try:
             data = np.asarray(t.data)
             w = quants.dequantize(data, t.tensor_type).astype(np.float32)
+        except NotImplementedError as exc:
+            kind = getattr(t.tensor_type, "name", t.tensor_type)
+            raise ExportError(f"{path}: tensor {gname} is of type {kind}, which cannot be dequantized here") from exc
         except Exception as exc:
             raise ExportError(f"{path}: tensor {gname} cannot be read (truncated file?): {exc}") from exc
         heads = {"attn.q_proj.weight": config.n_head, "attn.k_proj.weight": config.n_kv_head}

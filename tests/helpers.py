@@ -267,11 +267,17 @@ def _add_gguf_tokenizer(w, tokenizer_json: str, bos: int = 1, eos: int = 2) -> N
 
 
 def write_gguf_from_hf(
-    path: Path, model, tokenizer_json: str, quantize_linears: bool = False, quantize_output: bool = False
+    path: Path,
+    model,
+    tokenizer_json: str,
+    quantize_linears: bool = False,
+    quantize_output: bool = False,
+    split_count: int | None = None,
 ) -> None:
     """A llama or qwen2 GGUF with the HF model's weights and a gpt2-style tokenizer, laid out as llama.cpp writes
     them: llama's q/k rows permuted to interleaved rotary pairs, qwen2's left as they are (with q/k/v biases). With
-    `quantize_linears` the blocks' linears are Q4_1, with `quantize_output` the unembedding too."""
+    `quantize_linears` the blocks' linears are Q4_1, with `quantize_output` the unembedding too; `split_count`
+    writes llama-gguf-split's `split.count` (the file then reads as one part of several)."""
     import gguf
 
     cfg = model.config
@@ -288,6 +294,8 @@ def write_gguf_from_hf(
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(cfg.vocab_size)
     _add_gguf_tokenizer(w, tokenizer_json, bos=cfg.bos_token_id, eos=cfg.eos_token_id)
+    if split_count is not None:
+        w.add_uint16("split.count", split_count)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)

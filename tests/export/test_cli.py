@@ -251,3 +251,11 @@ def test_a_sharded_checkpoint_loads_the_files_its_index_names(tiny_llama, tmp_pa
     (src / "model-00001-of-00001.safetensors").unlink()
     out = tmp_path / "b"
     _assert_clean_failure(run_cli("export", "--source", str(src), "--out", str(out)), out, "missing weight file")
+
+
+def test_one_part_of_a_split_gguf_is_refused_naming_the_merge(tiny_llama, tmp_path):
+    directory, hf = tiny_llama
+    path = tmp_path / "model-00001-of-00002.gguf"
+    write_gguf_from_hf(path, hf, (directory / "tokenizer.json").read_text(), split_count=2)
+    out = tmp_path / "b"
+    _assert_clean_failure(run_cli("export", "--source", str(path), "--out", str(out)), out, "split GGUF", "--merge")
