@@ -1,12 +1,14 @@
 """Sampling, over the whole batch at once: logits (N, V) and each row's parameters -> N token ids, plus logprobs.
 
 Every row draws exactly one uniform number from its own generator per token, and each row's arithmetic is
-elementwise or along its own row, so a seeded request gets the same tokens whatever else is in the batch.
+elementwise or along its own row, so a seeded request gets the same tokens whatever else is in the batch, up to
+rounding: whether a top-p row is drawn by _draw_peaked (numpy) or the C draw depends on how many rows are peaked, and
+the two may differ where a cut or the draw falls within rounding of a boundary.
 
 The logits come as an (N, V) host array, or as Candidates: what the device that computed them reduced them to (each
 row's K largest logits, its logits at the ids its penalties change, two sums over the row). A row whose draw those
-settle exactly is sampled from them alone; the others from the full logits, fetched only then. Which way a row goes
-depends on its own logits and parameters alone.
+settle exactly is sampled from them alone; the others from the full logits, fetched only then. Whether a row is
+settled by its Candidates depends on its own logits and parameters alone.
 """
 
 from __future__ import annotations
