@@ -145,10 +145,16 @@ def _byte_level_bpe(meta: dict[str, Any]) -> Tokenizer:
 
 
 def _sentencepiece_via_transformers(gguf_path: str) -> Tokenizer:
+    """transformers' conversion of the GGUF's SentencePiece vocabulary, read from a directory holding the GGUF alone:
+    given the GGUF's own directory, transformers prefers a tokenizer.json lying beside it (another model's)."""
+    import tempfile
+
     from transformers import AutoTokenizer
 
-    path = Path(gguf_path)
-    hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    path = Path(gguf_path).resolve()
+    with tempfile.TemporaryDirectory(prefix="gguf-tokenizer-") as alone:
+        (Path(alone) / path.name).symlink_to(path)
+        hf = AutoTokenizer.from_pretrained(alone, gguf_file=path.name)
     return hf.backend_tokenizer
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from tokenizers import Tokenizer
 
@@ -77,3 +79,28 @@ def test_gguf_stop_ids_include_control_tokens_spelled_as_llama_cpps_end_of_gener
         "tokenizer.ggml.eos_token_id": 2,
     }
     assert from_gguf_metadata(meta, "model.gguf").eos_token_ids == (2, 3)
+
+
+def test_a_sentencepiece_gguf_is_read_apart_from_files_beside_it(tmp_path, monkeypatch):
+    """transformers, given the GGUF's directory, would read a tokenizer.json lying there instead of the GGUF's own
+    vocabulary: the directory it is given holds the GGUF alone."""
+    import transformers
+
+    from export import tokenizer as export_tokenizer
+
+    gguf = tmp_path / "llama-2.gguf"
+    gguf.write_bytes(b"GGUF")
+    (tmp_path / "tokenizer.json").write_text("{}")  # another model's
+    seen = {}
+
+    class Fake:
+        backend_tokenizer = "converted"
+
+    def from_pretrained(directory, gguf_file):
+        seen["files"] = sorted(p.name for p in Path(directory).iterdir())
+        seen["bytes"] = (Path(directory) / gguf_file).read_bytes()
+        return Fake()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    assert export_tokenizer._sentencepiece_via_transformers(str(gguf)) == "converted"
+    assert seen == {"files": ["llama-2.gguf"], "bytes": b"GGUF"}
