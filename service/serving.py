@@ -76,10 +76,13 @@ class TextOffsets:
         self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
 
     def advance(self, raw: bytes, shown: bool) -> int:
-        """The offset of a token of these bytes; the next token's begins after the characters it completes."""
-        start = self.at
-        if shown:
-            self.at += len(self._utf8.decode(raw))
+        """The offset of a token of these bytes; the next token's begins after the characters it completes. An
+        unfinished character this token breaks off shows as one U+FFFD before it (as a decode writes it)."""
+        if not shown or not raw:
+            return self.at
+        pending = self._utf8.getstate()[0]
+        start = self.at + (1 if pending and not 0x80 <= raw[0] <= 0xBF else 0)
+        self.at += len(self._utf8.decode(raw))
         return start
 
 
@@ -121,7 +124,7 @@ class OpenAIServing:
         for index in sorted(choices):
             c = choices[index]
             prompt = gen.prompts[index // gen.valid.n]
-            text = (self.tokenizer.decode(list(prompt)) if req.echo else "") + c.text
+            text = (self.tokenizer.prompt_text(list(prompt)) if req.echo else "") + c.text
             lp = self._completion_logprobs(c.logprobs, TextOffsets(), prompt) if req.logprobs is not None else None
             out.append(CompletionChoice(text=text, index=index, logprobs=lp, finish_reason=c.finish_reason))
         usage = self._usage(gen, choices)
@@ -227,7 +230,7 @@ class OpenAIServing:
             prompt = gen.prompts[ce.prompt]
             text = ev.text
             if first and req.echo:  # the echoed prompt leads the choice's first chunk, its logprobs too
-                text = self.tokenizer.decode(list(prompt)) + text
+                text = self.tokenizer.prompt_text(list(prompt)) + text
             lp = None
             if req.logprobs is not None:  # offsets go on from where the last chunk's stopped
                 lp = self._completion_logprobs(c.logprobs[new:], c.offsets, prompt)

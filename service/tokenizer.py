@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import re
@@ -32,6 +33,7 @@ class TextTokenizer:
         decoder = self._tok.decoder.__getstate__() if self._tok.decoder is not None else b""
         self._byte_level = b'"ByteLevel"' in decoder  # vocabulary strings spell bytes (GPT-2's byte alphabet)
         self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._anchor = self._tok.token_to_id("a")  # a plain token to decode others after (token_bytes)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> TextTokenizer:
@@ -58,11 +60,40 @@ class TextTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
+    def prompt_text(self, ids: list[int]) -> str:
+        """A prompt's text as echoed: a last character its ids leave unfinished is left to the completion that
+        finishes it (the echo and the completion then read as the two decoded together)."""
+        whole, own = self.unfinished(ids)
+        return self.decode(ids[:whole]) + own
+
+    def unfinished(self, ids: list[int]) -> tuple[int, str]:
+        """Where the ids' text can be continued by an incremental decode: (the first of the last tokens it must
+        hold back, the text of the whole characters those tokens hold). It holds back the tokens of an unfinished
+        last character (token ids can end inside one), and any whose text ends in U+FFFD (tokenizers' DecodeStream
+        takes that for an unfinished character); (len(ids), "") for a prompt that ends cleanly."""
+        raw = [b"" if t in self._special else self.token_bytes(t) for t in ids]
+        utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        utf8.decode(b"".join(raw))
+        left = len(utf8.getstate()[0])  # bytes of a character not finished yet
+        start, held = len(ids), 0
+        while start and held < left:
+            start -= 1
+            held += len(raw[start])
+        while start and self.decode(ids[:start]).endswith("\ufffd"):
+            start -= 1
+        own = b"".join(raw[start:])
+        return start, own[: len(own) - left].decode("utf-8", "replace")
+
     @functools.lru_cache(maxsize=65536)  # noqa: B019 (one tokenizer per process, alive as long as it)
     def token_bytes(self, token_id: int) -> bytes:
         """One token's own bytes (logprobs' `bytes`): a token holding part of a character has the character's
-        bytes it holds, not the replacement character a decode of it alone shows."""
+        bytes it holds, not the replacement character a decode of it alone shows; a SentencePiece word's leading
+        space is kept (a decode of it alone strips it)."""
         text = self._tok.decode([token_id], skip_special_tokens=False)
+        if not self._byte_level and self._anchor is not None and token_id not in self._special:
+            base = self._tok.decode([self._anchor])
+            after = self._tok.decode([self._anchor, token_id])
+            text = after[len(base) :] if after.startswith(base) else text
         if "\ufffd" not in text:
             return text.encode("utf-8")
         piece = self._tok.id_to_token(token_id) or ""
@@ -169,14 +200,10 @@ class IncrementalDetokenizer:
         # tokenizers' incremental decoder, started on the context's whole characters: a prompt that ends inside a
         # character (token ids can) leaves its first bytes pending, and the token completing it sends the character
         # but not the prompt's own characters its pending tokens also hold (`_held_by_prompt`)
-        whole = len(self.ids)
-        while whole and tokenizer.decode(self.ids[:whole]).endswith("\ufffd"):
-            whole -= 1
+        whole, self._held_by_prompt = tokenizer.unfinished(self.ids)
         self._stream = DecodeStream(ids=self.ids[:whole], skip_special_tokens=True)
         for t in self.ids[whole:]:
             self._stream.step(tokenizer.backend, t)  # the pending bytes: nothing to send yet
-        shown, before = tokenizer.decode(self.ids).rstrip("\ufffd"), tokenizer.decode(self.ids[:whole])
-        self._held_by_prompt = shown[len(before) :] if shown.startswith(before) else ""
         self.prefix_offset = self.read_offset = whole
         self.text = ""  # all decoded completion text so far
         self.emitted = 0  # characters of `text` already sent

@@ -291,6 +291,14 @@ def test_logprob_tokens_hold_their_own_bytes_and_offsets_index_the_text(tiny_ser
     assert text.startswith("hi 😀ptoms")
     assert lp["tokens"][:2] == ["<|im_start|>", "hi"] and lp["text_offset"][:6] == [0, 0, 2, 3, 4, 9]
     assert lp["tokens"][2] == "bytes: \\xf0\\x9f\\x98" and lp["tokens"][3] == "bytes:\\x80"
+    body |= {"prompt": ids[:3], "max_tokens": 12, "ignore_eos": True}  # the prompt ends inside "😀"
+    choice = httpx.post(tiny_server.v1 + "/completions", json=body, timeout=60).json()["choices"][0]
+    text, lp = choice["text"], choice["logprobs"]
+    assert text.startswith("hi ")  # the unfinished character is the completion's: finished by it, or shown as U+FFFD
+    specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"}
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        if not token.startswith("bytes:") and token not in specials:
+            assert text[offset : offset + len(token)] == token, (token, offset, text)
     reply = client(tiny_server).chat.completions.create(
         model="tiny",
         messages=[{"role": "user", "content": "😀"}],

@@ -100,3 +100,36 @@ def test_logprob_tokens_of_part_of_a_character_carry_their_own_bytes(tok):
     assert len(set(texts)) == len(texts)  # two such tokens stay apart (completions' top_logprobs keys)
     assert tok.token_text(tok.encode(" ok")[0]) == " ok"
     assert tok.token_bytes(2) == b"<|im_end|>" and not tok.shows(2) and tok.shows(emoji[0])
+
+
+def test_a_prompt_ending_in_a_real_replacement_character_keeps_it(tok):
+    """U+FFFD typed in the prompt is a whole character, not pending bytes: the completion does not repeat it."""
+    prompt = tok.encode("caf\ufffd")
+    detok = IncrementalDetokenizer(tok, [], prompt[-4:])
+    text = "".join(detok.add(t).text for t in tok.encode(" world")) + detok.flush()
+    assert text == " world"
+    assert tok.prompt_text(prompt) == "caf\ufffd"
+
+
+def test_an_echoed_prompt_leaves_its_unfinished_character_to_the_completion(tok):
+    emoji = tok.encode(" 😀")  # " " + the emoji's first bytes, then its last byte
+    prompt = tok.encode("hi") + emoji[:1]
+    assert tok.unfinished(prompt) == (len(prompt) - 1, " ")
+    assert tok.prompt_text(prompt) == "hi "  # the completion's first token finishes "😀"
+    assert tok.prompt_text(tok.encode("hi 😀")) == "hi 😀"
+
+
+def test_a_sentencepiece_words_bytes_keep_its_leading_space(tmp_path):
+    """Llama 2 / Mistral decoders strip the first space of a decode: a word's token alone still has its own."""
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {"<unk>": 0, "a": 1, "▁world": 2, "<0xF0>": 3, "<0x9F>": 4, "<0x98>": 5, "<0x80>": 6}
+    t = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    t.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    t.save(str(tmp_path / "tokenizer.json"))
+    sp = TextTokenizer(tmp_path / "tokenizer.json", None, None, None)
+    assert sp.decode([2]) == "world" and sp.token_bytes(2) == b" world" and sp.token_text(2) == " world"
+    assert b"".join(sp.token_bytes(i) for i in (3, 4, 5, 6)) == "😀".encode()
+    assert sp.token_text(3) == "bytes:\\xf0"
