@@ -101,10 +101,8 @@ def from_gguf_metadata(meta: dict[str, Any], gguf_path: str) -> TokenizerSpec:
             single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B", special_tokens=[(bos_token, bos)]
         )
     # llama.cpp ends generation at any end-of-generation token: eos, end-of-turn (<|eot_id|>), end-of-message, and
-    # the control tokens spelled as one of them
-    tokens: list[str] = meta["tokenizer.ggml.tokens"]
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    named = [i for i, (t, k) in enumerate(zip(tokens, types)) if k == _CONTROL and t in _END_OF_GENERATION]
+    # the tokens spelled as one of them (whatever their type: llama.cpp marks them control)
+    named = [i for i, t in enumerate(meta["tokenizer.ggml.tokens"]) if t in _END_OF_GENERATION]
     stops = _unique_ids(*(meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")), named)
     return TokenizerSpec(
         tokenizer_json=tokenizer.to_str(),

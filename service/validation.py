@@ -57,11 +57,12 @@ class Validator:
         if req.best_of is not None and req.best_of != req.n:
             raise unsupported("best_of", "server-side best-of sampling is not implemented; use n")
         prompts = self._prompts(req.prompt)
-        # more sequences or prompt tokens than the waiting queue ever holds: a 400, not a 429 to retry forever
-        if len(prompts) * req.n > self.settings.max_waiting_requests:
+        # more sequences or prompt tokens than an idle server's queue holds: a 400, not a 429 to retry forever
+        room = self.settings.max_waiting_requests + self.settings.max_num_seqs  # the free slots admit at once
+        if len(prompts) * req.n > room:
             raise bad_request(
-                f"{len(prompts)} prompts x n={req.n} is more than the {self.settings.max_waiting_requests} sequences "
-                "one request may queue (max_waiting_requests)",
+                f"{len(prompts)} prompts x n={req.n} is more than the {room} sequences one request may queue "
+                "(max_waiting_requests + max_num_seqs)",
                 "prompt",
             )
         if sum(map(len, prompts)) * req.n > self.settings.max_queued_prompt_tokens:

@@ -57,7 +57,7 @@ def write_source(tmp: Path, family: str, source: str) -> tuple[Path, torch.nn.Mo
 
 def reference(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, stops: list[int]) -> tuple[str, int]:
     """transformers' greedy generate() ending at the bundle's stop ids (a GGUF's add llama.cpp's end-of-generation
-    control tokens to the checkpoint's eos): the completion's text and its number of tokens."""
+    tokens to the checkpoint's eos): the completion's text and its number of tokens."""
     ids = tokenizer.encode(prompt).ids
     with torch.no_grad():
         out = model.generate(

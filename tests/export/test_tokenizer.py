@@ -68,9 +68,9 @@ def test_gguf_stop_ids_include_end_of_turn_and_end_of_message():
     assert spec.eos_token_id == 4 and spec.eos_token_ids == (4, 2, 3)
 
 
-def test_gguf_stop_ids_include_control_tokens_spelled_as_llama_cpps_end_of_generation():
+def test_gguf_stop_ids_include_the_tokens_spelled_as_llama_cpps_end_of_generation():
     """An older Llama 3 Instruct GGUF names <|end_of_text|> as eos and no eot: llama.cpp still stops at <|eot_id|>
-    (found by its text among the control tokens), and so does the bundle. A normal token of that text is not one."""
+    (found by its text, whatever its type), and so does the bundle."""
     meta = {
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.tokens": ["a", "b", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "<|start_header_id|>"],
@@ -78,7 +78,7 @@ def test_gguf_stop_ids_include_control_tokens_spelled_as_llama_cpps_end_of_gener
         "tokenizer.ggml.merges": [],
         "tokenizer.ggml.eos_token_id": 2,
     }
-    assert from_gguf_metadata(meta, "model.gguf").eos_token_ids == (2, 3)
+    assert from_gguf_metadata(meta, "model.gguf").eos_token_ids == (2, 3, 4)
 
 
 def test_a_sentencepiece_gguf_is_read_apart_from_files_beside_it(tmp_path, monkeypatch):

@@ -111,7 +111,7 @@ def test_top_logprobs_without_logprobs_is_refused(validator):
 
 
 def test_a_request_larger_than_the_waiting_queue_is_a_400_not_a_429(validator):
-    room = validator.settings.max_waiting_requests
+    room = validator.settings.max_waiting_requests + validator.settings.max_num_seqs
     assert validator.completion(completion(prompt=[[1, 2]] * room)).n == 1
     err = error(validator.completion, completion(prompt=[[1, 2]] * (room // 2 + 1), n=2))
     assert (err.status, err.param) == (400, "prompt")
