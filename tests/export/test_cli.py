@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -18,6 +19,12 @@ def tiny_llama(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf-llama")
     hf = write_hf_checkpoint(directory, "llama")
     return directory, hf
+
+
+def copy_of(tiny_llama, src: Path) -> Path:
+    """A copy of the tiny checkpoint to change."""
+    shutil.copytree(tiny_llama[0], src)
+    return src
 
 
 @pytest.mark.parametrize(
@@ -114,11 +121,7 @@ def outliers_int4_cannot_hold(directory) -> None:
 
 def test_a_bound_that_is_missed_fails_the_export(tiny_llama, tmp_path):
     """int4 re-quantization of weights it cannot represent: top-1 agreement far below the bound, no bundle."""
-    import shutil
-
-    directory, _ = tiny_llama
-    src = tmp_path / "src"
-    shutil.copytree(directory, src)
+    src = copy_of(tiny_llama, tmp_path / "src")
     outliers_int4_cannot_hold(src)
     out = tmp_path / "bundle"
     result = run_cli("export", "--source", str(src), "--out", str(out), "--quantize", "int4")
@@ -164,11 +167,7 @@ def test_truncated_gguf(tiny_llama, tmp_path):
 
 
 def test_truncated_safetensors(tiny_llama, tmp_path):
-    import shutil
-
-    directory, _ = tiny_llama
-    src = tmp_path / "cut"
-    shutil.copytree(directory, src)
+    src = copy_of(tiny_llama, tmp_path / "cut")
     weights = src / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
@@ -186,11 +185,7 @@ def test_not_a_gguf(tmp_path):
 @pytest.mark.parametrize("kind", ["checkpoint", "folder"])
 def test_out_that_is_not_a_bundle_is_refused_before_any_work(tiny_llama, tmp_path, kind):
     """`--out` naming the checkpoint itself or a folder of other files: refused in one line, nothing moved."""
-    import shutil
-
-    directory, _ = tiny_llama
-    src = tmp_path / "src"
-    shutil.copytree(directory, src)
+    src = copy_of(tiny_llama, tmp_path / "src")
     other = tmp_path / "bundles"
     other.mkdir()
     (other / "keep.txt").write_text("x")
@@ -219,11 +214,7 @@ def test_out_dot_is_the_working_directory_and_refused_unless_a_bundle(tmp_path, 
 
 
 def test_quantized_checkpoints_are_refused(tiny_llama, tmp_path):
-    import shutil
-
-    directory, _ = tiny_llama
-    src = tmp_path / "fp8"
-    shutil.copytree(directory, src)
+    src = copy_of(tiny_llama, tmp_path / "fp8")
     cfg = json.loads((src / "config.json").read_text())
     cfg["quantization_config"] = {"quant_method": "compressed-tensors"}
     (src / "config.json").write_text(json.dumps(cfg))
@@ -235,13 +226,9 @@ def test_quantized_checkpoints_are_refused(tiny_llama, tmp_path):
 
 def test_a_sharded_checkpoint_loads_the_files_its_index_names(tiny_llama, tmp_path):
     """A stale shard beside the index's files is not read (it would overwrite tensors); a missing one is named."""
-    import shutil
-
     from export.checkpoints import load
 
-    directory, _ = tiny_llama
-    src = tmp_path / "sharded"
-    shutil.copytree(directory, src)
+    src = copy_of(tiny_llama, tmp_path / "sharded")
     (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
     index = {"metadata": {}, "weight_map": {"any": "model-00001-of-00001.safetensors"}}
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
