@@ -192,6 +192,8 @@ class Scheduler:
             constraint = self.grammars.matcher(p.grammar) if p.grammar is not None and self.grammars else None
             self._incoming.put(Sequence(state, i, prompt, rng, detok, stop, constraint))
         self._wake.set()
+        if self._failed:  # the loop died after the check above, and took its last look at the queue before these
+            self._answer_orphans()
         return state
 
     def run_between_steps(self, job: Job, tokens: int) -> None:
@@ -345,6 +347,15 @@ class Scheduler:
             self._dequeued(seq)
             self._finish(seq, "cancelled")
         return [s for s in self.running.values() if s.state.cancelled]
+
+    def _answer_orphans(self) -> None:
+        """After the loop died: every sequence still queued gets its final event."""
+        while True:
+            try:
+                seq = self._incoming.get_nowait()
+            except queue.Empty:
+                return
+            self._finish(seq, "error", error="the engine stopped; retry on another replica")
 
     def _admit_incoming(self) -> None:
         while True:
@@ -603,7 +614,12 @@ class Scheduler:
             if not finite[i]:
                 self._finish(seq, "error", error="the model produced non-finite logits")
                 continue
-            row = self._row(seq)
+            try:
+                row = self._row(seq)  # its grammar's mask
+            except Exception as exc:  # one sequence's grammar failing fails it alone
+                log.exception("request %s: its sampling row failed", seq.state.request.request_id)
+                self._finish(seq, "error", error=f"engine step failed: {type(exc).__name__}: {exc}")
+                continue
             if row.allowed is not None and not row.allowed.any():
                 self._finish(seq, "error", error="the response format's grammar allows no further token")
                 continue

@@ -194,6 +194,25 @@ def test_one_sequences_failure_is_its_own(make_scheduler, monkeypatch):
     assert s.alive and s.num_running == 0
 
 
+def test_a_sequence_whose_grammar_fails_fails_alone(make_scheduler, monkeypatch):
+    """The grammar's mask is asked for while the call's rows are gathered: raising there fails that sequence, not
+    the stream beside it in the same decode call."""
+    s = make_scheduler()
+    real = Scheduler._row
+
+    def row(self, seq, grammar=True):
+        if "BOOM" in seq.params.stop and len(seq.output) > 3:
+            raise RuntimeError("injected fault")
+        return real(self, seq, grammar)
+
+    monkeypatch.setattr(Scheduler, "_row", row)
+    ok = run(s, [1, 2, 3], max_tokens=30, ignore_eos=True)
+    bad = run(s, [4, 5, 6], max_tokens=30, ignore_eos=True, stop=("BOOM",))
+    assert bad.done.wait(30) and ok.done.wait(30)
+    assert bad.events[-1].finish_reason == "error" and "injected fault" in bad.events[-1].error
+    assert ok.events[-1].finish_reason == "length" and len(ok.tokens()) == 30
+
+
 def test_a_failing_prompt_call_fails_its_prompts_not_the_running_streams(make_scheduler):
     s = make_scheduler()
     real = s.engine.forward
@@ -259,6 +278,23 @@ def test_a_dead_loop_answers_everyone_and_refuses_new_work(make_scheduler):
     wait_for(lambda: not s.alive, "the loop to stop")
     with pytest.raises(EngineStopped):
         run(s, [1], max_tokens=1)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_request_queued_as_the_loop_dies_is_answered(make_scheduler, monkeypatch):
+    """submit() saw the loop alive, the loop then died and took its last look at the queue: the request still gets
+    its final event (it waited for its request timeout before)."""
+    s = make_scheduler(slots=1)
+
+    def die() -> None:
+        raise SystemExit("the loop itself breaks")
+
+    s.step = die
+    run(s, [1, 2, 3], max_tokens=5)  # wakes the loop, which dies on it
+    wait_for(lambda: not s.alive, "the loop to stop")
+    monkeypatch.setattr(Scheduler, "alive", property(lambda self: True))  # the check passed just before the death
+    late = run(s, [4, 5, 6], max_tokens=5)
+    assert late.done.wait(10) and late.events[-1].finish_reason == "error"
 
 
 def test_jobs_run_between_steps_one_per_step_and_count_as_waiting(make_scheduler):
