@@ -34,6 +34,7 @@ class TextTokenizer:
         self._byte_level = b'"ByteLevel"' in decoder  # vocabulary strings spell bytes (GPT-2's byte alphabet)
         self._special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         self._anchor = self._tok.token_to_id("a")  # a plain token to decode others after (token_bytes)
+        self._anchor_text = self._tok.decode([self._anchor]) if self._anchor is not None else ""
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> TextTokenizer:
@@ -91,9 +92,8 @@ class TextTokenizer:
         space is kept (a decode of it alone strips it)."""
         text = self._tok.decode([token_id], skip_special_tokens=False)
         if not self._byte_level and self._anchor is not None and token_id not in self._special:
-            base = self._tok.decode([self._anchor])
             after = self._tok.decode([self._anchor, token_id])
-            text = after[len(base) :] if after.startswith(base) else text
+            text = after.removeprefix(self._anchor_text) if after.startswith(self._anchor_text) else text
         if "\ufffd" not in text:
             return text.encode("utf-8")
         piece = self._tok.id_to_token(token_id) or ""
@@ -195,8 +195,6 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.ids: list[int] = list(prompt_tail or [])  # a little prompt context so the first token decodes right
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
         # tokenizers' incremental decoder, started on the context's whole characters: a prompt that ends inside a
         # character (token ids can) leaves its first bytes pending, and the token completing it sends the character
         # but not the prompt's own characters its pending tokens also hold (`_held_by_prompt`)
